@@ -1,1 +1,444 @@
-fn main() {}
+//! `cairn-hub`: the hub server (`serve`) and the operator CLI (everything else).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine;
+use cairn_hub::cli::{self, CliError, CliResult, Client, Connect, exit};
+use cairn_hub::server::{self, HubConfig};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 ok, 1 the hub refused or failed, 2 bad usage or no hub configured,
+3 no such device, 4 admin token refused, 5 hub unreachable.
+
+Getting started on one machine:
+  cairn-hub serve &                                  # creates keys and DB, writes cli.toml
+  cairn-hub token create --ttl 1h --uses 10 --labels site=paris
+  cairn-agent run --hub 127.0.0.1:7440 --join-token cairn1_... --data-dir /var/lib/cairn
+  cairn-hub set --selector site=paris motd --path etc/motd --content 'hello'
+  cairn-hub devices
+
+Logs: RUST_LOG=cairn_hub=debug (default info).";
+
+/// Cairn hub: manages a fleet of edge boxes that dial home over QUIC.
+#[derive(Parser)]
+#[command(name = "cairn-hub", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(flatten)]
+    connect: Connect,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the hub: the agents' QUIC endpoint and the admin API.
+    Serve(ServeArgs),
+    /// Create and list join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List devices (table: id, labels, status, desired vs applied revision, drift), or
+    /// act on one.
+    Devices {
+        #[command(subcommand)]
+        cmd: Option<DevicesCmd>,
+    },
+    /// Show one device.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Set a managed file in the desired state of a device or of every device matching a
+    /// label selector (also devices that enroll later).
+    Set(SetArgs),
+    /// Remove a resource from the desired state of a device or selector.
+    Unset(UnsetArgs),
+    /// List events reported by agents and recorded by the hub.
+    Events(EventsArgs),
+    /// List labels in use with their device counts.
+    Labels,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where keys, the database and cli.toml live [default: ~/.local/share/cairn-hub].
+    #[arg(long, env = "CAIRN_HUB_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address for agents (QUIC).
+    #[arg(long, default_value = "0.0.0.0:7440")]
+    listen: SocketAddr,
+    /// TCP address of the admin API (HTTPS). Local only by default.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    admin_listen: SocketAddr,
+    /// Extra DNS name or IP for the hub certificate (repeatable), for remote admin access.
+    #[arg(long = "name")]
+    names: Vec<String>,
+    /// A connection silent for this long is considered dead.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a join token and print it (shown only once).
+    Create {
+        /// How long the token is valid, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many devices may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Labels for devices enrolled with it, e.g. site=paris,role=kiosk.
+        #[arg(long, default_value = "")]
+        labels: String,
+    },
+    /// List tokens (without their secrets).
+    List,
+}
+
+#[derive(Subcommand)]
+enum DevicesCmd {
+    /// List devices (the default).
+    List,
+    /// Revoke a device: its connection is closed at once and it can never sync again.
+    Revoke { id: String },
+    /// Replace a device's labels, e.g. `devices label dev-1a2b site=paris,role=kiosk`.
+    Label { id: String, labels: String },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Show one device with its recent events.
+    Show { id: String },
+}
+
+#[derive(Args)]
+#[group(id = "target", required = true, multiple = false)]
+struct TargetArgs {
+    /// One device id.
+    #[arg(long, group = "target")]
+    device: Option<String>,
+    /// Label selector: key=value, key!=value or key, comma-separated, all must hold.
+    #[arg(long, group = "target")]
+    selector: Option<String>,
+}
+
+#[derive(Args)]
+struct SetArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Resource name, e.g. motd.
+    name: String,
+    /// File path below the agent's files root, e.g. etc/motd.
+    #[arg(long)]
+    path: String,
+    /// File content as text.
+    #[arg(long, conflicts_with = "content_file")]
+    content: Option<String>,
+    /// Read the content from this local file.
+    #[arg(long)]
+    content_file: Option<PathBuf>,
+    /// Permission bits in octal.
+    #[arg(long, default_value = "644")]
+    mode: String,
+    /// Numeric owner.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Numeric group.
+    #[arg(long)]
+    gid: Option<u32>,
+}
+
+#[derive(Args)]
+struct UnsetArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Resource name.
+    name: String,
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    /// Only this device's events.
+    #[arg(long)]
+    device: Option<String>,
+    /// Only this kind, e.g. drift-corrected, applied, hub.enrolled.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Only events after this id.
+    #[arg(long, default_value_t = 0)]
+    after: u64,
+    /// At most this many (without --follow).
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// Keep printing new events as they arrive.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.exit(),
+    }
+}
+
+async fn run(cli: Cli) -> CliResult<()> {
+    let json = cli.json;
+    match cli.cmd {
+        Cmd::Serve(a) => serve(a).await,
+        cmd => {
+            let client = Client::from_connect(&cli.connect)?;
+            operate(&client, cmd, json).await
+        }
+    }
+}
+
+async fn serve(a: ServeArgs) -> CliResult<()> {
+    let mut cfg = HubConfig::new(a.data_dir.unwrap_or_else(cli::default_data_dir));
+    cfg.listen = a.listen;
+    cfg.admin_listen = a.admin_listen;
+    cfg.names = a.names;
+    cfg.idle_timeout = a.idle_timeout;
+    let hub = server::start(cfg.clone()).await?;
+    eprintln!(
+        "cairn-hub: agents connect to {} (QUIC), admin API at {}\n\
+         operator CLI: export CAIRN_CONFIG={}",
+        hub.endpoints.quic,
+        hub.endpoints.admin_url,
+        cfg.data_dir.join("cli.toml").display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    hub.shutdown().await;
+    Ok(())
+}
+
+fn parse_mode(s: &str) -> CliResult<u32> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| CliError {
+        code: exit::USAGE,
+        error: anyhow::anyhow!("--mode {s:?} is not an octal number such as 644"),
+    })
+}
+
+async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
+    match cmd {
+        Cmd::Serve(_) => unreachable!("handled by run"),
+        Cmd::Token(TokenCmd::Create { ttl, uses, labels }) => {
+            let body = json!({ "ttl_secs": ttl.as_secs().max(1), "uses": uses, "labels": labels });
+            let t: Value = client.post("/v1/tokens", &body).await?;
+            if json {
+                cli::print_json(&t)?;
+            } else {
+                println!("{}", t["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "token {}: {} use(s), expires in {}, labels {}",
+                    t["id"].as_str().unwrap_or_default(),
+                    uses,
+                    humantime::format_duration(ttl),
+                    if labels.is_empty() { "(none)" } else { &labels }
+                );
+            }
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let ts: Vec<Value> = client.get("/v1/tokens").await?;
+            if json {
+                cli::print_json(&ts)?;
+            } else {
+                let now = cairn_hub::endpoint::now_ms();
+                let rows: Vec<Vec<String>> = ts
+                    .iter()
+                    .map(|t| {
+                        let exp = t["expires_ms"].as_u64().unwrap_or(0);
+                        vec![
+                            t["id"].as_str().unwrap_or("").to_string(),
+                            format!("{}/{}", t["uses_left"], t["uses_total"]),
+                            if exp <= now {
+                                "expired".into()
+                            } else {
+                                format!(
+                                    "in {}",
+                                    humantime::format_duration(Duration::from_secs((exp - now) / 1000))
+                                )
+                            },
+                            cli::labels_of(t),
+                        ]
+                    })
+                    .collect();
+                cli::print_table(&["ID", "USES LEFT", "EXPIRES", "LABELS"], &rows);
+            }
+        }
+        Cmd::Devices { cmd: None | Some(DevicesCmd::List) } => {
+            let ds: Vec<Value> = client.get("/v1/devices").await?;
+            if json {
+                cli::print_json(&ds)?;
+            } else {
+                let rows: Vec<Vec<String>> = ds.iter().map(cli::device_row).collect();
+                cli::print_table(&cli::DEVICE_HEADER, &rows);
+            }
+        }
+        Cmd::Devices { cmd: Some(DevicesCmd::Revoke { id }) } => {
+            let r: Value = client.post(&format!("/v1/devices/{id}/revoke"), &json!({})).await?;
+            if json {
+                cli::print_json(&r)?;
+            } else {
+                let how = if r["disconnected"].as_bool().unwrap_or(false) {
+                    "its connection was closed"
+                } else {
+                    "it was not connected"
+                };
+                println!("revoked {id}; {how}");
+            }
+        }
+        Cmd::Devices { cmd: Some(DevicesCmd::Label { id, labels }) } => {
+            let r: Value = client
+                .put(&format!("/v1/devices/{id}/labels"), &json!({ "labels": labels }))
+                .await?;
+            if json {
+                cli::print_json(&r)?;
+            } else {
+                let changed = r["changed"].as_array().map_or(0, Vec::len);
+                println!(
+                    "labels of {id} set to {labels}; desired state {}",
+                    if changed > 0 { "changed" } else { "unchanged" }
+                );
+            }
+        }
+        Cmd::Device { cmd: DeviceCmd::Show { id } } => {
+            let d: Value = client.get(&format!("/v1/devices/{id}")).await?;
+            let evs: Vec<Value> = client
+                .get_query("/v1/events", &[("device", id.clone()), ("limit", "100000".into())])
+                .await?;
+            if json {
+                cli::print_json(&json!({ "device": d, "events": evs }))?;
+            } else {
+                let row = cli::device_row(&d);
+                for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
+                    println!("{:<10} {v}", format!("{}:", k.to_lowercase()));
+                }
+                println!("{:<10} {}", "agent:", d["agent_version"].as_str().unwrap_or(""));
+                println!("{:<10} {}", "stored:", d["stored_revision"]);
+                println!("{:<10} {}", "reports:", d["reports_acked"]);
+                println!("recent events:");
+                for e in evs.iter().rev().take(10).rev() {
+                    cli::print_event(e);
+                }
+            }
+        }
+        Cmd::Set(a) => {
+            let content = match (&a.content, &a.content_file) {
+                (_, Some(f)) => std::fs::read(f)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?,
+                (Some(c), None) => c.clone().into_bytes(),
+                (None, None) => Vec::new(),
+            };
+            let file = json!({
+                "path": a.path,
+                "content_base64": base64::engine::general_purpose::STANDARD.encode(content),
+                "mode": parse_mode(&a.mode)?,
+                "uid": a.uid,
+                "gid": a.gid,
+            });
+            let body = cli::state_change(a.target.device, a.target.selector, &a.name, Some(file));
+            print_outcome(client.post("/v1/state", &body).await?, json)?;
+        }
+        Cmd::Unset(a) => {
+            let body = cli::state_change(a.target.device, a.target.selector, &a.name, None);
+            print_outcome(client.post("/v1/state", &body).await?, json)?;
+        }
+        Cmd::Events(a) => events(client, a, json).await?,
+        Cmd::Labels => {
+            let ls: Vec<Value> = client.get("/v1/labels").await?;
+            if json {
+                cli::print_json(&ls)?;
+            } else {
+                let rows: Vec<Vec<String>> = ls
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            l["key"].as_str().unwrap_or("").to_string(),
+                            l["value"].as_str().unwrap_or("").to_string(),
+                            l["devices"].to_string(),
+                        ]
+                    })
+                    .collect();
+                cli::print_table(&["KEY", "VALUE", "DEVICES"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_outcome(out: Value, json: bool) -> CliResult<()> {
+    if json {
+        return cli::print_json(&out);
+    }
+    let changed = out["changed"].as_array().map_or(0, Vec::len);
+    println!(
+        "{} device(s) match; {changed} got a new signed revision and are being updated",
+        out["matched"]
+    );
+    Ok(())
+}
+
+async fn events(client: &Client, a: EventsArgs, json: bool) -> CliResult<()> {
+    let mut after = a.after;
+    loop {
+        let mut q = vec![("after", after.to_string()), ("limit", a.limit.to_string())];
+        if let Some(d) = &a.device {
+            q.push(("device", d.clone()));
+        }
+        if let Some(k) = &a.kind {
+            q.push(("kind", k.clone()));
+        }
+        if a.follow {
+            q.push(("wait_ms", "30000".into()));
+        }
+        let evs: Vec<Value> = client.get_query("/v1/events", &q).await?;
+        if let Some(last) = evs.last().and_then(|e| e["id"].as_u64()) {
+            after = last;
+        }
+        if json {
+            if a.follow {
+                for e in &evs {
+                    println!("{}", serde_json::to_string(e)?);
+                }
+            } else {
+                cli::print_json(&evs)?;
+            }
+        } else {
+            for e in &evs {
+                cli::print_event(e);
+            }
+        }
+        if !a.follow {
+            return Ok(());
+        }
+    }
+}

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod message;
 mod session;
 pub mod state;
+pub mod token;
 
 pub use bounded::{BoundError, DeviceId, LabelKey, LabelValue, ResourceName, Text};
 pub use session::{SessionConfig, SessionError};

@@ -98,6 +98,31 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
+    const ALL: [RefusalCode; 11] = [
+        Self::UnsupportedVersion,
+        Self::UnknownToken,
+        Self::TokenExpired,
+        Self::TokenUsedUp,
+        Self::BadCsr,
+        Self::NotEnrolled,
+        Self::UnknownDevice,
+        Self::DeviceRevoked,
+        Self::ProtocolViolation,
+        Self::Internal,
+        Self::ShuttingDown,
+    ];
+
+    /// The QUIC application error code a hub closes the connection with (0 is a normal
+    /// close).
+    pub fn close_code(self) -> u32 {
+        Self::ALL.iter().position(|c| *c == self).map_or(0, |i| i as u32 + 1)
+    }
+
+    pub fn from_close_code(code: u64) -> Option<Self> {
+        let i = usize::try_from(code).ok()?.checked_sub(1)?;
+        Self::ALL.get(i).copied()
+    }
+
     /// Whether an agent can expect a later retry of the same request to succeed.
     pub fn is_retryable(self) -> bool {
         matches!(self, Self::Internal | Self::ShuttingDown)

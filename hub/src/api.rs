@@ -1,0 +1,518 @@
+//! The admin API: HTTP/JSON over TLS, bearer-token authenticated, described by the
+//! OpenAPI document it serves at `/v1/openapi.json`. The operator CLI and (later) the web
+//! dashboard are its clients; nothing else changes hub state.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use base64::Engine;
+use cairn_sync_protocol::message::RefusalCode;
+use cairn_sync_protocol::state::{FileResource, MAX_PATH_LEN, Resource};
+use cairn_sync_protocol::token::JoinToken;
+use cairn_sync_protocol::{DeviceId, ResourceName, Text};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::desired::{Selector, Target, parse_labels};
+use crate::endpoint::{Registry, now_ms};
+use crate::pki::HubKeys;
+use crate::store::{
+    AssignOutcome, Change, DeviceRecord, DynStore, EventFilter, EventRecord, LabelCount,
+    NewToken, StoreError, TokenInfo,
+};
+
+/// State of the admin API handlers.
+#[derive(Clone)]
+pub struct Api {
+    pub store: DynStore,
+    pub registry: Arc<Registry>,
+    pub keys: Arc<HubKeys>,
+}
+
+/// An error as the API returns it: a status and a message saying what to do.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    pub error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+        }
+    }
+    fn bad_request(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e.to_string())
+    }
+    fn not_found(device: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("no device {device}; `cairn-hub devices` lists them"),
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store error in admin API");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("hub storage: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn parse_device(id: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::new(id).map_err(ApiError::bad_request)
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceView {
+    #[serde(flatten)]
+    pub record: DeviceRecord,
+    /// Connected to this hub process right now.
+    pub connected: bool,
+    /// Applied revision differs from the desired one, or resources fail.
+    pub drift: bool,
+}
+
+fn view(api: &Api, record: DeviceRecord) -> DeviceView {
+    DeviceView {
+        connected: api.registry.is_online(&record.id),
+        drift: record.drift(),
+        record,
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateToken {
+    /// Seconds until the token expires.
+    pub ttl_secs: u64,
+    /// How many devices may enroll with it.
+    pub uses: u32,
+    /// Labels every device enrolled with it gets, as `k=v,k2=v2`.
+    #[serde(default)]
+    pub labels: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedToken {
+    /// The join token to give to `cairn-agent run --join-token`. Shown once.
+    pub token: String,
+    #[serde(flatten)]
+    pub info: TokenInfo,
+}
+
+#[utoipa::path(post, path = "/v1/tokens", request_body = CreateToken,
+    responses((status = 200, body = CreatedToken), (status = 400, body = ApiError)))]
+async fn create_token(State(api): State<Api>, Json(req): Json<CreateToken>) -> ApiResult<CreatedToken> {
+    if req.uses == 0 || req.ttl_secs == 0 {
+        return Err(ApiError::bad_request(
+            "a token needs at least one use and a ttl above zero",
+        ));
+    }
+    let labels = parse_labels(&req.labels).map_err(ApiError::bad_request)?;
+    let mut token = JoinToken {
+        id: [0; 8],
+        secret: [0; 16],
+        ca_fingerprint: api.keys.ca_fingerprint(),
+    };
+    rand::rngs::OsRng.fill_bytes(&mut token.id);
+    rand::rngs::OsRng.fill_bytes(&mut token.secret);
+    let now = now_ms();
+    let info = api
+        .store
+        .create_token(NewToken {
+            id: token.id_hex(),
+            secret_hash: token.secret_hash(),
+            created_ms: now,
+            expires_ms: now.saturating_add(req.ttl_secs.saturating_mul(1000)),
+            uses: req.uses,
+            labels,
+        })
+        .await?;
+    Ok(Json(CreatedToken {
+        token: token.encode(),
+        info,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/tokens", responses((status = 200, body = Vec<TokenInfo>)))]
+async fn list_tokens(State(api): State<Api>) -> ApiResult<Vec<TokenInfo>> {
+    Ok(Json(api.store.tokens().await?))
+}
+
+#[utoipa::path(get, path = "/v1/devices", responses((status = 200, body = Vec<DeviceView>)))]
+async fn list_devices(State(api): State<Api>) -> ApiResult<Vec<DeviceView>> {
+    let devices = api.store.devices().await?;
+    Ok(Json(devices.into_iter().map(|d| view(&api, d)).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/devices/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = DeviceView), (status = 404, body = ApiError)))]
+async fn show_device(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<DeviceView> {
+    let d = parse_device(&id)?;
+    match api.store.device(&d).await? {
+        Some(rec) => Ok(Json(view(&api, rec))),
+        None => Err(ApiError::not_found(&id)),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Revoked {
+    pub device: String,
+    /// Whether a live connection was closed.
+    pub disconnected: bool,
+}
+
+#[utoipa::path(post, path = "/v1/devices/{id}/revoke", params(("id" = String, Path)),
+    responses((status = 200, body = Revoked), (status = 404, body = ApiError)))]
+async fn revoke_device(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Revoked> {
+    let d = parse_device(&id)?;
+    if !api.store.revoke(&d, now_ms()).await? {
+        return Err(ApiError::not_found(&id));
+    }
+    let disconnected = api.registry.kick(
+        &d,
+        RefusalCode::DeviceRevoked,
+        &format!("device {d} was revoked by the operator"),
+    );
+    tracing::info!(device = %d, disconnected, "device revoked");
+    Ok(Json(Revoked {
+        device: id,
+        disconnected,
+    }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SetLabels {
+    /// The complete new label set, `k=v,k2=v2`.
+    pub labels: String,
+}
+
+#[utoipa::path(put, path = "/v1/devices/{id}/labels", params(("id" = String, Path)), request_body = SetLabels,
+    responses((status = 200, body = AssignOutcome), (status = 404, body = ApiError)))]
+async fn set_labels(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Json(req): Json<SetLabels>,
+) -> ApiResult<AssignOutcome> {
+    let d = parse_device(&id)?;
+    let labels = parse_labels(&req.labels).map_err(ApiError::bad_request)?;
+    let out = api
+        .store
+        .set_labels(&d, labels, now_ms())
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
+    notify_changed(&api, &out);
+    Ok(Json(out))
+}
+
+/// A managed file as the API accepts it.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct FileSpec {
+    /// Path below the agent's files root, e.g. `etc/motd`.
+    pub path: String,
+    /// UTF-8 content (or use `content_base64`).
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub content_base64: Option<String>,
+    /// Permission bits, e.g. 420 (0644).
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct StateChange {
+    /// One device id, or…
+    #[serde(default)]
+    pub device: Option<String>,
+    /// …a label selector such as `site=paris,role=kiosk`.
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// Resource name, e.g. `motd`.
+    pub name: String,
+    /// Set this file; absent means remove the resource from the target.
+    #[serde(default)]
+    pub file: Option<FileSpec>,
+}
+
+pub fn validate_path(path: &str) -> Result<(), String> {
+    let trimmed = path.trim_start_matches('/');
+    if trimmed.is_empty() {
+        return Err("file path is empty".into());
+    }
+    if path.contains('\0') {
+        return Err("file path contains a NUL byte".into());
+    }
+    if trimmed.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
+        return Err(format!(
+            "file path {path:?} has an empty, '.' or '..' component; give a plain path below the agent's files root"
+        ));
+    }
+    Ok(())
+}
+
+fn to_resource(spec: FileSpec) -> Result<Resource, ApiError> {
+    validate_path(&spec.path).map_err(ApiError::bad_request)?;
+    let content = match (spec.content, spec.content_base64) {
+        (Some(s), None) => s.into_bytes(),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map_err(|e| ApiError::bad_request(format!("content_base64: {e}")))?,
+        (None, None) => Vec::new(),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give content or content_base64, not both",
+            ));
+        }
+    };
+    if spec.mode > 0o7777 {
+        return Err(ApiError::bad_request(format!(
+            "mode {:o} has bits above 07777",
+            spec.mode
+        )));
+    }
+    Ok(Resource::File(FileResource {
+        path: Text::<MAX_PATH_LEN>::new(spec.path).map_err(ApiError::bad_request)?,
+        content,
+        mode: spec.mode,
+        uid: spec.uid,
+        gid: spec.gid,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/state", request_body = StateChange,
+    responses((status = 200, body = AssignOutcome), (status = 400, body = ApiError)))]
+async fn change_state(State(api): State<Api>, Json(req): Json<StateChange>) -> ApiResult<AssignOutcome> {
+    let target = match (req.device, req.selector) {
+        (Some(d), None) => {
+            let d = parse_device(&d)?;
+            if api.store.device(&d).await?.is_none() {
+                return Err(ApiError::not_found(d.as_str()));
+            }
+            Target::Device(d)
+        }
+        (None, Some(s)) => Target::Selector(s.parse::<Selector>().map_err(ApiError::bad_request)?),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of device or selector",
+            ));
+        }
+    };
+    let name = ResourceName::new(&req.name).map_err(ApiError::bad_request)?;
+    let change = match req.file {
+        Some(spec) => Change::Set(name, to_resource(spec)?),
+        None => Change::Unset(name),
+    };
+    let out = api.store.assign(target.clone(), change, now_ms()).await?;
+    tracing::info!(%target, matched = out.matched, changed = out.changed.len(), "desired state changed");
+    notify_changed(&api, &out);
+    Ok(Json(out))
+}
+
+fn notify_changed(api: &Api, out: &AssignOutcome) {
+    for (device, _) in &out.changed {
+        api.registry.notify(device);
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct EventQuery {
+    pub device: Option<String>,
+    pub kind: Option<String>,
+    /// Only events with a larger id.
+    #[serde(default)]
+    pub after: u64,
+    #[serde(default = "default_limit")]
+    pub limit: usize,
+    /// If no event matches, wait up to this many milliseconds for one (long poll).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+#[utoipa::path(get, path = "/v1/events", params(EventQuery),
+    responses((status = 200, body = Vec<EventRecord>)))]
+async fn list_events(State(api): State<Api>, Query(q): Query<EventQuery>) -> ApiResult<Vec<EventRecord>> {
+    let filter = EventFilter {
+        device: q.device.as_deref().map(parse_device).transpose()?,
+        kind: q.kind,
+        after_id: q.after,
+        limit: q.limit.min(100_000),
+    };
+    let mut watch = api.store.event_watch();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.min(60_000));
+    loop {
+        let events = api.store.events(filter.clone()).await?;
+        if !events.is_empty() || q.wait_ms == 0 {
+            return Ok(Json(events));
+        }
+        match tokio::time::timeout_at(deadline, watch.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return Ok(Json(events)),
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/labels", responses((status = 200, body = Vec<LabelCount>)))]
+async fn list_labels(State(api): State<Api>) -> ApiResult<Vec<LabelCount>> {
+    Ok(Json(api.store.labels().await?))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub connected_devices: usize,
+    /// SHA-256 fingerprint of the hub CA (what join tokens pin), hex.
+    pub ca_fingerprint: String,
+}
+
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
+async fn health(State(api): State<Api>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        connected_devices: api.registry.online_count(),
+        ca_fingerprint: hex::encode(api.keys.ca_fingerprint()),
+    })
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Cairn hub admin API", description = "Operate a Cairn fleet: enrollment tokens, devices, desired state, events. Authenticate with `Authorization: Bearer <admin token>` (the hub writes it to DATA_DIR/admin-token)."),
+    paths(create_token, list_tokens, list_devices, show_device, revoke_device, set_labels, change_state, list_events, list_labels, health),
+    components(schemas(ApiError, CreateToken, CreatedToken, TokenInfo, DeviceView, DeviceRecord, Revoked, SetLabels, FileSpec, StateChange, AssignOutcome, EventRecord, LabelCount, Health))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn require_token(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok: bool =
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), api.keys.admin_token.as_bytes())
+            .into();
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token: send `Authorization: Bearer <token>` with the token from the hub's DATA_DIR/admin-token",
+        )
+        .into_response()
+    }
+}
+
+/// The admin API's routes.
+pub fn router(api: Api) -> Router {
+    let protected = Router::new()
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/v1/devices/{id}/labels", put(set_labels))
+        .route("/v1/state", post(change_state))
+        .route("/v1/events", get(list_events))
+        .route("/v1/labels", get(list_labels))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .merge(protected)
+        .with_state(api)
+}
+
+/// Serves the admin API over TLS until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, api: Api) -> Result<()> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(api.keys.tls_chain(), api.keys.tls_key())
+        .context("admin API certificate")?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let app = router(api);
+    loop {
+        let (tcp, peer): (_, SocketAddr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin API accept");
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "admin TLS handshake failed");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "admin connection");
+            }
+        });
+    }
+}
+
+/// Labels rendered as `k=v,k2=v2`.
+pub fn labels_text(labels: &BTreeMap<impl std::fmt::Display, impl std::fmt::Display>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

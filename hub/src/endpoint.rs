@@ -1,0 +1,585 @@
+//! The agents' QUIC endpoint: TLS setup, and one task per connection that drives a
+//! [`HubSession`] with the store.
+//!
+//! Every connection carries one bidirectional stream opened by the agent. A connection
+//! without a client certificate may only enroll; a sync needs a device certificate
+//! issued by this hub's CA, for a known device that is not revoked.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use cairn_sync_protocol::hub::{HubEvent, HubSession};
+use cairn_sync_protocol::message::{ALPN, EnrollRequest, EnrollResponse, Refusal, RefusalCode};
+use cairn_sync_protocol::token::JoinToken;
+use cairn_sync_protocol::{DeviceId, SessionConfig, SessionError, Text};
+use quinn::VarInt;
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use tokio::sync::Notify;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::pki::{self, HubKeys};
+use crate::store::{DynStore, EnrollRefusal, Enrollment};
+
+/// Transport knobs of the agent endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    pub listen: SocketAddr,
+    /// A connection with no packet for this long is dead (agents send keep-alives).
+    pub idle_timeout: Duration,
+    pub session: SessionConfig,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7440)),
+            idle_timeout: Duration::from_secs(30),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Live sessions, one per device.
+#[derive(Default)]
+pub struct Registry {
+    live: Mutex<HashMap<DeviceId, Live>>,
+    next_id: AtomicU64,
+}
+
+struct Live {
+    session_id: u64,
+    conn: quinn::Connection,
+    notify: Arc<Notify>,
+}
+
+impl Registry {
+    fn register(&self, device: &DeviceId, conn: quinn::Connection, notify: Arc<Notify>) -> u64 {
+        let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let old = self.live.lock().ok().and_then(|mut m| {
+            m.insert(
+                device.clone(),
+                Live {
+                    session_id,
+                    conn,
+                    notify,
+                },
+            )
+        });
+        if let Some(old) = old {
+            old.conn.close(
+                VarInt::from_u32(0),
+                b"superseded by a newer connection from the same device",
+            );
+        }
+        session_id
+    }
+
+    /// Removes the session if it is still the registered one; `true` if it was.
+    fn unregister(&self, device: &DeviceId, session_id: u64) -> bool {
+        let Ok(mut m) = self.live.lock() else {
+            return false;
+        };
+        if m.get(device).is_some_and(|l| l.session_id == session_id) {
+            m.remove(device);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Wakes a device's session to push its newest desired state.
+    pub fn notify(&self, device: &DeviceId) {
+        if let Some(l) = self.live.lock().ok().as_ref().and_then(|m| m.get(device)) {
+            l.notify.notify_one();
+        }
+    }
+
+    /// Closes a device's connection at once, telling it why.
+    pub fn kick(&self, device: &DeviceId, code: RefusalCode, reason: &str) -> bool {
+        let live = self.live.lock().ok().and_then(|mut m| m.remove(device));
+        match live {
+            Some(l) => {
+                l.conn
+                    .close(VarInt::from_u32(code.close_code()), reason.as_bytes());
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_online(&self, device: &DeviceId) -> bool {
+        self.live
+            .lock()
+            .map(|m| m.contains_key(device))
+            .unwrap_or(false)
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.live.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Closes every connection (hub shutdown).
+    pub fn close_all(&self) {
+        if let Ok(mut m) = self.live.lock() {
+            for (_, l) in m.drain() {
+                l.conn.close(
+                    VarInt::from_u32(RefusalCode::ShuttingDown.close_code()),
+                    b"hub shutting down",
+                );
+            }
+        }
+    }
+}
+
+/// What a connection task needs.
+pub struct Shared {
+    pub store: DynStore,
+    pub keys: Arc<HubKeys>,
+    pub registry: Arc<Registry>,
+    pub session: SessionConfig,
+}
+
+/// Builds the QUIC endpoint: TLS 1.3 with the hub certificate, client certificates
+/// optional (enrollment has none) and verified against the hub CA when present, and
+/// reset/connection-id keys that survive restarts.
+pub fn bind(keys: &HubKeys, cfg: &EndpointConfig) -> Result<quinn::Endpoint> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(keys.ca_cert_der.clone())
+        .context("adding the hub CA to the client-certificate roots")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .context("building the client-certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(keys.tls_chain(), keys.tls_key())
+        .context("loading the hub certificate")?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(cfg.idle_timeout.try_into()?))
+        .max_concurrent_bidi_streams(2u8.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .stream_receive_window(VarInt::from_u32(256 * 1024))
+        .receive_window(VarInt::from_u32(512 * 1024))
+        .send_window(512 * 1024)
+        .datagram_receive_buffer_size(None);
+    server.transport_config(Arc::new(transport));
+
+    let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &keys.reset_key,
+    )));
+    let cid_key = keys.cid_key;
+    endpoint_cfg
+        .cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        })
+        .min_reset_interval(Duration::from_millis(1));
+    let socket = std::net::UdpSocket::bind(cfg.listen)
+        .with_context(|| format!("binding UDP {}", cfg.listen))?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_cfg,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok(endpoint)
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        let remote = incoming.remote_address();
+        tokio::spawn(
+            async move {
+                match incoming.await {
+                    Ok(conn) => handle_connection(shared, conn).await,
+                    Err(e) => debug!(error = %e, "handshake failed"),
+                }
+            }
+            .instrument(info_span!("conn", %remote)),
+        );
+    }
+}
+
+fn close_with(conn: &quinn::Connection, code: RefusalCode, message: &str) {
+    conn.close(VarInt::from_u32(code.close_code()), message.as_bytes());
+}
+
+fn refusal(code: RefusalCode, message: &str) -> Refusal {
+    Refusal {
+        code,
+        message: Text::truncated(message),
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let cert_device = match peer_device(&conn) {
+        Ok(d) => d,
+        Err(e) => {
+            close_with(&conn, RefusalCode::UnknownDevice, &e.to_string());
+            return;
+        }
+    };
+    let stream = tokio::time::timeout(shared.session.handshake_timeout, conn.accept_bi()).await;
+    let (send, recv) = match stream {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "connection ended before a stream opened");
+            return;
+        }
+        Err(_) => {
+            close_with(
+                &conn,
+                RefusalCode::ProtocolViolation,
+                "no stream opened in time",
+            );
+            return;
+        }
+    };
+    let mut conn_task = Connection {
+        session: HubSession::new(Instant::now(), &shared.session),
+        shared,
+        conn: conn.clone(),
+        send,
+        recv,
+        cert_device,
+        device: None,
+        notify: Arc::new(Notify::new()),
+        session_id: 0,
+        agent_holds: 0,
+        in_flight: None,
+    };
+    let result = conn_task.run().await;
+    conn_task.finish(result).await;
+}
+
+fn peer_device(conn: &quinn::Connection) -> Result<Option<DeviceId>> {
+    let Some(identity) = conn.peer_identity() else {
+        return Ok(None);
+    };
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| anyhow::anyhow!("unexpected peer identity type"))?;
+    match certs.first() {
+        Some(c) => Ok(Some(pki::device_id_from_cert(c)?)),
+        None => Ok(None),
+    }
+}
+
+/// Why a connection task ended.
+enum End {
+    /// The session said so (refusal sent, enrollment done, peer closed, protocol error).
+    Session(Option<SessionError>),
+    /// The transport failed.
+    Transport(String),
+    /// The store failed; the agent retries later.
+    Store(String),
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    session: HubSession,
+    cert_device: Option<DeviceId>,
+    device: Option<DeviceId>,
+    /// Woken by the registry when this device's desired state changed.
+    notify: Arc<Notify>,
+    session_id: u64,
+    /// Revision the agent said it holds.
+    agent_holds: u64,
+    /// Revision sent and not yet acknowledged.
+    in_flight: Option<u64>,
+}
+
+impl Connection {
+    fn session(&mut self) -> &mut HubSession {
+        &mut self.session
+    }
+
+    async fn run(&mut self) -> End {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Err(e) = self.flush().await {
+                return End::Transport(e);
+            }
+            while let Some(ev) = self.session().poll_event() {
+                if let Err(end) = self.handle_event(ev).await {
+                    let _ = self.flush().await;
+                    return end;
+                }
+            }
+            if let Err(e) = self.flush().await {
+                return End::Transport(e);
+            }
+            if self.session().is_done() {
+                return End::Session(None);
+            }
+            let deadline = self.session().poll_timeout();
+            let notify = self.notify.clone();
+            tokio::select! {
+                biased;
+                r = self.recv.read(&mut buf) => match r {
+                    Ok(Some(n)) => self.session().handle_input(Instant::now(), &buf[..n]),
+                    Ok(None) => self.session().handle_end_of_stream(),
+                    Err(e) => return End::Transport(e.to_string()),
+                },
+                () = notify.notified() => {
+                    if let Err(e) = self.push_state().await {
+                        return End::Store(e);
+                    }
+                }
+                () = sleep_until_opt(deadline) => self.session().handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        while let Some(bytes) = self.session().poll_transmit() {
+            self.send
+                .write_all(&bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn handle_event(&mut self, ev: HubEvent) -> Result<(), End> {
+        let store = self.shared.store.clone();
+        match ev {
+            HubEvent::EnrollRequested {
+                agent_version,
+                request,
+            } => self.enroll(agent_version, request).await,
+            HubEvent::SyncRequested {
+                agent_version,
+                state_revision,
+            } => {
+                let _ = agent_version;
+                self.start_sync(state_revision).await
+            }
+            HubEvent::Reports(reports) => {
+                let device = self.device.clone().ok_or(End::Session(None))?;
+                let n = reports.len();
+                let acked = store
+                    .record_reports(&device, reports, now_ms())
+                    .await
+                    .map_err(|e| End::Store(e.to_string()))?;
+                debug!(%device, n, acked, "reports stored");
+                self.session().reports_durable(acked);
+                Ok(())
+            }
+            HubEvent::StateAcked { revision } => {
+                let device = self.device.clone().ok_or(End::Session(None))?;
+                let refused = self.in_flight.is_some_and(|r| revision < r);
+                self.in_flight = None;
+                self.agent_holds = revision;
+                store
+                    .state_stored(&device, revision)
+                    .await
+                    .map_err(|e| End::Store(e.to_string()))?;
+                if refused {
+                    warn!(%device, holds = revision, "agent refused the revision it was sent; see its events");
+                    Ok(())
+                } else {
+                    self.push_state().await.map_err(End::Store)
+                }
+            }
+            HubEvent::ResyncRequested { state_revision } => {
+                let device = self.device.clone().ok_or(End::Session(None))?;
+                info!(%device, state_revision, "agent asked for a full snapshot");
+                self.agent_holds = state_revision;
+                if let Some(u) = store
+                    .state_snapshot(&device)
+                    .await
+                    .map_err(|e| End::Store(e.to_string()))?
+                {
+                    self.in_flight = Some(u.revision);
+                    self.session().send_state(u);
+                }
+                Ok(())
+            }
+            HubEvent::Failed(e) => Err(End::Session(Some(e))),
+        }
+    }
+
+    async fn refuse(&mut self, code: RefusalCode, message: &str) -> Result<(), End> {
+        self.session().refuse(refusal(code, message));
+        let _ = self.flush().await;
+        close_with(&self.conn, code, message);
+        Err(End::Session(None))
+    }
+
+    async fn enroll(&mut self, agent_version: String, req: EnrollRequest) -> Result<(), End> {
+        if let Some(d) = &self.cert_device {
+            let msg = format!("this connection already carries the certificate of {d}; it is enrolled");
+            return self.refuse(RefusalCode::ProtocolViolation, &msg).await;
+        }
+        let Ok((token_id, secret_hash)) = JoinToken::parse_credential(req.token.as_str()) else {
+            return self
+                .refuse(RefusalCode::UnknownToken, "join token is malformed; create a new one with `cairn-hub token create`")
+                .await;
+        };
+        let (device, cert) = match self.shared.keys.issue_device_cert(&req.csr_der) {
+            Ok(x) => x,
+            Err(e) => {
+                return self.refuse(RefusalCode::BadCsr, &e.to_string()).await;
+            }
+        };
+        let outcome = self
+            .shared
+            .store
+            .enroll(Enrollment {
+                token_id: token_id.clone(),
+                secret_hash,
+                device: device.clone(),
+                hostname: req.hostname.as_str().to_string(),
+                agent_version,
+                now_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| End::Store(e.to_string()))?;
+        match outcome {
+            Ok(rec) => {
+                info!(%device, token = %token_id, hostname = %rec.hostname, "device enrolled");
+                let state_key = self.shared.keys.state_key.verifying_key();
+                self.session().accept_enroll(EnrollResponse {
+                    device,
+                    certificate_der: cert,
+                    state_key,
+                    labels: rec.labels,
+                });
+                let _ = self.flush().await;
+                let _ = self.send.finish();
+                Ok(())
+            }
+            Err(r) => {
+                let (code, msg) = match r {
+                    EnrollRefusal::UnknownToken => (RefusalCode::UnknownToken, format!("join token {token_id} is not known to this hub (wrong hub, or deleted); ask the operator for a new one")),
+                    EnrollRefusal::TokenExpired => (RefusalCode::TokenExpired, format!("join token {token_id} has expired; create a new one with `cairn-hub token create`")),
+                    EnrollRefusal::TokenUsedUp => (RefusalCode::TokenUsedUp, format!("join token {token_id} has no uses left; create a new one with `cairn-hub token create --uses N`")),
+                    EnrollRefusal::DeviceRevoked => (RefusalCode::DeviceRevoked, format!("device {device} was revoked; it cannot re-enroll with the same key")),
+                };
+                warn!(%device, token = %token_id, reason = %msg, "enrollment refused");
+                self.refuse(code, &msg).await
+            }
+        }
+    }
+
+    async fn start_sync(&mut self, state_revision: u64) -> Result<(), End> {
+        let Some(device) = self.cert_device.clone() else {
+            return self
+                .refuse(
+                    RefusalCode::NotEnrolled,
+                    "this connection has no device certificate; enroll first with a join token",
+                )
+                .await;
+        };
+        let rec = self
+            .shared
+            .store
+            .device(&device)
+            .await
+            .map_err(|e| End::Store(e.to_string()))?;
+        let Some(rec) = rec else {
+            let msg = format!("device {device} is not known to this hub (was its data directory replaced?); re-enroll with a new join token");
+            return self.refuse(RefusalCode::UnknownDevice, &msg).await;
+        };
+        if rec.revoked_ms.is_some() {
+            let msg = format!("device {device} is revoked by the operator");
+            return self.refuse(RefusalCode::DeviceRevoked, &msg).await;
+        }
+        self.session_id =
+            self.shared
+                .registry
+                .register(&device, self.conn.clone(), self.notify.clone());
+        self.device = Some(device.clone());
+        self.agent_holds = state_revision;
+        self.shared
+            .store
+            .set_online(&device, true, now_ms())
+            .await
+            .map_err(|e| End::Store(e.to_string()))?;
+        info!(%device, state_revision, reports_acked = rec.reports_acked, "agent online");
+        self.session().accept_sync(device, rec.reports_acked);
+        self.push_state().await.map_err(End::Store)
+    }
+
+    /// Sends the update from what the agent holds to the newest revision, unless one is
+    /// already on its way.
+    async fn push_state(&mut self) -> Result<(), String> {
+        if self.in_flight.is_some() {
+            return Ok(());
+        }
+        let Some(device) = self.device.clone() else {
+            return Ok(());
+        };
+        let update = self
+            .shared
+            .store
+            .state_update(&device, self.agent_holds)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(u) = update {
+            debug!(%device, from = ?u.base_revision, to = u.revision, upserts = u.upserts.len(), removals = u.removals.len(), "pushing state");
+            self.in_flight = Some(u.revision);
+            self.session().send_state(u);
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, end: End) {
+        match &end {
+            End::Session(None) => {}
+            End::Session(Some(SessionError::Closed)) => debug!("agent closed the session"),
+            End::Session(Some(e)) => {
+                warn!(device = ?self.device, error = %e, "session failed");
+                close_with(&self.conn, RefusalCode::ProtocolViolation, &e.to_string());
+            }
+            End::Transport(e) => debug!(device = ?self.device, error = %e, "connection lost"),
+            End::Store(e) => {
+                warn!(device = ?self.device, error = %e, "store failed; closing the session");
+                close_with(&self.conn, RefusalCode::Internal, "hub storage error; retry later");
+            }
+        }
+        if let Some(device) = self.device.take()
+            && self.shared.registry.unregister(&device, self.session_id)
+        {
+            if let Err(e) = self.shared.store.set_online(&device, false, now_ms()).await {
+                warn!(%device, error = %e, "recording offline");
+            }
+            info!(%device, "agent offline");
+        }
+        // Let a final frame (refusal, enrollment) reach the agent before the close.
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,249 @@
+//! The hub's durable state behind one narrow interface.
+//!
+//! Everything the hub remembers goes through [`Store`]: join tokens, devices, desired
+//! state and its signed revisions, and what agents reported. The interface speaks in
+//! domain terms only; no SQL, connection or transaction type crosses it, so another
+//! backend (PostgreSQL for several hub processes) implements the same trait without
+//! touching the QUIC endpoint or the admin API. [`sqlite::SqliteStore`] is the embedded
+//! default.
+//!
+//! Contract every backend keeps:
+//! - a method returns only after its change is durable;
+//! - desired-state changes assign a new revision per changed device, sign it with the
+//!   [`StateSigner`], and store the signature with it, atomically;
+//! - reports are stored at most once per `(device, seq)`, in sequence order, and the
+//!   returned acknowledgement never covers a report that is not stored.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cairn_sync_protocol::message::{Labels, Report};
+use cairn_sync_protocol::state::{
+    DocumentDigest, Resource, StateUpdate, sign_state,
+};
+use cairn_sync_protocol::{DeviceId, ResourceName};
+use ed25519_dalek::{Signature, SigningKey};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::desired::Target;
+
+/// Signs desired-state revisions. Held by the store so that a revision and its signature
+/// are written in one transaction.
+#[derive(Clone)]
+pub struct StateSigner(Arc<SigningKey>);
+
+impl StateSigner {
+    pub fn new(key: SigningKey) -> Self {
+        Self(Arc::new(key))
+    }
+
+    pub fn sign(&self, device: &DeviceId, revision: u64, digest: &DocumentDigest) -> Signature {
+        sign_state(&self.0, device, revision, digest)
+    }
+}
+
+/// Errors of a store. `Refused` outcomes that are the caller's fault are values of the
+/// operation's result type, not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening database {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("database: {0}")]
+    Backend(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A join token as the store keeps it (the secret only as a hash).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TokenInfo {
+    pub id: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub uses_left: u32,
+    pub uses_total: u32,
+    #[schema(value_type = Object)]
+    pub labels: Labels,
+}
+
+/// A new join token.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub id: String,
+    pub secret_hash: [u8; 32],
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub uses: u32,
+    pub labels: Labels,
+}
+
+/// An enrollment to record.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub token_id: String,
+    pub secret_hash: [u8; 32],
+    pub device: DeviceId,
+    pub hostname: String,
+    pub agent_version: String,
+    pub now_ms: u64,
+}
+
+/// Why an enrollment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollRefusal {
+    UnknownToken,
+    TokenExpired,
+    TokenUsedUp,
+    DeviceRevoked,
+}
+
+/// Everything the hub knows about one device.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DeviceRecord {
+    #[schema(value_type = String)]
+    pub id: DeviceId,
+    pub hostname: String,
+    #[schema(value_type = Object)]
+    pub labels: Labels,
+    pub agent_version: String,
+    pub enrolled_ms: u64,
+    pub revoked_ms: Option<u64>,
+    /// Whether a hub process holds a live session with it (as last recorded).
+    pub online: bool,
+    pub last_seen_ms: Option<u64>,
+    /// Newest desired-state revision (0: none yet).
+    pub desired_revision: u64,
+    /// Newest revision the agent confirmed it stored.
+    pub stored_revision: u64,
+    /// Revision the agent last reported as applied.
+    pub applied_revision: u64,
+    /// Resources the agent reported as failing to apply.
+    pub failing: u32,
+    /// Highest report sequence number stored.
+    pub reports_acked: u64,
+}
+
+impl DeviceRecord {
+    /// Whether the device runs something other than its newest desired state.
+    pub fn drift(&self) -> bool {
+        self.applied_revision != self.desired_revision || self.failing > 0
+    }
+}
+
+/// A change to desired state.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Set(ResourceName, Resource),
+    Unset(ResourceName),
+}
+
+/// What an assignment changed.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct AssignOutcome {
+    /// Devices the target matches now.
+    pub matched: usize,
+    /// Devices that got a new revision, with that revision.
+    #[schema(value_type = Vec<Object>)]
+    pub changed: Vec<(DeviceId, u64)>,
+}
+
+/// One stored event: reported by an agent, or recorded by the hub itself.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EventRecord {
+    /// Store-wide increasing id, for paging and following.
+    pub id: u64,
+    #[schema(value_type = String)]
+    pub device: DeviceId,
+    /// The agent's report sequence number; absent for events the hub recorded.
+    pub seq: Option<u64>,
+    /// When it happened, by the clock of whoever recorded it (ms since the epoch).
+    pub at_ms: u64,
+    pub kind: String,
+    pub resource: Option<String>,
+    pub revision: Option<u64>,
+    pub message: String,
+}
+
+/// Which events to list.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub device: Option<DeviceId>,
+    pub kind: Option<String>,
+    /// Only events with an id above this.
+    pub after_id: u64,
+    pub limit: usize,
+}
+
+/// Kinds of events the hub records itself (agents' kinds are
+/// [`cairn_sync_protocol::message::EventKind::as_str`]).
+pub mod hub_event {
+    pub const ENROLLED: &str = "hub.enrolled";
+    pub const REVOKED: &str = "hub.revoked";
+    pub const LABELS_CHANGED: &str = "hub.labels-changed";
+}
+
+/// Label keys and values in use, with device counts.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct LabelCount {
+    pub key: String,
+    pub value: String,
+    pub devices: usize,
+}
+
+/// The hub's durable state. See the module documentation for the contract.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn create_token(&self, token: NewToken) -> Result<TokenInfo>;
+    async fn tokens(&self) -> Result<Vec<TokenInfo>>;
+    /// Consumes one use of a token and records the device with its initial desired state,
+    /// atomically. Re-enrolling an existing (not revoked) device updates it.
+    async fn enroll(&self, e: Enrollment) -> Result<Result<DeviceRecord, EnrollRefusal>>;
+
+    async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
+    async fn devices(&self) -> Result<Vec<DeviceRecord>>;
+    /// Marks a device revoked; `false` if it does not exist.
+    async fn revoke(&self, id: &DeviceId, now_ms: u64) -> Result<bool>;
+    /// Replaces a device's labels and recomputes its desired state. `None` if unknown.
+    async fn set_labels(
+        &self,
+        id: &DeviceId,
+        labels: Labels,
+        now_ms: u64,
+    ) -> Result<Option<AssignOutcome>>;
+    async fn labels(&self) -> Result<Vec<LabelCount>>;
+
+    /// Records whether a device has a live session.
+    async fn set_online(&self, id: &DeviceId, online: bool, now_ms: u64) -> Result<()>;
+
+    /// Sets or unsets a resource for a target and re-signs every device whose document
+    /// changes.
+    async fn assign(&self, target: Target, change: Change, now_ms: u64) -> Result<AssignOutcome>;
+
+    /// The update that brings an agent holding `held_revision` to the newest revision: a
+    /// delta when the store can compute one, else a full snapshot. `None` when the agent
+    /// is up to date.
+    async fn state_update(&self, id: &DeviceId, held_revision: u64)
+    -> Result<Option<StateUpdate>>;
+    /// A full snapshot of the newest revision (`None` when there is no revision yet).
+    async fn state_snapshot(&self, id: &DeviceId) -> Result<Option<StateUpdate>>;
+    /// The agent confirmed it stored `revision`.
+    async fn state_stored(&self, id: &DeviceId, revision: u64) -> Result<()>;
+
+    /// Stores reports in sequence order, skipping those already stored; returns the
+    /// highest sequence number now stored.
+    async fn record_reports(&self, id: &DeviceId, reports: Vec<Report>, now_ms: u64)
+    -> Result<u64>;
+    async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>>;
+    /// The id of the newest event, updated after every commit that adds events.
+    fn event_watch(&self) -> watch::Receiver<u64>;
+}
+
+/// Shared handle to a store.
+pub type DynStore = Arc<dyn Store>;
