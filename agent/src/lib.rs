@@ -1,1 +1,265 @@
+//! The Cairn agent as a library; `cairn-agent` is a thin binary over it, and the fleet
+//! simulation runs many of these in one process.
+//!
+//! - [`store`]: SQLite state (identity, verified desired state, outbox, applied records).
+//! - [`client`]: enrollment and sync sessions over QUIC, with backoff.
+//! - [`reconcile`] + [`apply`]: converge the box on the desired state, online or not.
+//! - [`tls`]: pinned-CA enrollment and mutual-TLS sync configurations.
+#![forbid(unsafe_code)]
 
+pub mod apply;
+pub mod client;
+pub mod reconcile;
+pub mod store;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_sync_protocol::SessionConfig;
+use cairn_sync_protocol::message::{EventKind, RefusalCode};
+use cairn_sync_protocol::token::JoinToken;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::apply::FileApplier;
+use crate::client::{LinkConfig, LinkError, Shared};
+use crate::store::Store;
+
+/// Everything `cairn-agent run` needs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `host:port` of the hub's QUIC endpoint.
+    pub hub: String,
+    pub data_dir: PathBuf,
+    /// Managed files are confined below this directory.
+    pub files_root: PathBuf,
+    /// Needed only until the agent is enrolled.
+    pub join_token: Option<String>,
+    pub hostname: String,
+    /// How often the reconciler checks for local drift.
+    pub reconcile_interval: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+    pub session: SessionConfig,
+}
+
+impl AgentConfig {
+    pub fn new(hub: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        Self {
+            hub: hub.into(),
+            files_root: data_dir.join("files"),
+            data_dir,
+            join_token: None,
+            hostname: hostname(),
+            reconcile_interval: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            keep_alive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            session: SessionConfig::default(),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        db_path(&self.data_dir)
+    }
+}
+
+/// The database file inside a data directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("agent.db")
+}
+
+/// This machine's host name (from /proc or /etc), or "unknown".
+pub fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Not enrolled and no usable join token given.
+    #[error("{0}")]
+    NotEnrolled(String),
+    #[error("enrollment refused by the hub ({code:?}): {message}")]
+    EnrollRefused { code: RefusalCode, message: String },
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+/// Runs the agent until `shutdown` resolves: reconciler and hub link side by side.
+/// Returns an error only when the agent cannot go on (store unusable, enrollment refused).
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let mut store = Store::open(&cfg.db_path()).map_err(anyhow::Error::from)?;
+    if store.identity().map_err(anyhow::Error::from)?.is_none() {
+        match cfg.join_token.as_deref() {
+            None => {
+                return Err(RunError::NotEnrolled(
+                    "this agent is not enrolled yet: start it once with --join-token (from `cairn-hub token create`)".into(),
+                ));
+            }
+            Some(t) => {
+                JoinToken::parse(t).map_err(|e| RunError::NotEnrolled(e.to_string()))?;
+            }
+        }
+    }
+    let applier = FileApplier::new(&cfg.files_root).map_err(anyhow::Error::from)?;
+    let tail = store
+        .push_reports(vec![store::event_body(
+            EventKind::AgentStarted,
+            None,
+            None,
+            &format!("cairn-agent {} started", client::AGENT_VERSION),
+        )])
+        .map_err(anyhow::Error::from)?;
+    let (tail_tx, _) = watch::channel(tail);
+    let shared = Arc::new(Shared {
+        store: Mutex::new(store),
+        state_changed: Notify::new(),
+        outbox_tail: tail_tx,
+    });
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reconciler = tokio::spawn(reconcile_loop(
+        shared.clone(),
+        applier,
+        cfg.reconcile_interval,
+        stop_rx.clone(),
+    ));
+    let link_cfg = LinkConfig {
+        hub: cfg.hub.clone(),
+        backoff_min: cfg.backoff_min,
+        backoff_max: cfg.backoff_max,
+        keep_alive: cfg.keep_alive,
+        idle_timeout: cfg.idle_timeout,
+        session: cfg.session.clone(),
+        hostname: cfg.hostname.clone(),
+    };
+    let mut link_stop = stop_rx;
+    let link = client::run_link(
+        link_cfg,
+        shared.clone(),
+        cfg.join_token.clone(),
+        async move {
+            let _ = link_stop.wait_for(|s| *s).await;
+        },
+    );
+    tokio::pin!(link);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut link => r,
+        () = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            link.await
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = reconciler.await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(LinkError::EnrollRefused { code, message }) => {
+            Err(RunError::EnrollRefused { code, message })
+        }
+        Err(LinkError::Other(e)) => Err(RunError::Other(e)),
+    }
+}
+
+async fn reconcile_loop(
+    shared: Arc<Shared>,
+    applier: FileApplier,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match shared.with_store(|s| reconcile::reconcile(s, &applier)) {
+            Ok(summary) => {
+                if summary.last_seq > 0 {
+                    shared.outbox_tail.send_replace(summary.last_seq);
+                }
+                if summary.applied + summary.drift_corrected + summary.removed + summary.failed > 0
+                {
+                    tracing::info!(
+                        revision = summary.revision,
+                        applied = summary.applied,
+                        drift_corrected = summary.drift_corrected,
+                        removed = summary.removed,
+                        failed = summary.failed,
+                        "reconciled"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reconcile pass failed"),
+        }
+        tokio::select! {
+            () = shared.state_changed.notified() => {}
+            () = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// What `cairn-agent status` shows.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub device: Option<String>,
+    pub hub: Option<String>,
+    pub connection: String,
+    pub connection_since_ms: Option<u64>,
+    pub revoked: Option<String>,
+    pub desired_revision: u64,
+    pub applied_revision: u64,
+    pub failing: u32,
+    pub resources: usize,
+    pub outbox_depth: u64,
+    pub last_seq: u64,
+}
+
+/// Reads the status from a data directory (works while the agent runs).
+pub fn status(data_dir: &Path) -> Result<StatusReport> {
+    let path = db_path(data_dir);
+    if !path.exists() {
+        anyhow::bail!(
+            "no agent database at {}; has `cairn-agent run --data-dir {}` been started?",
+            path.display(),
+            data_dir.display()
+        );
+    }
+    let store = Store::open_read_only(&path)?;
+    let identity = store.identity()?;
+    let (_, applied, failing) = store.last_status()?;
+    let desired = store.desired()?;
+    Ok(StatusReport {
+        device: identity.map(|i| i.device.to_string()),
+        hub: store.meta_text("hub")?,
+        connection: store
+            .meta_text("conn_state")?
+            .unwrap_or_else(|| "never connected".into()),
+        connection_since_ms: store
+            .meta("conn_since_ms")?
+            .and_then(|v| v.try_into().ok())
+            .map(u64::from_le_bytes),
+        revoked: client::revoked(&store)?,
+        desired_revision: desired.as_ref().map_or(0, |d| d.revision),
+        applied_revision: applied,
+        failing,
+        resources: desired.map_or(0, |d| d.resources.len()),
+        outbox_depth: store.outbox_depth()?,
+        last_seq: store.last_seq()?,
+    })
+}

@@ -27,8 +27,8 @@ use crate::desired::{Selector, Target, parse_labels};
 use crate::endpoint::{Registry, now_ms};
 use crate::pki::HubKeys;
 use crate::store::{
-    AssignOutcome, Change, DeviceRecord, DynStore, EventFilter, EventRecord, LabelCount,
-    NewToken, StoreError, TokenInfo,
+    AssignOutcome, Change, DeviceRecord, DynStore, EventFilter, EventRecord, LabelCount, NewToken,
+    StoreError, TokenInfo,
 };
 
 /// State of the admin API handlers.
@@ -68,7 +68,10 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store error in admin API");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("hub storage: {e}"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("hub storage: {e}"),
+        )
     }
 }
 
@@ -124,7 +127,10 @@ pub struct CreatedToken {
 
 #[utoipa::path(post, path = "/v1/tokens", request_body = CreateToken,
     responses((status = 200, body = CreatedToken), (status = 400, body = ApiError)))]
-async fn create_token(State(api): State<Api>, Json(req): Json<CreateToken>) -> ApiResult<CreatedToken> {
+async fn create_token(
+    State(api): State<Api>,
+    Json(req): Json<CreateToken>,
+) -> ApiResult<CreatedToken> {
     if req.uses == 0 || req.ttl_secs == 0 {
         return Err(ApiError::bad_request(
             "a token needs at least one use and a ttl above zero",
@@ -273,7 +279,10 @@ pub fn validate_path(path: &str) -> Result<(), String> {
     if path.contains('\0') {
         return Err("file path contains a NUL byte".into());
     }
-    if trimmed.split('/').any(|c| c == ".." || c == "." || c.is_empty()) {
+    if trimmed
+        .split('/')
+        .any(|c| c == ".." || c == "." || c.is_empty())
+    {
         return Err(format!(
             "file path {path:?} has an empty, '.' or '..' component; give a plain path below the agent's files root"
         ));
@@ -312,7 +321,10 @@ fn to_resource(spec: FileSpec) -> Result<Resource, ApiError> {
 
 #[utoipa::path(post, path = "/v1/state", request_body = StateChange,
     responses((status = 200, body = AssignOutcome), (status = 400, body = ApiError)))]
-async fn change_state(State(api): State<Api>, Json(req): Json<StateChange>) -> ApiResult<AssignOutcome> {
+async fn change_state(
+    State(api): State<Api>,
+    Json(req): Json<StateChange>,
+) -> ApiResult<AssignOutcome> {
     let target = match (req.device, req.selector) {
         (Some(d), None) => {
             let d = parse_device(&d)?;
@@ -365,7 +377,10 @@ fn default_limit() -> usize {
 
 #[utoipa::path(get, path = "/v1/events", params(EventQuery),
     responses((status = 200, body = Vec<EventRecord>)))]
-async fn list_events(State(api): State<Api>, Query(q): Query<EventQuery>) -> ApiResult<Vec<EventRecord>> {
+async fn list_events(
+    State(api): State<Api>,
+    Query(q): Query<EventQuery>,
+) -> ApiResult<Vec<EventRecord>> {
     let filter = EventFilter {
         device: q.device.as_deref().map(parse_device).transpose()?,
         kind: q.kind,
@@ -412,9 +427,38 @@ async fn health(State(api): State<Api>) -> Json<Health> {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Cairn hub admin API", description = "Operate a Cairn fleet: enrollment tokens, devices, desired state, events. Authenticate with `Authorization: Bearer <admin token>` (the hub writes it to DATA_DIR/admin-token)."),
-    paths(create_token, list_tokens, list_devices, show_device, revoke_device, set_labels, change_state, list_events, list_labels, health),
-    components(schemas(ApiError, CreateToken, CreatedToken, TokenInfo, DeviceView, DeviceRecord, Revoked, SetLabels, FileSpec, StateChange, AssignOutcome, EventRecord, LabelCount, Health))
+    info(
+        title = "Cairn hub admin API",
+        description = "Operate a Cairn fleet: enrollment tokens, devices, desired state, events. Authenticate with `Authorization: Bearer <admin token>` (the hub writes it to DATA_DIR/admin-token)."
+    ),
+    paths(
+        create_token,
+        list_tokens,
+        list_devices,
+        show_device,
+        revoke_device,
+        set_labels,
+        change_state,
+        list_events,
+        list_labels,
+        health
+    ),
+    components(schemas(
+        ApiError,
+        CreateToken,
+        CreatedToken,
+        TokenInfo,
+        DeviceView,
+        DeviceRecord,
+        Revoked,
+        SetLabels,
+        FileSpec,
+        StateChange,
+        AssignOutcome,
+        EventRecord,
+        LabelCount,
+        Health
+    ))
 )]
 pub struct ApiDoc;
 
@@ -434,8 +478,7 @@ async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     let ok: bool =
-        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), api.keys.admin_token.as_bytes())
-            .into();
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), api.keys.admin_token.as_bytes()).into();
     if ok {
         next.run(req).await
     } else {

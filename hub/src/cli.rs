@@ -142,10 +142,14 @@ impl Client {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> CliResult<T> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| CliError {
-            code: exit::UNREACHABLE,
-            error: anyhow!("cannot reach the hub at {}: {e:#}", self.url),
-        })?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| CliError {
+                code: exit::UNREACHABLE,
+                error: anyhow!("cannot reach the hub at {}: {e:#}", self.url),
+            })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp.json().await.context("decoding the hub's answer")?);
@@ -167,7 +171,8 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> CliResult<T> {
-        self.send(self.http.get(format!("{}{path}", self.url))).await
+        self.send(self.http.get(format!("{}{path}", self.url)))
+            .await
     }
 
     pub async fn get_query<T: DeserializeOwned>(
@@ -179,12 +184,20 @@ impl Client {
             .await
     }
 
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> CliResult<T> {
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> CliResult<T> {
         self.send(self.http.post(format!("{}{path}", self.url)).json(body))
             .await
     }
 
-    pub async fn put<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> CliResult<T> {
+    pub async fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> CliResult<T> {
         self.send(self.http.put(format!("{}{path}", self.url)).json(body))
             .await
     }
@@ -273,8 +286,14 @@ pub fn device_row(d: &Value) -> Vec<String> {
         "no".into()
     };
     vec![
-        d.get("id").and_then(Value::as_str).unwrap_or("").to_string(),
-        d.get("hostname").and_then(Value::as_str).unwrap_or("").to_string(),
+        d.get("id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        d.get("hostname")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         labels_of(d),
         status,
         u(d, "desired_revision").to_string(),
@@ -283,7 +302,9 @@ pub fn device_row(d: &Value) -> Vec<String> {
     ]
 }
 
-pub const DEVICE_HEADER: [&str; 7] = ["ID", "HOSTNAME", "LABELS", "STATUS", "DESIRED", "APPLIED", "DRIFT"];
+pub const DEVICE_HEADER: [&str; 7] = [
+    "ID", "HOSTNAME", "LABELS", "STATUS", "DESIRED", "APPLIED", "DRIFT",
+];
 
 /// Prints one event line.
 pub fn print_event(e: &Value) {

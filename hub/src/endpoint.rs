@@ -433,12 +433,16 @@ impl Connection {
 
     async fn enroll(&mut self, agent_version: String, req: EnrollRequest) -> Result<(), End> {
         if let Some(d) = &self.cert_device {
-            let msg = format!("this connection already carries the certificate of {d}; it is enrolled");
+            let msg =
+                format!("this connection already carries the certificate of {d}; it is enrolled");
             return self.refuse(RefusalCode::ProtocolViolation, &msg).await;
         }
         let Ok((token_id, secret_hash)) = JoinToken::parse_credential(req.token.as_str()) else {
             return self
-                .refuse(RefusalCode::UnknownToken, "join token is malformed; create a new one with `cairn-hub token create`")
+                .refuse(
+                    RefusalCode::UnknownToken,
+                    "join token is malformed; create a new one with `cairn-hub token create`",
+                )
                 .await;
         };
         let (device, cert) = match self.shared.keys.issue_device_cert(&req.csr_der) {
@@ -476,10 +480,30 @@ impl Connection {
             }
             Err(r) => {
                 let (code, msg) = match r {
-                    EnrollRefusal::UnknownToken => (RefusalCode::UnknownToken, format!("join token {token_id} is not known to this hub (wrong hub, or deleted); ask the operator for a new one")),
-                    EnrollRefusal::TokenExpired => (RefusalCode::TokenExpired, format!("join token {token_id} has expired; create a new one with `cairn-hub token create`")),
-                    EnrollRefusal::TokenUsedUp => (RefusalCode::TokenUsedUp, format!("join token {token_id} has no uses left; create a new one with `cairn-hub token create --uses N`")),
-                    EnrollRefusal::DeviceRevoked => (RefusalCode::DeviceRevoked, format!("device {device} was revoked; it cannot re-enroll with the same key")),
+                    EnrollRefusal::UnknownToken => (
+                        RefusalCode::UnknownToken,
+                        format!(
+                            "join token {token_id} is not known to this hub (wrong hub, or deleted); ask the operator for a new one"
+                        ),
+                    ),
+                    EnrollRefusal::TokenExpired => (
+                        RefusalCode::TokenExpired,
+                        format!(
+                            "join token {token_id} has expired; create a new one with `cairn-hub token create`"
+                        ),
+                    ),
+                    EnrollRefusal::TokenUsedUp => (
+                        RefusalCode::TokenUsedUp,
+                        format!(
+                            "join token {token_id} has no uses left; create a new one with `cairn-hub token create --uses N`"
+                        ),
+                    ),
+                    EnrollRefusal::DeviceRevoked => (
+                        RefusalCode::DeviceRevoked,
+                        format!(
+                            "device {device} was revoked; it cannot re-enroll with the same key"
+                        ),
+                    ),
                 };
                 warn!(%device, token = %token_id, reason = %msg, "enrollment refused");
                 self.refuse(code, &msg).await
@@ -503,7 +527,9 @@ impl Connection {
             .await
             .map_err(|e| End::Store(e.to_string()))?;
         let Some(rec) = rec else {
-            let msg = format!("device {device} is not known to this hub (was its data directory replaced?); re-enroll with a new join token");
+            let msg = format!(
+                "device {device} is not known to this hub (was its data directory replaced?); re-enroll with a new join token"
+            );
             return self.refuse(RefusalCode::UnknownDevice, &msg).await;
         };
         if rec.revoked_ms.is_some() {
@@ -560,7 +586,11 @@ impl Connection {
             End::Transport(e) => debug!(device = ?self.device, error = %e, "connection lost"),
             End::Store(e) => {
                 warn!(device = ?self.device, error = %e, "store failed; closing the session");
-                close_with(&self.conn, RefusalCode::Internal, "hub storage error; retry later");
+                close_with(
+                    &self.conn,
+                    RefusalCode::Internal,
+                    "hub storage error; retry later",
+                );
             }
         }
         if let Some(device) = self.device.take()

@@ -192,7 +192,10 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -284,7 +287,9 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                             } else {
                                 format!(
                                     "in {}",
-                                    humantime::format_duration(Duration::from_secs((exp - now) / 1000))
+                                    humantime::format_duration(Duration::from_secs(
+                                        (exp - now) / 1000
+                                    ))
                                 )
                             },
                             cli::labels_of(t),
@@ -294,7 +299,9 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 cli::print_table(&["ID", "USES LEFT", "EXPIRES", "LABELS"], &rows);
             }
         }
-        Cmd::Devices { cmd: None | Some(DevicesCmd::List) } => {
+        Cmd::Devices {
+            cmd: None | Some(DevicesCmd::List),
+        } => {
             let ds: Vec<Value> = client.get("/v1/devices").await?;
             if json {
                 cli::print_json(&ds)?;
@@ -303,8 +310,12 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 cli::print_table(&cli::DEVICE_HEADER, &rows);
             }
         }
-        Cmd::Devices { cmd: Some(DevicesCmd::Revoke { id }) } => {
-            let r: Value = client.post(&format!("/v1/devices/{id}/revoke"), &json!({})).await?;
+        Cmd::Devices {
+            cmd: Some(DevicesCmd::Revoke { id }),
+        } => {
+            let r: Value = client
+                .post(&format!("/v1/devices/{id}/revoke"), &json!({}))
+                .await?;
             if json {
                 cli::print_json(&r)?;
             } else {
@@ -316,9 +327,14 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 println!("revoked {id}; {how}");
             }
         }
-        Cmd::Devices { cmd: Some(DevicesCmd::Label { id, labels }) } => {
+        Cmd::Devices {
+            cmd: Some(DevicesCmd::Label { id, labels }),
+        } => {
             let r: Value = client
-                .put(&format!("/v1/devices/{id}/labels"), &json!({ "labels": labels }))
+                .put(
+                    &format!("/v1/devices/{id}/labels"),
+                    &json!({ "labels": labels }),
+                )
                 .await?;
             if json {
                 cli::print_json(&r)?;
@@ -330,10 +346,15 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 );
             }
         }
-        Cmd::Device { cmd: DeviceCmd::Show { id } } => {
+        Cmd::Device {
+            cmd: DeviceCmd::Show { id },
+        } => {
             let d: Value = client.get(&format!("/v1/devices/{id}")).await?;
             let evs: Vec<Value> = client
-                .get_query("/v1/events", &[("device", id.clone()), ("limit", "100000".into())])
+                .get_query(
+                    "/v1/events",
+                    &[("device", id.clone()), ("limit", "100000".into())],
+                )
                 .await?;
             if json {
                 cli::print_json(&json!({ "device": d, "events": evs }))?;
@@ -342,7 +363,11 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
                     println!("{:<10} {v}", format!("{}:", k.to_lowercase()));
                 }
-                println!("{:<10} {}", "agent:", d["agent_version"].as_str().unwrap_or(""));
+                println!(
+                    "{:<10} {}",
+                    "agent:",
+                    d["agent_version"].as_str().unwrap_or("")
+                );
                 println!("{:<10} {}", "stored:", d["stored_revision"]);
                 println!("{:<10} {}", "reports:", d["reports_acked"]);
                 println!("recent events:");
@@ -353,8 +378,9 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
         }
         Cmd::Set(a) => {
             let content = match (&a.content, &a.content_file) {
-                (_, Some(f)) => std::fs::read(f)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?,
+                (_, Some(f)) => {
+                    std::fs::read(f).map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?
+                }
                 (Some(c), None) => c.clone().into_bytes(),
                 (None, None) => Vec::new(),
             };

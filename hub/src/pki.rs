@@ -113,7 +113,8 @@ impl HubKeys {
         let ca_key = KeyPair::from_pem(&String::from_utf8(read(&p("ca.key"))?)?)
             .context("parsing ca.key")?;
         let ca_pem = String::from_utf8(read(&p("ca.pem"))?)?;
-        let ca_cert_der: CertificateDer<'static> = pem_cert_der(&ca_pem).context("parsing ca.pem")?;
+        let ca_cert_der: CertificateDer<'static> =
+            pem_cert_der(&ca_pem).context("parsing ca.pem")?;
         // rcgen needs an issuer object; rebuilding it from the stored certificate's
         // parameters and key yields the same subject and key, which is what signing uses.
         let ca_cert = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
@@ -152,7 +153,10 @@ impl HubKeys {
         // State-signing key.
         if !p("state-signing.key").exists() {
             let key = SigningKey::generate(&mut rand::rngs::OsRng);
-            write_secret(&p("state-signing.key"), hex::encode(key.to_bytes()).as_bytes())?;
+            write_secret(
+                &p("state-signing.key"),
+                hex::encode(key.to_bytes()).as_bytes(),
+            )?;
         }
         let state_key = {
             let hexed = read(&p("state-signing.key"))?;
@@ -184,7 +188,9 @@ impl HubKeys {
             rand::rngs::OsRng.fill_bytes(&mut buf);
             write_secret(&p("admin-token"), hex::encode(buf).as_bytes())?;
         }
-        let admin_token = String::from_utf8(read(&p("admin-token"))?)?.trim().to_string();
+        let admin_token = String::from_utf8(read(&p("admin-token"))?)?
+            .trim()
+            .to_string();
 
         Ok(Self {
             ca_cert_der,

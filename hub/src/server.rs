@@ -124,7 +124,10 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         registry: registry.clone(),
         session: cfg.session.clone(),
     });
-    let mut tasks = vec![tokio::spawn(endpoint::accept_loop(endpoint.clone(), shared))];
+    let mut tasks = vec![tokio::spawn(endpoint::accept_loop(
+        endpoint.clone(),
+        shared,
+    ))];
 
     let listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
@@ -155,7 +158,10 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         token: keys.admin_token.clone(),
         ca_cert: std::path::absolute(cfg.data_dir.join("ca.pem"))?,
     };
-    write_atomic(&cfg.data_dir.join("cli.toml"), toml::to_string(&ctx)?.as_bytes())?;
+    write_atomic(
+        &cfg.data_dir.join("cli.toml"),
+        toml::to_string(&ctx)?.as_bytes(),
+    )?;
     tracing::info!(quic = %quic, admin = %endpoints.admin_url, data_dir = %cfg.data_dir.display(), "hub running");
     Ok(RunningHub {
         endpoints,

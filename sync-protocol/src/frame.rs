@@ -59,7 +59,7 @@ pub fn decode_payload<T: Message>(payload: &[u8]) -> Result<T, FrameError> {
         )));
     }
     match postcard::take_from_bytes::<T>(payload) {
-        Ok((msg, rest)) if rest.is_empty() => Ok(msg),
+        Ok((msg, [])) => Ok(msg),
         Ok((_, rest)) => Err(FrameError::TrailingBytes(rest.len())),
         Err(e) => Err(FrameError::Malformed(e.to_string())),
     }
@@ -97,7 +97,7 @@ impl FrameDecoder {
 
     /// The next whole message, `Ok(None)` if more bytes are needed. After an error the
     /// stream is unusable: frame boundaries are lost.
-    pub fn next<T: Message>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_message<T: Message>(&mut self) -> Result<Option<T>, FrameError> {
         let Some(len) = self.frame_len() else {
             return Ok(None);
         };
@@ -109,7 +109,8 @@ impl FrameDecoder {
         }
         if self.buf.len() < PREFIX + len {
             // Reserve what this frame needs, bounded by max_len, to avoid regrowth.
-            self.buf.reserve((PREFIX + len).saturating_sub(self.buf.len()));
+            self.buf
+                .reserve((PREFIX + len).saturating_sub(self.buf.len()));
             return Ok(None);
         }
         let result = decode_payload(&self.buf[PREFIX..PREFIX + len]);

@@ -231,7 +231,9 @@ impl HubSession {
         }
         if fresh.is_empty() {
             if self.received == self.durable {
-                self.send(&HubMessage::ReportAck { up_to: self.durable });
+                self.send(&HubMessage::ReportAck {
+                    up_to: self.durable,
+                });
             }
         } else {
             self.events.push_back(HubEvent::Reports(fresh));

@@ -115,7 +115,10 @@ impl RefusalCode {
     /// The QUIC application error code a hub closes the connection with (0 is a normal
     /// close).
     pub fn close_code(self) -> u32 {
-        Self::ALL.iter().position(|c| *c == self).map_or(0, |i| i as u32 + 1)
+        Self::ALL
+            .iter()
+            .position(|c| *c == self)
+            .map_or(0, |i| i as u32 + 1)
     }
 
     pub fn from_close_code(code: u64) -> Option<Self> {
@@ -207,10 +210,14 @@ pub struct Status {
 pub enum AgentMessage {
     Hello(Hello),
     /// The agent stored revision `revision` durably.
-    StateAck { revision: u64 },
+    StateAck {
+        revision: u64,
+    },
     /// The agent could not use the last update (e.g. its base differs) and holds
     /// `state_revision`; the hub answers with a full snapshot.
-    ResyncRequest { state_revision: u64 },
+    ResyncRequest {
+        state_revision: u64,
+    },
     Reports(Vec<Report>),
 }
 
@@ -222,7 +229,9 @@ pub enum HubMessage {
     Refused(Refusal),
     State(StateUpdate),
     /// Every report with `seq <= up_to` is stored durably by the hub.
-    ReportAck { up_to: u64 },
+    ReportAck {
+        up_to: u64,
+    },
 }
 
 impl crate::frame::Message for AgentMessage {
@@ -241,8 +250,14 @@ mod tests {
     #[test]
     fn kinds_match_the_enums() {
         let last = postcard::to_allocvec(&AgentMessage::Reports(vec![])).unwrap();
-        assert_eq!(u32::from(last[0]) + 1, <AgentMessage as crate::frame::Message>::KINDS);
+        assert_eq!(
+            u32::from(last[0]) + 1,
+            <AgentMessage as crate::frame::Message>::KINDS
+        );
         let last = postcard::to_allocvec(&HubMessage::ReportAck { up_to: 0 }).unwrap();
-        assert_eq!(u32::from(last[0]) + 1, <HubMessage as crate::frame::Message>::KINDS);
+        assert_eq!(
+            u32::from(last[0]) + 1,
+            <HubMessage as crate::frame::Message>::KINDS
+        );
     }
 }

@@ -68,7 +68,7 @@ impl Wire {
     }
 
     pub(crate) fn next<T: Message>(&mut self) -> Result<Option<T>, FrameError> {
-        self.decoder.next()
+        self.decoder.next_message()
     }
 
     pub(crate) fn finish(&self) -> Result<(), FrameError> {

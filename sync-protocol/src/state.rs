@@ -133,15 +133,14 @@ pub struct StateUpdate {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
     #[error("update is for device {offered}, this device is {expected}")]
-    WrongDevice {
-        expected: DeviceId,
-        offered: DeviceId,
-    },
+    WrongDevice { expected: String, offered: String },
     #[error(
         "revision {offered} is not newer than the held revision {held}: replayed or stale state, ignored"
     )]
     Stale { held: u64, offered: u64 },
-    #[error("delta from revision {base} does not apply: this device holds {held:?}; a full snapshot is needed")]
+    #[error(
+        "delta from revision {base} does not apply: this device holds {held:?}; a full snapshot is needed"
+    )]
     BaseMismatch { base: u64, held: Option<u64> },
     #[error("full snapshot lists removals, which only deltas may carry")]
     RemovalsInSnapshot,
@@ -167,8 +166,8 @@ impl StateUpdate {
     ) -> Result<StateDocument, StateError> {
         if &self.device != device {
             return Err(StateError::WrongDevice {
-                expected: device.clone(),
-                offered: self.device.clone(),
+                expected: device.to_string(),
+                offered: self.device.to_string(),
             });
         }
         let held_rev = held.map(|d| d.revision);

@@ -31,9 +31,13 @@ impl std::fmt::Debug for JoinToken {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("join token must start with {PREFIX:?}; copy the whole token `cairn-hub token create` printed")]
+    #[error(
+        "join token must start with {PREFIX:?}; copy the whole token `cairn-hub token create` printed"
+    )]
     Prefix,
-    #[error("join token is not valid base64url or has the wrong length; was it cut off when copied?")]
+    #[error(
+        "join token is not valid base64url or has the wrong length; was it cut off when copied?"
+    )]
     Encoding,
     #[error("enrollment credential is not <id>.<secret> in hex")]
     Credential,
@@ -78,10 +82,16 @@ impl JoinToken {
     /// all the hub stores.
     pub fn parse_credential(s: &str) -> Result<(String, [u8; 32]), TokenError> {
         let (id, secret) = s.split_once('.').ok_or(TokenError::Credential)?;
-        if id.len() != 16 || secret.len() != 32 || !(id.bytes().chain(secret.bytes())).all(|b| b.is_ascii_hexdigit()) {
+        if id.len() != 16
+            || secret.len() != 32
+            || !(id.bytes().chain(secret.bytes())).all(|b| b.is_ascii_hexdigit())
+        {
             return Err(TokenError::Credential);
         }
-        Ok((id.to_ascii_lowercase(), Self::hash_secret(secret.to_ascii_lowercase().as_bytes())))
+        Ok((
+            id.to_ascii_lowercase(),
+            Self::hash_secret(secret.to_ascii_lowercase().as_bytes()),
+        ))
     }
 
     /// Hash of the secret in its hex form.
@@ -104,7 +114,11 @@ mod tests {
 
     #[test]
     fn round_trip_and_credential() {
-        let t = JoinToken { id: [1; 8], secret: [0xab; 16], ca_fingerprint: [7; 32] };
+        let t = JoinToken {
+            id: [1; 8],
+            secret: [0xab; 16],
+            ca_fingerprint: [7; 32],
+        };
         let s = t.encode();
         assert!(s.starts_with("cairn1_"));
         assert_eq!(JoinToken::parse(&s).unwrap(), t);
@@ -112,7 +126,10 @@ mod tests {
         assert_eq!(id, t.id_hex());
         assert_eq!(hash, t.secret_hash());
         assert_eq!(JoinToken::parse("nope"), Err(TokenError::Prefix));
-        assert_eq!(JoinToken::parse(&s[..s.len() - 3]), Err(TokenError::Encoding));
+        assert_eq!(
+            JoinToken::parse(&s[..s.len() - 3]),
+            Err(TokenError::Encoding)
+        );
         assert!(JoinToken::parse_credential("zz.yy").is_err());
         assert!(!format!("{t:?}").contains("ab"));
     }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Property tests of the framing and of the two session state machines driven against
 //! each other over a lossy, reconnecting "network" in virtual time.
 
@@ -127,7 +128,7 @@ proptest! {
         let mut out = Vec::new();
         for chunk in bytes.chunks(split) {
             dec.push(chunk);
-            while let Some(m) = dec.next::<AgentMessage>().unwrap() {
+            while let Some(m) = dec.next_message::<AgentMessage>().unwrap() {
                 out.push(m);
             }
         }
@@ -140,7 +141,7 @@ proptest! {
         let bytes = frame::encode(&msg, frame::DEFAULT_MAX_FRAME_LEN).unwrap();
         let mut dec = FrameDecoder::new(frame::DEFAULT_MAX_FRAME_LEN);
         dec.push(&bytes);
-        prop_assert_eq!(dec.next::<HubMessage>().unwrap(), Some(msg));
+        prop_assert_eq!(dec.next_message::<HubMessage>().unwrap(), Some(msg));
     }
 
     /// Random bytes never panic the decoder or a session; they give a typed error or
@@ -150,7 +151,7 @@ proptest! {
         let mut dec = FrameDecoder::new(1024);
         dec.push(&bytes);
         for _ in 0..8 {
-            match dec.next::<AgentMessage>() {
+            match dec.next_message::<AgentMessage>() {
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => break,
             }
@@ -174,7 +175,7 @@ proptest! {
         if i < bytes.len() { bytes[i] = val; }
         let mut dec = FrameDecoder::new(frame::DEFAULT_MAX_FRAME_LEN);
         dec.push(&bytes);
-        let _ = dec.next::<HubMessage>();
+        let _ = dec.next_message::<HubMessage>();
     }
 }
 
@@ -183,19 +184,22 @@ fn decoder_errors_are_typed() {
     let mut dec = FrameDecoder::new(16);
     dec.push(&[0, 0, 1, 0]);
     assert_eq!(
-        dec.next::<AgentMessage>(),
+        dec.next_message::<AgentMessage>(),
         Err(FrameError::Oversized { len: 256, max: 16 })
     );
 
     let mut dec = FrameDecoder::new(1024);
     dec.push(&[0, 0, 0, 9, 1, 2]);
-    assert_eq!(dec.next::<AgentMessage>(), Ok(None));
-    assert_eq!(dec.finish(), Err(FrameError::Truncated { have: 6, need: 13 }));
+    assert_eq!(dec.next_message::<AgentMessage>(), Ok(None));
+    assert_eq!(
+        dec.finish(),
+        Err(FrameError::Truncated { have: 6, need: 13 })
+    );
 
     let mut dec = FrameDecoder::new(1024);
     dec.push(&[0, 0, 0, 1, 4]);
     assert!(matches!(
-        dec.next::<AgentMessage>(),
+        dec.next_message::<AgentMessage>(),
         Err(FrameError::UnknownMessage(_))
     ));
 
@@ -204,11 +208,14 @@ fn decoder_errors_are_typed() {
     f[3] += 2;
     f.extend([0, 0]);
     dec.push(&f);
-    assert_eq!(dec.next::<AgentMessage>(), Err(FrameError::TrailingBytes(2)));
+    assert_eq!(
+        dec.next_message::<AgentMessage>(),
+        Err(FrameError::TrailingBytes(2))
+    );
 
     let mut dec = FrameDecoder::new(1024);
     dec.push(&[0, 0, 0, 0]);
-    assert_eq!(dec.next::<AgentMessage>(), Err(FrameError::Empty));
+    assert_eq!(dec.next_message::<AgentMessage>(), Err(FrameError::Empty));
 }
 
 #[test]
@@ -225,7 +232,7 @@ fn hub_refuses_incompatible_versions_and_out_of_order_messages() {
     hub.handle_input(now, &frame::encode(&hello, 1024).unwrap());
     let mut dec = FrameDecoder::new(1024);
     dec.push(&hub.poll_transmit().unwrap());
-    match dec.next::<HubMessage>().unwrap() {
+    match dec.next_message::<HubMessage>().unwrap() {
         Some(HubMessage::Refused(r)) => assert_eq!(r.code, RefusalCode::UnsupportedVersion),
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -447,6 +454,9 @@ fn run_disconnect_model(seed: u64) {
     }
     let seqs: Vec<u64> = d.hub_reports.iter().map(|r| r.seq).collect();
     let expected: Vec<u64> = (1..d.next_seq).collect();
-    assert_eq!(seqs, expected, "seed {seed}: hub holds each report once, in order");
+    assert_eq!(
+        seqs, expected,
+        "seed {seed}: hub holds each report once, in order"
+    );
     assert!(d.outbox.is_empty(), "seed {seed}: outbox drained");
 }

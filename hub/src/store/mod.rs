@@ -20,9 +20,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cairn_sync_protocol::message::{Labels, Report};
-use cairn_sync_protocol::state::{
-    DocumentDigest, Resource, StateUpdate, sign_state,
-};
+use cairn_sync_protocol::state::{DocumentDigest, Resource, StateUpdate, sign_state};
 use cairn_sync_protocol::{DeviceId, ResourceName};
 use ed25519_dalek::{Signature, SigningKey};
 use serde::Serialize;
@@ -229,8 +227,7 @@ pub trait Store: Send + Sync + 'static {
     /// The update that brings an agent holding `held_revision` to the newest revision: a
     /// delta when the store can compute one, else a full snapshot. `None` when the agent
     /// is up to date.
-    async fn state_update(&self, id: &DeviceId, held_revision: u64)
-    -> Result<Option<StateUpdate>>;
+    async fn state_update(&self, id: &DeviceId, held_revision: u64) -> Result<Option<StateUpdate>>;
     /// A full snapshot of the newest revision (`None` when there is no revision yet).
     async fn state_snapshot(&self, id: &DeviceId) -> Result<Option<StateUpdate>>;
     /// The agent confirmed it stored `revision`.

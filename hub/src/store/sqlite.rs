@@ -506,11 +506,7 @@ fn live_devices(conn: &Connection) -> Result<Vec<(DeviceId, Labels)>> {
     Ok(out)
 }
 
-fn read_update(
-    conn: &Connection,
-    id: &DeviceId,
-    held: Option<u64>,
-) -> Result<Option<StateUpdate>> {
+fn read_update(conn: &Connection, id: &DeviceId, held: Option<u64>) -> Result<Option<StateUpdate>> {
     let Some((revision, sig, floor)) = conn
         .query_row(
             "SELECT revision, signature, tomb_floor FROM devices WHERE id = ?1",
@@ -869,7 +865,8 @@ impl Store for SqliteStore {
 
     async fn state_update(&self, id: &DeviceId, held: u64) -> Result<Option<StateUpdate>> {
         let id = id.clone();
-        self.read(move |conn| read_update(conn, &id, Some(held))).await
+        self.read(move |conn| read_update(conn, &id, Some(held)))
+            .await
     }
 
     async fn state_snapshot(&self, id: &DeviceId) -> Result<Option<StateUpdate>> {
@@ -890,7 +887,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_reports(&self, id: &DeviceId, reports: Vec<Report>, now_ms: u64) -> Result<u64> {
+    async fn record_reports(
+        &self,
+        id: &DeviceId,
+        reports: Vec<Report>,
+        now_ms: u64,
+    ) -> Result<u64> {
         let id = id.clone();
         self.write(move |conn| {
             let mut acked: u64 = conn
@@ -1135,7 +1137,11 @@ mod tests {
 
         // A device-level override and a label change re-sign only that device.
         let out = s
-            .assign(Target::Device(b.clone()), Change::Set(n1.clone(), file("b")), 5)
+            .assign(
+                Target::Device(b.clone()),
+                Change::Set(n1.clone(), file("b")),
+                5,
+            )
             .await
             .unwrap();
         assert_eq!(out.changed, vec![(b.clone(), 1)]);
@@ -1175,7 +1181,10 @@ mod tests {
                 failing: 1,
             }),
         };
-        assert_eq!(s.record_reports(&d, vec![ev(1), ev(2)], 1).await.unwrap(), 2);
+        assert_eq!(
+            s.record_reports(&d, vec![ev(1), ev(2)], 1).await.unwrap(),
+            2
+        );
         // Resend of 2, then 3, then a gap at 5: stops at 4.
         assert_eq!(
             s.record_reports(&d, vec![ev(2), status, ev(4), ev(6)], 2)
@@ -1197,7 +1206,10 @@ mod tests {
             vec![1, 2, 4]
         );
         let rec = s.device(&d).await.unwrap().unwrap();
-        assert_eq!((rec.applied_revision, rec.failing, rec.reports_acked), (4, 1, 4));
+        assert_eq!(
+            (rec.applied_revision, rec.failing, rec.reports_acked),
+            (4, 1, 4)
+        );
         assert!(*s.event_watch().borrow() >= 3);
     }
 

@@ -1,0 +1,151 @@
+//! The reconciler: makes the box match the stored desired state, on every new revision
+//! and on a timer (to catch local drift), with or without a hub.
+//!
+//! One pass compares each resource of the desired document with the box and with what
+//! was applied before, acts through the [`Applier`], and records the outcome — applied
+//! rows and the events to report — in one transaction. Events it reports:
+//! `applied` (new or changed resource), `drift-corrected` (an applied resource had been
+//! changed locally and was restored), `apply-failed` (once per distinct error),
+//! `removed` (no longer desired). A status report follows whenever the applied revision
+//! or the number of failing resources changes.
+//!
+//! A pass acts on the box before it records: a crash in between means the next pass
+//! finds the resource already right and records it as applied, without a drift event.
+
+use cairn_sync_protocol::message::EventKind;
+use cairn_sync_protocol::state::Resource;
+
+use crate::apply::{Applier, Outcome};
+use crate::store::{AppliedRecord, Result, Store, event_body};
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassSummary {
+    pub revision: u64,
+    pub applied: usize,
+    pub drift_corrected: usize,
+    pub failed: usize,
+    pub removed: usize,
+    /// Last outbox sequence number written by this pass (0: none).
+    pub last_seq: u64,
+}
+
+/// Runs one reconcile pass.
+pub fn reconcile(store: &mut Store, applier: &dyn Applier) -> Result<PassSummary> {
+    let doc = store.desired()?;
+    let before = store.applied()?;
+    let revision = doc.as_ref().map_or(0, |d| d.revision);
+    let mut summary = PassSummary {
+        revision,
+        ..Default::default()
+    };
+    let mut upserts = Vec::new();
+    let mut removals = Vec::new();
+    let mut reports = Vec::new();
+
+    let resources = doc.map(|d| d.resources).unwrap_or_default();
+    for (name, res) in &resources {
+        let hash = res.hash().0;
+        let prev = before.get(name.as_str());
+        let same_spec = prev.is_some_and(|p| p.hash == hash);
+        let path = applier
+            .locate(res)
+            .unwrap_or_else(|_| describe(res).to_string());
+        match applier.apply(res) {
+            Ok(outcome) => {
+                let was_failing = prev.is_some_and(|p| p.error.is_some());
+                match (&outcome, same_spec && !was_failing) {
+                    (Outcome::Unchanged, true) => {
+                        // Applied before and still right: nothing to say, unless the
+                        // revision moved on without touching this resource.
+                        if prev.is_some_and(|p| p.revision != revision) {
+                            upserts.push((name.clone(), record(hash, revision, &path, None)));
+                        }
+                        continue;
+                    }
+                    (Outcome::Changed { before: how }, true) => {
+                        summary.drift_corrected += 1;
+                        reports.push(event_body(
+                            EventKind::DriftCorrected,
+                            Some(name),
+                            Some(revision),
+                            &format!("{path} was changed locally ({how}); restored"),
+                        ));
+                    }
+                    (outcome, false) => {
+                        summary.applied += 1;
+                        let what = match outcome {
+                            Outcome::Unchanged => "already as desired".to_string(),
+                            Outcome::Changed { before } => format!("written (was {before})"),
+                        };
+                        reports.push(event_body(
+                            EventKind::Applied,
+                            Some(name),
+                            Some(revision),
+                            &format!("{path}: {what}"),
+                        ));
+                    }
+                }
+                upserts.push((name.clone(), record(hash, revision, &path, None)));
+            }
+            Err(e) => {
+                summary.failed += 1;
+                let err = e.to_string();
+                let already_reported =
+                    same_spec && prev.is_some_and(|p| p.error.as_deref() == Some(&err));
+                if !already_reported {
+                    reports.push(event_body(
+                        EventKind::ApplyFailed,
+                        Some(name),
+                        Some(revision),
+                        &err,
+                    ));
+                    upserts.push((name.clone(), record(hash, revision, &path, Some(err))));
+                }
+            }
+        }
+    }
+    for (name, prev) in &before {
+        if resources.keys().any(|n| n.as_str() == name) {
+            continue;
+        }
+        let msg = match applier.remove(&prev.path) {
+            Ok(true) => format!("{} removed: no longer in desired state", prev.path),
+            Ok(false) => format!("{} no longer in desired state (already gone)", prev.path),
+            Err(e) => format!(
+                "{} no longer in desired state; removing failed: {e}",
+                prev.path
+            ),
+        };
+        summary.removed += 1;
+        removals.push(name.clone());
+        reports.push(event_body(EventKind::Removed, None, Some(revision), &msg));
+    }
+
+    let failing = summary.failed as u32;
+    let last = store.last_status()?;
+    let applied_rev = if failing == 0 { revision } else { last.1 };
+    let status = (revision, applied_rev, failing);
+    let status_changed = last != status;
+    if upserts.is_empty() && removals.is_empty() && reports.is_empty() && !status_changed {
+        return Ok(summary);
+    }
+    summary.last_seq =
+        store.commit_pass(upserts, removals, reports, status_changed.then_some(status))?;
+    Ok(summary)
+}
+
+fn record(hash: [u8; 32], revision: u64, path: &str, error: Option<String>) -> AppliedRecord {
+    AppliedRecord {
+        hash,
+        revision,
+        path: path.to_string(),
+        error,
+    }
+}
+
+fn describe(res: &Resource) -> &str {
+    match res {
+        Resource::File(f) => f.path.as_str(),
+    }
+}
