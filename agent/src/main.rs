@@ -67,6 +67,9 @@ struct RunArgs {
     /// Longest wait between reconnection attempts.
     #[arg(long, value_parser = humantime::parse_duration)]
     backoff_max: Option<Duration>,
+    /// Interval of QUIC keep-alives; keep it well below the hub's idle timeout (30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    keep_alive: Option<Duration>,
     /// Host name reported at enrollment.
     #[arg(long)]
     hostname: Option<String>,
@@ -188,6 +191,9 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if let Some(b) = args.backoff_max {
         cfg.backoff_max = b;
+    }
+    if let Some(k) = args.keep_alive {
+        cfg.keep_alive = k;
     }
     if let Some(h) = args.hostname {
         cfg.hostname = h;

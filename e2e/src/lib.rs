@@ -1,1 +1,349 @@
+//! Harness for end-to-end tests: real `cairn-hub` and `cairn-agent` processes on
+//! loopback, each with its own data directory, driven through their CLIs as an operator
+//! would. The binaries come from the same target directory as the test (cargo builds
+//! every workspace binary before running `cargo test --workspace`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary next to the running test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the binaries first (`cargo build --bins`, or run `cargo test --workspace`)",
+        p.display()
+    );
+    p
+}
+
+/// Waits until `cond` holds, polling, or panics saying what did not happen.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_file(path: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// A hub process.
+pub struct Hub {
+    pub dir: PathBuf,
+    pub quic: String,
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Hub {
+    /// Starts a hub in `dir` on a free loopback port.
+    pub fn start(dir: &Path) -> Self {
+        let mut hub = Self {
+            dir: dir.to_path_buf(),
+            quic: String::new(),
+            child: None,
+            port: 0,
+        };
+        hub.spawn();
+        hub
+    }
+
+    fn spawn(&mut self) {
+        let endpoints = self.dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let child = Command::new(bin("cairn-hub"))
+            .args(["serve", "--data-dir"])
+            .arg(&self.dir)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--admin-listen", "127.0.0.1:0", "--idle-timeout", "10s"])
+            .env("RUST_LOG", "cairn_hub=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir.join("hub.log")))
+            .spawn()
+            .expect("spawn cairn-hub");
+        self.child = Some(child);
+        wait_for("hub writes endpoints.json", Duration::from_secs(30), || {
+            endpoints.exists()
+        });
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&endpoints).unwrap()).unwrap();
+        self.quic = v["quic"].as_str().unwrap().to_string();
+        self.port = self.quic.rsplit(':').next().unwrap().parse().unwrap();
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same port with the same data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs a CLI command against this hub.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("cairn-hub"))
+            .args(args)
+            .env("CAIRN_CONFIG", self.dir.join("cli.toml"))
+            .env_remove("CAIRN_HUB_URL")
+            .env_remove("CAIRN_ADMIN_TOKEN")
+            .env_remove("CAIRN_CA_CERT")
+            .output()
+            .expect("run cairn-hub CLI")
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "cairn-hub {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.cli_ok(&a)).unwrap()
+    }
+
+    pub fn token(&self, uses: u32, labels: &str) -> String {
+        self.cli_ok(&[
+            "token",
+            "create",
+            "--ttl",
+            "1h",
+            "--uses",
+            &uses.to_string(),
+            "--labels",
+            labels,
+        ])
+        .trim()
+        .to_string()
+    }
+
+    pub fn devices(&self) -> Vec<Value> {
+        self.json(&["devices"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn device(&self, id: &str) -> Value {
+        self.json(&["device", "show", id])
+    }
+
+    pub fn events(&self, device: &str, kind: Option<&str>) -> Vec<Value> {
+        let mut args = vec!["events", "--device", device, "--limit", "100000"];
+        if let Some(k) = kind {
+            args.extend(["--kind", k]);
+        }
+        self.json(&args).as_array().cloned().unwrap_or_default()
+    }
+
+    /// Tail of the hub's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        tail(&self.dir.join("hub.log"))
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// An agent process.
+pub struct Agent {
+    pub dir: PathBuf,
+    hub: String,
+    token: Option<String>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent enrolling with `token` (if given).
+    pub fn start(dir: &Path, hub: &str, token: Option<&str>) -> Self {
+        let mut a = Self {
+            dir: dir.to_path_buf(),
+            hub: hub.to_string(),
+            token: token.map(str::to_string),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(bin("cairn-agent"));
+        cmd.args(["run", "--hub", &self.hub, "--data-dir"])
+            .arg(&self.dir)
+            .args([
+                "--reconcile-interval",
+                "100ms",
+                "--backoff-max",
+                "1s",
+                "--keep-alive",
+                "1s",
+            ])
+            .env("RUST_LOG", "cairn_agent=debug,info");
+        if let Some(t) = &self.token {
+            cmd.args(["--join-token", t]);
+        }
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.dir.join("agent.log")))
+            .spawn()
+            .expect("spawn cairn-agent");
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Whether the process is still running; `Some(code)` once it exited.
+    pub fn exited(&mut self) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(st)) => Some(st.code().unwrap_or(-1)),
+            _ => None,
+        }
+    }
+
+    /// `cairn-agent status --json`, or Null while the database does not exist yet.
+    pub fn status(&self) -> Value {
+        let out = Command::new(bin("cairn-agent"))
+            .args(["status", "--json", "--data-dir"])
+            .arg(&self.dir)
+            .output()
+            .expect("run cairn-agent status");
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    pub fn device_id(&self) -> Option<String> {
+        self.status()["device"].as_str().map(str::to_string)
+    }
+
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.dir.join("files").join(rel)
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(&self.dir.join("agent.log"))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `u64` field of a JSON value (0 when absent).
+pub fn num(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or(0)
+}
+
+/// Whether the hub and the agent agree the device runs its newest desired state and
+/// every report has been stored by the hub.
+pub fn converged(hub: &Hub, agent: &Agent) -> bool {
+    let st = agent.status();
+    let Some(id) = st["device"].as_str() else {
+        return false;
+    };
+    let out = hub.cli(&["device", "show", id, "--json"]);
+    if !out.status.success() {
+        return false;
+    }
+    let Ok(d) = serde_json::from_slice::<Value>(&out.stdout) else {
+        return false;
+    };
+    let dev = &d["device"];
+    let desired = num(dev, "desired_revision");
+    num(&st, "desired_revision") == desired
+        && num(&st, "applied_revision") == desired
+        && num(&st, "outbox_depth") == 0
+        && num(dev, "reports_acked") == num(&st, "last_seq")
+        && num(dev, "applied_revision") == desired
+}
+
+/// Checks the agent's managed files against the hub's desired state for the device
+/// (paths, sizes and content hashes); returns the mismatches.
+pub fn file_mismatches(hub: &Hub, agent: &Agent) -> Vec<String> {
+    use sha2::Digest;
+    let id = agent.device_id().unwrap_or_default();
+    let d = hub.device(&id);
+    let mut bad = Vec::new();
+    for r in d["desired"]["resources"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let path = r["path"].as_str().unwrap_or("");
+        match std::fs::read(agent.file(path)) {
+            Ok(content) => {
+                let h = hex::encode(sha2::Sha256::digest(&content));
+                if h != r["content_sha256"].as_str().unwrap_or("") {
+                    bad.push(format!("{path}: content differs"));
+                }
+            }
+            Err(e) => bad.push(format!("{path}: {e}")),
+        }
+    }
+    bad
+}

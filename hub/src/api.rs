@@ -183,6 +183,58 @@ async fn show_device(State(api): State<Api>, Path(id): Path<String>) -> ApiResul
     }
 }
 
+/// One resource of a device's desired state, without its content.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResourceView {
+    pub name: String,
+    pub kind: String,
+    pub path: String,
+    pub size: usize,
+    /// SHA-256 of the content, hex.
+    pub content_sha256: String,
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DesiredView {
+    pub device: String,
+    pub revision: u64,
+    pub resources: Vec<ResourceView>,
+}
+
+#[utoipa::path(get, path = "/v1/devices/{id}/state", params(("id" = String, Path)),
+    responses((status = 200, body = DesiredView), (status = 404, body = ApiError)))]
+async fn show_state(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<DesiredView> {
+    let d = parse_device(&id)?;
+    if api.store.device(&d).await?.is_none() {
+        return Err(ApiError::not_found(&id));
+    }
+    let snapshot = api.store.state_snapshot(&d).await?;
+    let (revision, upserts) = snapshot.map_or((0, Vec::new()), |u| (u.revision, u.upserts));
+    let resources = upserts
+        .into_iter()
+        .map(|(name, res)| match res {
+            Resource::File(f) => ResourceView {
+                name: name.to_string(),
+                kind: "file".into(),
+                path: f.path.to_string(),
+                size: f.content.len(),
+                content_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&f.content)),
+                mode: f.mode,
+                uid: f.uid,
+                gid: f.gid,
+            },
+        })
+        .collect();
+    Ok(Json(DesiredView {
+        device: id,
+        revision,
+        resources,
+    }))
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Revoked {
     pub device: String,
@@ -496,6 +548,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{id}", get(show_device))
+        .route("/v1/devices/{id}/state", get(show_state))
         .route("/v1/devices/{id}/revoke", post(revoke_device))
         .route("/v1/devices/{id}/labels", put(set_labels))
         .route("/v1/state", post(change_state))

@@ -350,6 +350,7 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
             cmd: DeviceCmd::Show { id },
         } => {
             let d: Value = client.get(&format!("/v1/devices/{id}")).await?;
+            let state: Value = client.get(&format!("/v1/devices/{id}/state")).await?;
             let evs: Vec<Value> = client
                 .get_query(
                     "/v1/events",
@@ -357,7 +358,7 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 )
                 .await?;
             if json {
-                cli::print_json(&json!({ "device": d, "events": evs }))?;
+                cli::print_json(&json!({ "device": d, "desired": state, "events": evs }))?;
             } else {
                 let row = cli::device_row(&d);
                 for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
@@ -370,6 +371,19 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 );
                 println!("{:<10} {}", "stored:", d["stored_revision"]);
                 println!("{:<10} {}", "reports:", d["reports_acked"]);
+                println!("desired state (revision {}):", state["revision"]);
+                let empty = Vec::new();
+                for r in state["resources"].as_array().unwrap_or(&empty) {
+                    println!(
+                        "  {:<16} {} {:o} {} bytes sha256:{}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["path"].as_str().unwrap_or(""),
+                        r["mode"].as_u64().unwrap_or(0),
+                        r["size"],
+                        &r["content_sha256"].as_str().unwrap_or("")
+                            [..12.min(r["content_sha256"].as_str().unwrap_or("").len())]
+                    );
+                }
                 println!("recent events:");
                 for e in evs.iter().rev().take(10).rev() {
                     cli::print_event(e);
