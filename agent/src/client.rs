@@ -181,7 +181,13 @@ async fn enroll(
         tls::new_key_and_csr(&cfg.hostname).map_err(|e| End::Lost(format!("making a key: {e}")))?;
     let client = tls::enroll_config(token.ca_fingerprint, cfg.keep_alive, cfg.idle_timeout)
         .map_err(|e| End::Lost(e.to_string()))?;
-    let conn = connect(endpoint, client, addr).await?;
+    let conn = connect(endpoint, client, addr).await.map_err(|e| match e {
+        // A hub whose CA does not match the token will never become the right hub.
+        End::Lost(m) if m.contains("does not match the fingerprint") => {
+            End::Refused(RefusalCode::UnknownToken, m)
+        }
+        other => other,
+    })?;
     let ca_der = conn
         .peer_identity()
         .and_then(|id| {
