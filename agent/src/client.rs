@@ -489,9 +489,17 @@ pub async fn run_link(
             };
             Ok(sync_session(&cfg, &shared, &identity, ep, addr, &mut backoff).await)
         };
-        let end = tokio::select! {
-            r = attempt => match r { Ok(end) | Err(end) => end },
-            () = &mut shutdown => return Ok(()),
+        let outcome = tokio::select! {
+            r = attempt => Some(match r { Ok(end) | Err(end) => end }),
+            () = &mut shutdown => None,
+        };
+        let Some(end) = outcome else {
+            // Tell the hub we are going, so it need not wait for an idle timeout.
+            if let Some((_, ep)) = &endpoint {
+                ep.close(0u32.into(), b"agent shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
+            }
+            return Ok(());
         };
         match end {
             End::Refused(code, message) => {
@@ -509,7 +517,11 @@ pub async fn run_link(
                     shutdown.await;
                     return Ok(());
                 }
-                warn!(?code, %message, "hub refused the session");
+                if code.is_retryable() {
+                    info!(?code, %message, "hub ended the session; reconnecting");
+                } else {
+                    warn!(?code, %message, "hub refused the session");
+                }
                 shared.set_conn_state(&format!("refused: {message}"));
             }
             End::Lost(reason) => {

@@ -98,7 +98,7 @@ fn revoked_device_is_cut_off_at_once_and_stays_out() {
                 .is_some_and(|r| r.contains("revoked by the operator"))
         },
     );
-    assert_eq!(hub.device(&id)["device"]["revoked_ms"].is_u64(), true);
+    assert!(hub.device(&id)["device"]["revoked_ms"].is_u64());
     let events = hub.events(&id, Some("hub.revoked"));
     assert_eq!(events.len(), 1);
 

@@ -204,20 +204,29 @@ pub fn bind(keys: &HubKeys, cfg: &EndpointConfig) -> Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
-/// Accepts connections until the endpoint closes.
+/// Accepts connections until the endpoint closes. Connection tasks live in a `JoinSet`
+/// owned by this loop, so aborting the loop (hub shutdown) ends every one of them and
+/// releases the endpoint.
 pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    while let Some(incoming) = endpoint.accept().await {
-        let shared = shared.clone();
-        let remote = incoming.remote_address();
-        tokio::spawn(
-            async move {
-                match incoming.await {
-                    Ok(conn) => handle_connection(shared, conn).await,
-                    Err(e) => debug!(error = %e, "handshake failed"),
-                }
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                let remote = incoming.remote_address();
+                tasks.spawn(
+                    async move {
+                        match incoming.await {
+                            Ok(conn) => handle_connection(shared, conn).await,
+                            Err(e) => debug!(error = %e, "handshake failed"),
+                        }
+                    }
+                    .instrument(info_span!("conn", %remote)),
+                );
             }
-            .instrument(info_span!("conn", %remote)),
-        );
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
     }
 }
 

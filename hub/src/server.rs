@@ -78,7 +78,11 @@ impl RunningHub {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // Connections still closing hold the UDP port; give them a moment to drain.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.endpoint.wait_idle()).await;
     }
 }
 
@@ -109,14 +113,29 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
     )?);
     let registry = Arc::new(Registry::default());
 
-    let endpoint = endpoint::bind(
-        &keys,
-        &EndpointConfig {
-            listen: cfg.listen,
-            idle_timeout: cfg.idle_timeout,
-            session: cfg.session.clone(),
-        },
-    )?;
+    let endpoint_cfg = EndpointConfig {
+        listen: cfg.listen,
+        idle_timeout: cfg.idle_timeout,
+        session: cfg.session.clone(),
+    };
+    // Right after a restart the previous socket may still be closing: retry briefly.
+    let bind_deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let endpoint = loop {
+        match endpoint::bind(&keys, &endpoint_cfg) {
+            Ok(e) => break e,
+            Err(e)
+                if cfg.listen.port() != 0
+                    && std::time::Instant::now() < bind_deadline
+                    && e.chain().any(|c| {
+                        c.downcast_ref::<std::io::Error>()
+                            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+                    }) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let quic = endpoint.local_addr()?;
     let shared = Arc::new(Shared {
         store: store.clone(),
