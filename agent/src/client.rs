@@ -232,7 +232,6 @@ struct Driver {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     session: AgentSession,
-    buf: Vec<u8>,
 }
 
 impl Driver {
@@ -242,7 +241,6 @@ impl Driver {
             send,
             recv,
             session,
-            buf: vec![0; 64 * 1024],
         };
         d.flush(conn).await?;
         Ok(d)
@@ -264,7 +262,7 @@ impl Driver {
     async fn step(&mut self, conn: &quinn::Connection) -> Result<(), End> {
         let deadline = self.session.poll_timeout();
         tokio::select! {
-            r = self.recv.read(&mut self.buf) => self.on_read(conn, r)?,
+            r = self.recv.read_chunk(64 * 1024, true) => self.on_read(conn, r)?,
             () = sleep_until_opt(deadline) => self.session.handle_timeout(Instant::now()),
         }
         self.flush(conn).await
@@ -273,10 +271,10 @@ impl Driver {
     fn on_read(
         &mut self,
         conn: &quinn::Connection,
-        r: Result<Option<usize>, quinn::ReadError>,
+        r: Result<Option<quinn::Chunk>, quinn::ReadError>,
     ) -> Result<(), End> {
         match r {
-            Ok(Some(n)) => self.session.handle_input(Instant::now(), &self.buf[..n]),
+            Ok(Some(chunk)) => self.session.handle_input(Instant::now(), &chunk.bytes),
             Ok(None) => self.session.handle_end_of_stream(),
             Err(e) => {
                 return Err(match conn.close_reason() {
@@ -346,7 +344,7 @@ async fn sync_session(
         }
         let deadline = driver.session.poll_timeout();
         tokio::select! {
-            r = driver.recv.read(&mut driver.buf) => {
+            r = driver.recv.read_chunk(64 * 1024, true) => {
                 if let Err(e) = driver.on_read(&conn, r) { break e; }
             }
             Ok(()) = tail_rx.changed() => {

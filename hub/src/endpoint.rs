@@ -328,7 +328,6 @@ impl Connection {
     }
 
     async fn run(&mut self) -> End {
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
             if let Err(e) = self.flush().await {
                 return End::Transport(e);
@@ -349,8 +348,9 @@ impl Connection {
             let notify = self.notify.clone();
             tokio::select! {
                 biased;
-                r = self.recv.read(&mut buf) => match r {
-                    Ok(Some(n)) => self.session().handle_input(Instant::now(), &buf[..n]),
+                // read_chunk hands over quinn's own buffer: no per-connection read buffer.
+                r = self.recv.read_chunk(64 * 1024, true) => match r {
+                    Ok(Some(chunk)) => self.session().handle_input(Instant::now(), &chunk.bytes),
                     Ok(None) => self.session().handle_end_of_stream(),
                     Err(e) => return End::Transport(e.to_string()),
                 },

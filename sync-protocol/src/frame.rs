@@ -115,6 +115,10 @@ impl FrameDecoder {
         }
         let result = decode_payload(&self.buf[PREFIX..PREFIX + len]);
         self.buf.drain(..PREFIX + len);
+        // Don't keep a large frame's buffer around for the life of the connection.
+        if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+            self.buf = Vec::new();
+        }
         result.map(Some)
     }
 
