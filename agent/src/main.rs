@@ -8,6 +8,9 @@ use std::time::Duration;
 use cairn_agent::{AgentConfig, RunError};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 stopped cleanly, 1 error (store, files root), 2 bad usage or not
@@ -19,7 +22,7 @@ Afterwards:
   cairn-agent run --data-dir /var/lib/cairn
   cairn-agent status --data-dir /var/lib/cairn
 
-Logs: RUST_LOG=cairn_agent=debug (default info).";
+Logs: RUST_LOG=debug or RUST_LOG=cairn_agent=debug,quinn=warn (default info).";
 
 /// Cairn agent: keeps this box on the desired state its hub signs, online or offline.
 #[derive(Parser)]
@@ -99,11 +102,15 @@ mod humantime_serde_opt {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    // `Targets` understands RUST_LOG's `target=level,...` form without pulling a regex
+    // engine into the agent (every megabyte counts on a small box).
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     match cli.cmd {
         Cmd::Status { data_dir, json } => status(&data_dir, json),

@@ -112,8 +112,11 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
-            .map_err(db)?;
+        // A small page cache: the agent's database is small and RSS matters on a Pi.
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-256;",
+        )
+        .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         Ok(Self {
             conn,
