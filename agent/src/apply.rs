@@ -105,12 +105,9 @@ impl FileApplier {
         Ok(out)
     }
 
-    /// Creates the parent directory and checks that it really lies below the root (a
-    /// symlinked directory could point elsewhere).
-    fn safe_parent(&self, target: &Path, raw: &str) -> Result<PathBuf, ApplyError> {
-        let parent = target.parent().unwrap_or(&self.root);
-        fs::create_dir_all(parent).map_err(io("creating directory", parent))?;
-        let real = fs::canonicalize(parent).map_err(io("resolving directory", parent))?;
+    /// Checks that a directory, after following symlinks, lies below the root.
+    fn check_inside(&self, dir: &Path, raw: &str) -> Result<PathBuf, ApplyError> {
+        let real = fs::canonicalize(dir).map_err(io("resolving directory", dir))?;
         if !real.starts_with(&self.root) {
             return Err(ApplyError::BadPath {
                 path: raw.to_string(),
@@ -122,6 +119,28 @@ impl FileApplier {
             });
         }
         Ok(real)
+    }
+
+    /// Creates the parent directory one component at a time, checking each existing
+    /// component (a symlinked directory could point elsewhere) before going deeper, so
+    /// nothing is ever created outside the root.
+    fn safe_parent(&self, target: &Path, raw: &str) -> Result<PathBuf, ApplyError> {
+        let parent = target.parent().unwrap_or(&self.root);
+        let rel = parent.strip_prefix(&self.root).unwrap_or(Path::new(""));
+        let mut dir = self.root.clone();
+        for c in rel.components() {
+            dir.push(c);
+            match fs::symlink_metadata(&dir) {
+                Ok(_) => {
+                    dir = self.check_inside(&dir, raw)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    fs::create_dir(&dir).map_err(io("creating directory", &dir))?;
+                }
+                Err(e) => return Err(io("inspecting", &dir)(e)),
+            }
+        }
+        self.check_inside(&dir, raw)
     }
 
     fn differs(&self, target: &Path, f: &FileResource) -> Result<Option<String>, ApplyError> {
@@ -224,6 +243,19 @@ impl Applier for FileApplier {
 
     fn remove(&self, recorded_path: &str) -> Result<bool, ApplyError> {
         let target = self.resolve(recorded_path)?;
+        let Some(name) = target.file_name() else {
+            return Ok(false);
+        };
+        // Resolve the real parent: a symlinked directory must not lead outside the root.
+        let parent = target.parent().unwrap_or(&self.root);
+        let dir = match self.check_inside(parent, recorded_path) {
+            Ok(d) => d,
+            Err(ApplyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let target = dir.join(name);
         match fs::symlink_metadata(&target) {
             Ok(m) if m.is_file() || m.file_type().is_symlink() => {
                 fs::remove_file(&target).map_err(io("removing", &target))?;
@@ -315,5 +347,12 @@ mod tests {
         let err = a.apply(&file("link/x", "x", 0o644)).unwrap_err();
         assert!(err.to_string().contains("outside the files root"), "{err}");
         assert!(!outside.join("x").exists());
+        // Nor are directories created there, nor files removed there.
+        let err = a.apply(&file("link/sub/x", "x", 0o644)).unwrap_err();
+        assert!(err.to_string().contains("outside the files root"), "{err}");
+        assert!(!outside.join("sub").exists());
+        fs::write(outside.join("victim"), "keep").unwrap();
+        assert!(a.remove("link/victim").is_err());
+        assert!(outside.join("victim").exists());
     }
 }

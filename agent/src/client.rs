@@ -173,12 +173,24 @@ async fn connect(
 /// Enrolls with a join token; returns the identity to store.
 async fn enroll(
     cfg: &LinkConfig,
+    shared: &Shared,
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     token: &JoinToken,
 ) -> Result<Identity, End> {
-    let (key_der, csr_der) =
-        tls::new_key_and_csr(&cfg.hostname).map_err(|e| End::Lost(format!("making a key: {e}")))?;
+    // The key is stored before it is used: a retry after a lost answer (or a crash)
+    // presents the same key, which the hub recognises without using up the token.
+    let key_der = shared
+        .with_store(|s| match s.meta("pending_key_der")? {
+            Some(k) => Ok::<_, anyhow::Error>(k),
+            None => {
+                let k = tls::new_key()?;
+                s.set_meta("pending_key_der", &k)?;
+                Ok(k)
+            }
+        })
+        .map_err(|e| End::Lost(format!("making a key: {e:#}")))?;
+    let csr_der = tls::csr(&key_der, &cfg.hostname).map_err(|e| End::Lost(format!("{e:#}")))?;
     let client = tls::enroll_config(token.ca_fingerprint, cfg.keep_alive, cfg.idle_timeout)
         .map_err(|e| End::Lost(e.to_string()))?;
     let conn = connect(endpoint, client, addr).await.map_err(|e| match e {
@@ -328,8 +340,9 @@ async fn sync_session(
         Ok(d) => d,
         Err(e) => return e,
     };
-    driver.session.outbox_tail(Instant::now(), tail);
     let mut tail_rx = shared.outbox_tail.subscribe();
+    let tail = tail.max(*tail_rx.borrow_and_update());
+    driver.session.outbox_tail(Instant::now(), tail);
     let end = 'session: loop {
         while let Some(ev) = driver.session.poll_event() {
             if let Err(end) = handle_event(shared, identity, &mut driver.session, ev, backoff) {
@@ -419,6 +432,13 @@ fn handle_event(
                     );
                     session.state_unusable(held);
                 }
+                Accepted::Refused(
+                    e @ cairn_sync_protocol::state::StateError::BadSignature { .. },
+                ) if update.base_revision.is_some() => {
+                    // Possibly a delta built from an inconsistent read; a snapshot settles it.
+                    warn!(error = %e, "delta refused; asking for a full snapshot");
+                    session.state_unusable(held);
+                }
                 Accepted::Refused(e) => {
                     warn!(error = %e, "state update refused");
                     session.state_stored(held);
@@ -474,7 +494,7 @@ pub async fn run_link(
                     let token = JoinToken::parse(token)
                         .map_err(|e| End::Refused(RefusalCode::UnknownToken, e.to_string()))?;
                     info!(token = %token.id_hex(), hub = %addr, "enrolling");
-                    let id = enroll(&cfg, ep, addr, &token).await?;
+                    let id = enroll(&cfg, &shared, ep, addr, &token).await?;
                     shared
                         .with_store(|s| {
                             s.save_identity(&id)?;

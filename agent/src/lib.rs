@@ -187,7 +187,14 @@ async fn reconcile_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        match shared.with_store(|s| reconcile::reconcile(s, &applier)) {
+        // A pass may fsync many files: keep it off the runtime thread, which also drives
+        // the QUIC connection.
+        let (sh, ap) = (shared.clone(), applier.clone());
+        let pass =
+            tokio::task::spawn_blocking(move || sh.with_store(|s| reconcile::reconcile(s, &ap)))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("reconcile task: {e}")));
+        match pass {
             Ok(summary) => {
                 if summary.last_seq > 0 {
                     shared.outbox_tail.send_replace(summary.last_seq);

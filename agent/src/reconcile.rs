@@ -105,17 +105,51 @@ pub fn reconcile(store: &mut Store, applier: &dyn Applier) -> Result<PassSummary
             }
         }
     }
+    let desired_paths: std::collections::BTreeSet<String> = resources
+        .values()
+        .filter_map(|r| applier.locate(r).ok())
+        .collect();
     for (name, prev) in &before {
         if resources.keys().any(|n| n.as_str() == name) {
             continue;
         }
-        let msg = match applier.remove(&prev.path) {
-            Ok(true) => format!("{} removed: no longer in desired state", prev.path),
-            Ok(false) => format!("{} no longer in desired state (already gone)", prev.path),
-            Err(e) => format!(
-                "{} no longer in desired state; removing failed: {e}",
+        let msg = if desired_paths.contains(&prev.path) {
+            // Another desired resource now owns this path (a rename): leave the file.
+            format!(
+                "{} no longer managed as {name}; the path is managed by another resource",
                 prev.path
-            ),
+            )
+        } else {
+            match applier.remove(&prev.path) {
+                Ok(true) => format!("{} removed: no longer in desired state", prev.path),
+                Ok(false) => format!("{} no longer in desired state (already gone)", prev.path),
+                Err(e) => {
+                    // Keep the record so the removal is retried; report each error once.
+                    summary.failed += 1;
+                    let err = format!("removing {}: {e}", prev.path);
+                    if prev.error.as_deref() != Some(&err) {
+                        reports.push(event_body(
+                            EventKind::ApplyFailed,
+                            None,
+                            Some(revision),
+                            &err,
+                        ));
+                        let mut rec = prev.clone();
+                        rec.error = Some(err);
+                        upserts.push((
+                            cairn_sync_protocol::ResourceName::new(name).map_err(|e| {
+                                crate::store::StoreError::Corrupt {
+                                    path: Default::default(),
+                                    what: "applied",
+                                    detail: e.to_string(),
+                                }
+                            })?,
+                            rec,
+                        ));
+                    }
+                    continue;
+                }
+            }
         };
         summary.removed += 1;
         removals.push(name.clone());

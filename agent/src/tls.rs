@@ -169,13 +169,18 @@ pub fn sync_config(
     quic_client(tls, keep_alive, idle)
 }
 
-/// A fresh device key (ECDSA P-256, which TPMs also offer) and a CSR for it.
-pub fn new_key_and_csr(hostname: &str) -> Result<(Vec<u8>, Vec<u8>)> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+/// A fresh device key (ECDSA P-256, which TPMs also offer), PKCS#8 DER.
+pub fn new_key() -> Result<Vec<u8>> {
+    Ok(rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?.serialize_der())
+}
+
+/// A certificate signing request for a key.
+pub fn csr(key_der: &[u8], hostname: &str) -> Result<Vec<u8>> {
+    let key = rcgen::KeyPair::try_from(key_der).context("stored device key is unusable")?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, hostname);
     let csr = params.serialize_request(&key)?;
-    Ok((key.serialize_der(), csr.der().to_vec()))
+    Ok(csr.der().to_vec())
 }

@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
-use cairn_sync_protocol::message::RefusalCode;
 use cairn_sync_protocol::state::{FileResource, MAX_PATH_LEN, Resource};
 use cairn_sync_protocol::token::JoinToken;
 use cairn_sync_protocol::{DeviceId, ResourceName, Text};
@@ -67,6 +66,9 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Invalid(msg) = e {
+            return Self::new(StatusCode::BAD_REQUEST, msg);
+        }
         tracing::error!(error = %e, "store error in admin API");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -249,11 +251,9 @@ async fn revoke_device(State(api): State<Api>, Path(id): Path<String>) -> ApiRes
     if !api.store.revoke(&d, now_ms()).await? {
         return Err(ApiError::not_found(&id));
     }
-    let disconnected = api.registry.kick(
-        &d,
-        RefusalCode::DeviceRevoked,
-        &format!("device {d} was revoked by the operator"),
-    );
+    let disconnected = api
+        .registry
+        .revoke(&d, &format!("device {d} was revoked by the operator"));
     tracing::info!(device = %d, disconnected, "device revoked");
     Ok(Json(Revoked {
         device: id,

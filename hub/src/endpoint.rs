@@ -55,6 +55,9 @@ pub fn now_ms() -> u64 {
 #[derive(Default)]
 pub struct Registry {
     live: Mutex<HashMap<DeviceId, Live>>,
+    /// Devices revoked while this process runs, so that a session that was still in
+    /// its handshake when the revocation came cannot register afterwards.
+    revoked: Mutex<std::collections::HashSet<DeviceId>>,
     next_id: AtomicU64,
 }
 
@@ -65,25 +68,35 @@ struct Live {
 }
 
 impl Registry {
-    fn register(&self, device: &DeviceId, conn: quinn::Connection, notify: Arc<Notify>) -> u64 {
-        let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let old = self.live.lock().ok().and_then(|mut m| {
-            m.insert(
-                device.clone(),
-                Live {
-                    session_id,
-                    conn,
-                    notify,
-                },
-            )
-        });
+    /// Registers a session; `None` if the device was revoked meanwhile.
+    fn register(
+        &self,
+        device: &DeviceId,
+        conn: quinn::Connection,
+        notify: Arc<Notify>,
+    ) -> Option<u64> {
+        // Ids start at 1: 0 means "no session" in the store.
+        let session_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut live = self.live.lock().ok()?;
+        if self.revoked.lock().is_ok_and(|r| r.contains(device)) {
+            return None;
+        }
+        let old = live.insert(
+            device.clone(),
+            Live {
+                session_id,
+                conn,
+                notify,
+            },
+        );
+        drop(live);
         if let Some(old) = old {
             old.conn.close(
                 VarInt::from_u32(0),
                 b"superseded by a newer connection from the same device",
             );
         }
-        session_id
+        Some(session_id)
     }
 
     /// Removes the session if it is still the registered one; `true` if it was.
@@ -106,9 +119,15 @@ impl Registry {
         }
     }
 
-    /// Closes a device's connection at once, telling it why.
-    pub fn kick(&self, device: &DeviceId, code: RefusalCode, reason: &str) -> bool {
-        let live = self.live.lock().ok().and_then(|mut m| m.remove(device));
+    /// Marks a device revoked and closes its connection at once, telling it why.
+    pub fn revoke(&self, device: &DeviceId, reason: &str) -> bool {
+        let live = self.live.lock().ok().and_then(|mut m| {
+            if let Ok(mut r) = self.revoked.lock() {
+                r.insert(device.clone());
+            }
+            m.remove(device)
+        });
+        let code = RefusalCode::DeviceRevoked;
         match live {
             Some(l) => {
                 l.conn
@@ -177,8 +196,11 @@ pub fn bind(keys: &HubKeys, cfg: &EndpointConfig) -> Result<quinn::Endpoint> {
         .max_idle_timeout(Some(cfg.idle_timeout.try_into()?))
         .max_concurrent_bidi_streams(2u8.into())
         .max_concurrent_uni_streams(0u8.into())
-        .stream_receive_window(VarInt::from_u32(256 * 1024))
-        .receive_window(VarInt::from_u32(512 * 1024))
+        // Larger than the biggest report batch (512 reports of at most ~600 bytes), so an
+        // agent's write never waits for the hub to read: the hub may be busy writing a
+        // large snapshot to that same agent.
+        .stream_receive_window(VarInt::from_u32(1024 * 1024))
+        .receive_window(VarInt::from_u32(2 * 1024 * 1024))
         .send_window(512 * 1024)
         .datagram_receive_buffer_size(None);
     server.transport_config(Arc::new(transport));
@@ -401,16 +423,17 @@ impl Connection {
             }
             HubEvent::StateAcked { revision } => {
                 let device = self.device.clone().ok_or(End::Session(None))?;
-                let refused = self.in_flight.is_some_and(|r| revision < r);
+                let refused = self.in_flight.filter(|&r| revision < r);
                 self.in_flight = None;
                 self.agent_holds = revision;
                 store
                     .state_stored(&device, revision)
                     .await
                     .map_err(|e| End::Store(e.to_string()))?;
-                if refused {
-                    warn!(%device, holds = revision, "agent refused the revision it was sent; see its events");
-                    Ok(())
+                if let Some(r) = refused {
+                    warn!(%device, holds = revision, refused = r, "agent refused the revision it was sent; see its events");
+                    // Do not resend what it refused, but a newer revision may exist.
+                    self.push_state_newer_than(r).await.map_err(End::Store)
                 } else {
                     self.push_state().await.map_err(End::Store)
                 }
@@ -545,15 +568,20 @@ impl Connection {
             let msg = format!("device {device} is revoked by the operator");
             return self.refuse(RefusalCode::DeviceRevoked, &msg).await;
         }
-        self.session_id =
+        let Some(session_id) =
             self.shared
                 .registry
-                .register(&device, self.conn.clone(), self.notify.clone());
+                .register(&device, self.conn.clone(), self.notify.clone())
+        else {
+            let msg = format!("device {device} is revoked by the operator");
+            return self.refuse(RefusalCode::DeviceRevoked, &msg).await;
+        };
+        self.session_id = session_id;
         self.device = Some(device.clone());
         self.agent_holds = state_revision;
         self.shared
             .store
-            .set_online(&device, true, now_ms())
+            .set_online(&device, self.session_id, true, now_ms())
             .await
             .map_err(|e| End::Store(e.to_string()))?;
         info!(%device, state_revision, reports_acked = rec.reports_acked, "agent online");
@@ -564,6 +592,11 @@ impl Connection {
     /// Sends the update from what the agent holds to the newest revision, unless one is
     /// already on its way.
     async fn push_state(&mut self) -> Result<(), String> {
+        self.push_state_newer_than(0).await
+    }
+
+    /// Like `push_state`, but only a revision above `min`.
+    async fn push_state_newer_than(&mut self, min: u64) -> Result<(), String> {
         if self.in_flight.is_some() {
             return Ok(());
         }
@@ -576,7 +609,7 @@ impl Connection {
             .state_update(&device, self.agent_holds)
             .await
             .map_err(|e| e.to_string())?;
-        if let Some(u) = update {
+        if let Some(u) = update.filter(|u| u.revision > min) {
             debug!(%device, from = ?u.base_revision, to = u.revision, upserts = u.upserts.len(), removals = u.removals.len(), "pushing state");
             self.in_flight = Some(u.revision);
             self.session().send_state(u);
@@ -605,7 +638,12 @@ impl Connection {
         if let Some(device) = self.device.take()
             && self.shared.registry.unregister(&device, self.session_id)
         {
-            if let Err(e) = self.shared.store.set_online(&device, false, now_ms()).await {
+            if let Err(e) = self
+                .shared
+                .store
+                .set_online(&device, self.session_id, false, now_ms())
+                .await
+            {
                 warn!(%device, error = %e, "recording offline");
             }
             info!(%device, "agent offline");

@@ -80,6 +80,11 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
+
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);

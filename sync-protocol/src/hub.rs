@@ -67,6 +67,7 @@ pub struct HubSession {
     /// Highest report sequence number passed to the driver.
     received: u64,
     max_batch: usize,
+    max_frame_len: usize,
 }
 
 impl HubSession {
@@ -75,12 +76,17 @@ impl HubSession {
             phase: Phase::AwaitingHello {
                 deadline: now + cfg.handshake_timeout,
             },
-            wire: Wire::new(cfg.max_frame_len),
+            wire: {
+                let mut w = Wire::new(cfg.max_frame_len);
+                w.set_max_frame_len(cfg.max_handshake_frame_len.min(cfg.max_frame_len));
+                w
+            },
             events: VecDeque::new(),
             version: PROTOCOL_VERSION,
             durable: 0,
             received: 0,
             max_batch: cfg.max_batch,
+            max_frame_len: cfg.max_frame_len,
         }
     }
 
@@ -247,6 +253,7 @@ impl HubSession {
             return;
         }
         self.phase = Phase::Synced;
+        self.wire.set_max_frame_len(self.max_frame_len);
         self.durable = reports_acked;
         self.received = reports_acked;
         let welcome = Welcome {

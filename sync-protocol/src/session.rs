@@ -11,6 +11,9 @@ use crate::frame::{self, FrameDecoder, FrameError, Message};
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub max_frame_len: usize,
+    /// Largest frame the hub accepts before a session is established (hello, enrollment
+    /// request), so unauthenticated peers cannot make it buffer much.
+    pub max_handshake_frame_len: usize,
     /// How long the opening exchange (hello → welcome/enrolled/refused) may take.
     pub handshake_timeout: Duration,
     /// How long a batch of reports may stay unacknowledged before the session is
@@ -24,6 +27,7 @@ impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
+            max_handshake_frame_len: 64 * 1024,
             handshake_timeout: Duration::from_secs(20),
             ack_timeout: Duration::from_secs(60),
             max_batch: crate::message::MAX_REPORTS_PER_BATCH,
@@ -61,6 +65,11 @@ impl Wire {
             out: VecDeque::new(),
             max_frame_len,
         }
+    }
+
+    /// Changes the largest frame accepted from now on.
+    pub(crate) fn set_max_frame_len(&mut self, max: usize) {
+        self.decoder.set_max_len(max);
     }
 
     pub(crate) fn push(&mut self, bytes: &[u8]) {

@@ -89,7 +89,11 @@ fn start_agent(cfg: AgentConfig) -> Running {
     Running { stop, task }
 }
 
-async fn wait<F: AsyncFnMut() -> Result<bool>>(what: &str, timeout: Duration, mut f: F) -> Result<()> {
+async fn wait<F: AsyncFnMut() -> Result<bool>>(
+    what: &str,
+    timeout: Duration,
+    mut f: F,
+) -> Result<()> {
     let start = Instant::now();
     while !f().await? {
         if start.elapsed() > timeout {
@@ -119,7 +123,10 @@ async fn wire_bytes(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
                 sel.clone(),
                 Change::Set(
                     ResourceName::new(&format!("conf{i:02}"))?,
-                    file(&format!("etc/app/conf{i:02}.ini"), &format!("key = value {i}\nother = 12345\n"))?,
+                    file(
+                        &format!("etc/app/conf{i:02}.ini"),
+                        &format!("key = value {i}\nother = 12345\n"),
+                    )?,
                 ),
                 0,
             )
@@ -130,7 +137,10 @@ async fn wire_bytes(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     hub.store
         .assign(
             sel,
-            Change::Set(ResourceName::new("conf07")?, file("etc/app/conf07.ini", "key = value 8\nother = 12345\n")?),
+            Change::Set(
+                ResourceName::new("conf07")?,
+                file("etc/app/conf07.ini", "key = value 8\nother = 12345\n")?,
+            ),
             0,
         )
         .await?;
@@ -184,7 +194,12 @@ async fn backlog(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let start = Instant::now();
     let agent = start_agent(cfg);
     wait("backlog delivered", Duration::from_secs(120), async || {
-        Ok(hub.store.devices().await?.first().is_some_and(|d| d.reports_acked >= last))
+        Ok(hub
+            .store
+            .devices()
+            .await?
+            .first()
+            .is_some_and(|d| d.reports_acked >= last))
     })
     .await?;
     let took = start.elapsed();
@@ -230,7 +245,10 @@ fn rusqlite_baseline(path: &Path, n: usize) -> Result<Duration> {
     for i in 0..n {
         c.execute(
             "INSERT INTO e (seq, msg) VALUES (?1, ?2)",
-            rusqlite::params![i as i64, format!("etc/app/conf{i} was changed locally; restored")],
+            rusqlite::params![
+                i as i64,
+                format!("etc/app/conf{i} was changed locally; restored")
+            ],
         )?;
     }
     c.execute_batch("COMMIT")?;
@@ -244,14 +262,24 @@ async fn agent_process(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
         .map(|p| p.join("cairn-agent"))
         .context("no exe dir")?;
     if !bin.exists() {
-        bail!("{} missing: run `cargo build --release` first", bin.display());
+        bail!(
+            "{} missing: run `cargo build --release` first",
+            bin.display()
+        );
     }
     let size = std::fs::metadata(&bin)?.len();
     let hub = hub(&dir.join("hub-rss")).await?;
     let tok = token(&hub, "site=bench").await?;
     let data = dir.join("agent-rss");
     let mut child = tokio::process::Command::new(&bin)
-        .args(["run", "--hub", &hub.endpoints.quic.to_string(), "--join-token", &tok, "--data-dir"])
+        .args([
+            "run",
+            "--hub",
+            &hub.endpoints.quic.to_string(),
+            "--join-token",
+            &tok,
+            "--data-dir",
+        ])
         .arg(&data)
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
@@ -300,7 +328,10 @@ fn main() -> Result<()> {
     println!("| what | figure | target | baseline / peer |");
     println!("|---|---|---|---|");
     for r in rows {
-        println!("| {} | {} | {} | {} |", r.what, r.figure, r.target, r.baseline);
+        println!(
+            "| {} | {} | {} | {} |",
+            r.what, r.figure, r.target, r.baseline
+        );
     }
     Ok(())
 }

@@ -53,6 +53,9 @@ pub enum StoreError {
     Backend(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The change is not acceptable (the caller's fault); nothing was written.
+    #[error("{0}")]
+    Invalid(String),
     #[error("the store is shut down")]
     Closed,
 }
@@ -201,7 +204,8 @@ pub trait Store: Send + Sync + 'static {
     async fn create_token(&self, token: NewToken) -> Result<TokenInfo>;
     async fn tokens(&self) -> Result<Vec<TokenInfo>>;
     /// Consumes one use of a token and records the device with its initial desired state,
-    /// atomically. Re-enrolling an existing (not revoked) device updates it.
+    /// atomically. An existing, not revoked device enrolling again with the same key (a
+    /// retry after a lost answer) needs a valid token secret but consumes no use.
     async fn enroll(&self, e: Enrollment) -> Result<Result<DeviceRecord, EnrollRefusal>>;
 
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
@@ -217,11 +221,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<AssignOutcome>>;
     async fn labels(&self) -> Result<Vec<LabelCount>>;
 
-    /// Records whether a device has a live session.
-    async fn set_online(&self, id: &DeviceId, online: bool, now_ms: u64) -> Result<()>;
+    /// Records that session `session` of a device started (`online`) or ended. An end is
+    /// recorded only if no newer session started meanwhile.
+    async fn set_online(
+        &self,
+        id: &DeviceId,
+        session: u64,
+        online: bool,
+        now_ms: u64,
+    ) -> Result<()>;
 
     /// Sets or unsets a resource for a target and re-signs every device whose document
-    /// changes.
+    /// changes. Refused with [`StoreError::Invalid`] if a device's document would exceed
+    /// the protocol's limits (resource count, encoded size) or two of its files would
+    /// share a path.
     async fn assign(&self, target: Target, change: Change, now_ms: u64) -> Result<AssignOutcome>;
 
     /// The update that brings an agent holding `held_revision` to the newest revision: a

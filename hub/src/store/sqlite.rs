@@ -13,8 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use cairn_sync_protocol::frame;
 use cairn_sync_protocol::message::{Labels, Report, ReportBody};
-use cairn_sync_protocol::state::{Resource, ResourceHash, StateUpdate, document_digest};
+use cairn_sync_protocol::state::{
+    MAX_RESOURCES, Resource, ResourceHash, StateUpdate, document_digest,
+};
 use cairn_sync_protocol::{DeviceId, ResourceName};
 use ed25519_dalek::Signature;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -52,6 +55,7 @@ CREATE TABLE IF NOT EXISTS devices (
     enrolled_ms INTEGER NOT NULL,
     revoked_ms INTEGER,
     online INTEGER NOT NULL DEFAULT 0,
+    online_session INTEGER NOT NULL DEFAULT 0,
     last_seen_ms INTEGER,
     revision INTEGER NOT NULL DEFAULT 0,
     signature BLOB,
@@ -100,7 +104,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events (device, seq) WHERE seq 
 "#;
 
 type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+/// A write job: runs on the writer's connection inside a transaction, or is told (with
+/// `None`) that no transaction could be opened.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
@@ -179,8 +185,11 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn: &Connection| {
-            let result = f(conn);
+        let job: Job = Box::new(move |conn: Option<&Connection>| {
+            let result = match conn {
+                Some(c) => f(c),
+                None => Err(StoreError::Backend("could not open a transaction".into())),
+            };
             let ok = result.is_ok();
             let completion: Completion = Box::new(move |commit| {
                 let out = match commit {
@@ -233,7 +242,7 @@ fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>, events: watch::S
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             for job in batch {
-                let (_, done) = job(&conn);
+                let (_, done) = job(None);
                 done(Err(msg.clone()));
             }
             continue;
@@ -241,7 +250,7 @@ fn writer_loop(conn: Connection, mut jobs: mpsc::Receiver<Job>, events: watch::S
         let mut completions = Vec::with_capacity(batch.len());
         for job in batch {
             let sp = conn.execute_batch("SAVEPOINT job");
-            let (ok, done) = job(&conn);
+            let (ok, done) = job(sp.is_ok().then_some(&conn));
             let end = if ok && sp.is_ok() {
                 conn.execute_batch("RELEASE job")
             } else {
@@ -394,6 +403,7 @@ fn recompute(
     assignments: &[Assignment],
 ) -> Result<Option<u64>> {
     let desired = desired::effective(device, labels, assignments);
+    check_limits(device, &desired)?;
     let hashes: BTreeMap<&ResourceName, ResourceHash> =
         desired.iter().map(|(n, r)| (n, r.hash())).collect();
     let mut current: HashMap<String, Vec<u8>> = HashMap::new();
@@ -472,6 +482,38 @@ fn recompute(
     )
     .map_err(backend)?;
     Ok(Some(new_rev))
+}
+
+/// Most bytes of resources in one device's document, leaving room in a frame for the
+/// names, the signature and the framing.
+const MAX_DOCUMENT_BYTES: usize = frame::DEFAULT_MAX_FRAME_LEN - 256 * 1024;
+
+/// Refuses documents the protocol could not carry or the agent would refuse.
+fn check_limits(device: &DeviceId, doc: &BTreeMap<ResourceName, Resource>) -> Result<()> {
+    if doc.len() > MAX_RESOURCES {
+        return Err(StoreError::Invalid(format!(
+            "device {device} would have {} resources; the limit is {MAX_RESOURCES}",
+            doc.len()
+        )));
+    }
+    let mut bytes = 0usize;
+    let mut paths: BTreeMap<String, &ResourceName> = BTreeMap::new();
+    for (name, res) in doc {
+        let Resource::File(f) = res;
+        bytes += f.content.len() + f.path.as_str().len() + name.as_str().len() + 16;
+        let path = f.path.as_str().trim_start_matches('/').to_string();
+        if let Some(other) = paths.insert(path.clone(), name) {
+            return Err(StoreError::Invalid(format!(
+                "device {device} would get resources {other} and {name} for the same file {path}; unset one of them"
+            )));
+        }
+    }
+    if bytes > MAX_DOCUMENT_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "device {device}'s desired state would be {bytes} bytes; the limit is {MAX_DOCUMENT_BYTES}"
+        )));
+    }
+    Ok(())
 }
 
 fn insert_hub_event(
@@ -661,13 +703,6 @@ impl Store for SqliteStore {
             if !bool::from(subtle::ConstantTimeEq::ct_eq(&hash[..], &e.secret_hash[..])) {
                 return Ok(Err(EnrollRefusal::UnknownToken));
             }
-            if e.now_ms >= expires_ms {
-                return Ok(Err(EnrollRefusal::TokenExpired));
-            }
-            if uses_left == 0 {
-                return Ok(Err(EnrollRefusal::TokenUsedUp));
-            }
-            let labels = parse_labels(&labels)?;
             let existing: Option<Option<u64>> = conn
                 .query_row(
                     "SELECT revoked_ms FROM devices WHERE id = ?1",
@@ -679,20 +714,30 @@ impl Store for SqliteStore {
             match existing {
                 Some(Some(_)) => return Ok(Err(EnrollRefusal::DeviceRevoked)),
                 Some(None) => {
+                    // The same key again: a retry whose answer was lost. No use consumed.
                     conn.execute(
-                        "UPDATE devices SET hostname = ?2, labels = ?3, agent_version = ?4 WHERE id = ?1",
-                        params![e.device.as_str(), e.hostname, labels_json(&labels), e.agent_version],
+                        "UPDATE devices SET hostname = ?2, agent_version = ?3 WHERE id = ?1",
+                        params![e.device.as_str(), e.hostname, e.agent_version],
                     )
                     .map_err(backend)?;
+                    let rec = load_device(conn, &e.device)?
+                        .ok_or_else(|| now_err("device vanished inside its own transaction"))?;
+                    return Ok(Ok(rec));
                 }
-                None => {
-                    conn.execute(
-                        "INSERT INTO devices (id, hostname, labels, agent_version, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![e.device.as_str(), e.hostname, labels_json(&labels), e.agent_version, e.now_ms],
-                    )
-                    .map_err(backend)?;
-                }
+                None => {}
             }
+            if e.now_ms >= expires_ms {
+                return Ok(Err(EnrollRefusal::TokenExpired));
+            }
+            if uses_left == 0 {
+                return Ok(Err(EnrollRefusal::TokenUsedUp));
+            }
+            let labels = parse_labels(&labels)?;
+            conn.execute(
+                "INSERT INTO devices (id, hostname, labels, agent_version, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![e.device.as_str(), e.hostname, labels_json(&labels), e.agent_version, e.now_ms],
+            )
+            .map_err(backend)?;
             conn.execute(
                 "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1",
                 [&e.token_id],
@@ -810,11 +855,22 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn set_online(&self, id: &DeviceId, online: bool, now_ms: u64) -> Result<()> {
+    async fn set_online(
+        &self,
+        id: &DeviceId,
+        session: u64,
+        online: bool,
+        now_ms: u64,
+    ) -> Result<()> {
         let id = id.clone();
         self.write(move |conn| {
-            conn.prepare_cached("UPDATE devices SET online = ?2, last_seen_ms = ?3 WHERE id = ?1")
-                .and_then(|mut s| s.execute(params![id.as_str(), online, now_ms]))
+            let sql = if online {
+                "UPDATE devices SET online = 1, online_session = ?2, last_seen_ms = ?3 WHERE id = ?1"
+            } else {
+                "UPDATE devices SET online = 0, last_seen_ms = ?3 WHERE id = ?1 AND online_session = ?2"
+            };
+            conn.prepare_cached(sql)
+                .and_then(|mut s| s.execute(params![id.as_str(), session as i64, now_ms]))
                 .map_err(backend)?;
             Ok(())
         })
@@ -1031,7 +1087,7 @@ mod tests {
 
     fn file(c: &str) -> Resource {
         Resource::File(FileResource {
-            path: Text::new("etc/x").unwrap(),
+            path: Text::new(format!("etc/{c}")).unwrap(),
             content: c.into(),
             mode: 0o644,
             uid: None,
@@ -1090,6 +1146,13 @@ mod tests {
             EnrollRefusal::UnknownToken
         );
         assert_eq!(s.device(&d).await.unwrap().unwrap().labels.len(), 1);
+        // The same key again (a retry after a lost answer) succeeds without a use.
+        let retry = Enrollment {
+            device: d.clone(),
+            ..again
+        };
+        assert_eq!(s.enroll(retry).await.unwrap().unwrap().id, d);
+        assert_eq!(s.tokens().await.unwrap()[0].uses_left, 0);
     }
 
     #[tokio::test]
@@ -1151,6 +1214,33 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(out.changed, vec![(b.clone(), 2)]);
+        // Two resources for one file, or a document over the limits, are refused whole.
+        let clash = s
+            .assign(
+                Target::Device(b.clone()),
+                Change::Set(ResourceName::new("three").unwrap(), file("b")),
+                7,
+            )
+            .await;
+        assert!(
+            matches!(&clash, Err(StoreError::Invalid(m)) if m.contains("same file")),
+            "{clash:?}"
+        );
+        let huge = Resource::File(FileResource {
+            path: Text::new("big").unwrap(),
+            content: vec![0; MAX_DOCUMENT_BYTES + 1],
+            mode: 0o644,
+            uid: None,
+            gid: None,
+        });
+        let big = s
+            .assign(
+                Target::Device(b.clone()),
+                Change::Set(ResourceName::new("big").unwrap(), huge),
+                8,
+            )
+            .await;
+        assert!(matches!(big, Err(StoreError::Invalid(_))), "{big:?}");
         let snap = s.state_snapshot(&b).await.unwrap().unwrap();
         let doc = snap.apply_to(&b, None, &key.verifying_key()).unwrap();
         assert_eq!(doc.resources.len(), 2);
@@ -1241,7 +1331,11 @@ mod tests {
             s.enroll(e.clone()).await.unwrap().unwrap_err(),
             EnrollRefusal::DeviceRevoked
         );
-        let late = Enrollment { now_ms: 100, ..e };
+        let late = Enrollment {
+            now_ms: 100,
+            device: DeviceId::new("dev-new").unwrap(),
+            ..e
+        };
         assert_eq!(
             s.enroll(late).await.unwrap().unwrap_err(),
             EnrollRefusal::TokenExpired
