@@ -149,10 +149,7 @@ impl HubSession {
 
     /// The agent closed its side of the stream.
     pub fn handle_end_of_stream(&mut self) {
-        let err = match self.wire.finish() {
-            Err(e) => SessionError::Frame(e),
-            Ok(()) => SessionError::Closed,
-        };
+        let err = self.wire.end_of_stream();
         self.fail(err);
     }
 

@@ -80,8 +80,13 @@ impl Wire {
         self.decoder.next_message()
     }
 
-    pub(crate) fn finish(&self) -> Result<(), FrameError> {
-        self.decoder.finish()
+    /// Why the session ends when the peer closed its side of the stream: a frame cut
+    /// short, or simply closed.
+    pub(crate) fn end_of_stream(&self) -> SessionError {
+        match self.decoder.finish() {
+            Err(e) => SessionError::Frame(e),
+            Ok(()) => SessionError::Closed,
+        }
     }
 
     pub(crate) fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {

@@ -10,15 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cairn_agent::AgentConfig;
-use cairn_hub::desired::Target;
-use cairn_hub::server::{self, HubConfig, RunningHub};
-use cairn_hub::store::{Change, NewToken};
+use cairn_examples::{AgentTask, create_token, file, selector, set, start_hub};
+use cairn_sync_protocol::DeviceId;
 use cairn_sync_protocol::frame;
 use cairn_sync_protocol::message::{EventKind, HubMessage};
-use cairn_sync_protocol::state::{FileResource, Resource};
-use cairn_sync_protocol::token::JoinToken;
-use cairn_sync_protocol::{DeviceId, ResourceName, Text};
-use tokio::sync::watch;
 
 struct Row {
     what: String,
@@ -34,59 +29,6 @@ fn row(what: &str, figure: String, target: &str, baseline: String) -> Row {
         target: target.into(),
         baseline,
     }
-}
-
-fn file(path: &str, content: &str) -> Result<Resource> {
-    Ok(Resource::File(FileResource {
-        path: Text::new(path)?,
-        content: content.as_bytes().to_vec(),
-        mode: 0o644,
-        uid: None,
-        gid: None,
-    }))
-}
-
-async fn hub(dir: &Path) -> Result<RunningHub> {
-    let mut cfg = HubConfig::new(dir);
-    cfg.listen = "127.0.0.1:0".parse()?;
-    cfg.admin_listen = "127.0.0.1:0".parse()?;
-    server::start(cfg).await
-}
-
-async fn token(hub: &RunningHub, labels: &str) -> Result<String> {
-    let t = JoinToken {
-        id: rand::random(),
-        secret: rand::random(),
-        ca_fingerprint: hub.keys.ca_fingerprint(),
-    };
-    let now = cairn_hub::endpoint::now_ms();
-    hub.store
-        .create_token(NewToken {
-            id: t.id_hex(),
-            secret_hash: t.secret_hash(),
-            created_ms: now,
-            expires_ms: now + 3_600_000,
-            uses: 100,
-            labels: cairn_hub::desired::parse_labels(labels).map_err(anyhow::Error::msg)?,
-        })
-        .await?;
-    Ok(t.encode())
-}
-
-struct Running {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-fn start_agent(cfg: AgentConfig) -> Running {
-    let (stop, mut rx) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let _ = cairn_agent::run(cfg, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })
-        .await;
-    });
-    Running { stop, task }
 }
 
 async fn wait<F: AsyncFnMut() -> Result<bool>>(
@@ -106,44 +48,26 @@ async fn wait<F: AsyncFnMut() -> Result<bool>>(
 
 /// Bytes on the wire for a full snapshot of 50 files and for a one-key change.
 async fn wire_bytes(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
-    let hub = hub(&dir.join("hub-wire")).await?;
-    let tok = token(&hub, "site=bench").await?;
+    let hub = start_hub(&dir.join("hub-wire")).await?;
+    let tok = create_token(&hub, 1, "site=bench").await?;
     let mut cfg = AgentConfig::new(hub.endpoints.quic.to_string(), dir.join("agent-wire"));
     cfg.join_token = Some(tok);
-    let agent = start_agent(cfg);
+    let mut agent = AgentTask::new(cfg);
+    agent.start();
     wait("enrollment", Duration::from_secs(30), async || {
         Ok(hub.store.devices().await?.len() == 1)
     })
     .await?;
     let id: DeviceId = hub.store.devices().await?[0].id.clone();
-    let sel = Target::Selector("site=bench".parse().map_err(|e| anyhow::anyhow!("{e}"))?);
     for i in 0..50 {
-        hub.store
-            .assign(
-                sel.clone(),
-                Change::Set(
-                    ResourceName::new(&format!("conf{i:02}"))?,
-                    file(
-                        &format!("etc/app/conf{i:02}.ini"),
-                        &format!("key = value {i}\nother = 12345\n"),
-                    )?,
-                ),
-                0,
-            )
-            .await?;
+        let content = format!("key = value {i}\nother = 12345\n");
+        let f = file(&format!("etc/app/conf{i:02}.ini"), &content)?;
+        set(&hub, selector("site=bench")?, &format!("conf{i:02}"), f).await?;
     }
     let snap = hub.store.state_snapshot(&id).await?.context("no state")?;
     let snap_bytes = frame::encode(&HubMessage::State(snap.clone()), usize::MAX)?.len();
-    hub.store
-        .assign(
-            sel,
-            Change::Set(
-                ResourceName::new("conf07")?,
-                file("etc/app/conf07.ini", "key = value 8\nother = 12345\n")?,
-            ),
-            0,
-        )
-        .await?;
+    let changed = file("etc/app/conf07.ini", "key = value 8\nother = 12345\n")?;
+    set(&hub, selector("site=bench")?, "conf07", changed).await?;
     let delta = hub
         .store
         .state_update(&id, snap.revision)
@@ -156,8 +80,7 @@ async fn wire_bytes(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
         "< 200 B",
         format!("full snapshot of the same 50-file document: {snap_bytes} B"),
     ));
-    let _ = agent.stop.send(true);
-    let _ = agent.task.await;
+    agent.stop().await;
     hub.shutdown().await;
     Ok(())
 }
@@ -165,17 +88,17 @@ async fn wire_bytes(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
 /// 10,000 events queued while offline, caught up after reconnecting.
 async fn backlog(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     const N: usize = 10_000;
-    let hub = hub(&dir.join("hub-backlog")).await?;
-    let tok = token(&hub, "site=bench").await?;
+    let hub = start_hub(&dir.join("hub-backlog")).await?;
+    let tok = create_token(&hub, 1, "site=bench").await?;
     let mut cfg = AgentConfig::new(hub.endpoints.quic.to_string(), dir.join("agent-backlog"));
     cfg.join_token = Some(tok);
-    let agent = start_agent(cfg.clone());
+    let mut agent = AgentTask::new(cfg.clone());
+    agent.start();
     wait("enrollment", Duration::from_secs(30), async || {
         Ok(hub.store.devices().await?.iter().any(|d| d.online))
     })
     .await?;
-    let _ = agent.stop.send(true);
-    let _ = agent.task.await;
+    agent.stop().await;
     // The agent's own store records the offline events, as its reconciler would.
     let last = {
         let mut store = cairn_agent::store::Store::open(&cfg.db_path())?;
@@ -192,7 +115,7 @@ async fn backlog(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
         store.push_reports(bodies)?
     };
     let start = Instant::now();
-    let agent = start_agent(cfg);
+    agent.start();
     wait("backlog delivered", Duration::from_secs(120), async || {
         Ok(hub
             .store
@@ -203,8 +126,7 @@ async fn backlog(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     })
     .await?;
     let took = start.elapsed();
-    let _ = agent.stop.send(true);
-    let _ = agent.task.await;
+    agent.stop().await;
     let stored = hub
         .store
         .events(cairn_hub::store::EventFilter {
@@ -268,8 +190,8 @@ async fn agent_process(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
         );
     }
     let size = std::fs::metadata(&bin)?.len();
-    let hub = hub(&dir.join("hub-rss")).await?;
-    let tok = token(&hub, "site=bench").await?;
+    let hub = start_hub(&dir.join("hub-rss")).await?;
+    let tok = create_token(&hub, 1, "site=bench").await?;
     let data = dir.join("agent-rss");
     let mut child = tokio::process::Command::new(&bin)
         .args([

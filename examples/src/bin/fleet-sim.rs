@@ -17,15 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cairn_agent::AgentConfig;
-use cairn_hub::desired::Target;
-use cairn_hub::server::{self, HubConfig, RunningHub};
-use cairn_hub::store::Change;
-use cairn_sync_protocol::state::{FileResource, Resource};
-use cairn_sync_protocol::{ResourceName, Text};
+use cairn_examples::{AgentTask, create_token, file, loopback_hub_config, selector, set, stop_all};
+use cairn_hub::server::{self, RunningHub};
 use clap::Parser;
 use serde::Serialize;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// Run a real hub and a fleet of real agents on this machine.
 #[derive(Parser)]
@@ -51,51 +46,6 @@ struct Args {
     timeout: Duration,
 }
 
-struct SimAgent {
-    cfg: AgentConfig,
-    stop: Option<watch::Sender<bool>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl SimAgent {
-    fn start(&mut self) {
-        let (tx, mut rx) = watch::channel(false);
-        let cfg = self.cfg.clone();
-        self.stop = Some(tx);
-        self.task = Some(tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            if let Err(e) = cairn_agent::run(cfg, shutdown).await {
-                tracing::error!(error = %e, "agent stopped");
-            }
-        }));
-    }
-
-    fn signal_stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(true);
-        }
-    }
-
-    async fn join(&mut self) {
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-/// Stops agents all at once, then waits for each.
-async fn stop_all<'a>(agents: impl Iterator<Item = &'a mut SimAgent>) {
-    let mut stopping: Vec<&mut SimAgent> = agents.collect();
-    for a in stopping.iter_mut() {
-        a.signal_stop();
-    }
-    for a in stopping.iter_mut() {
-        a.join().await;
-    }
-}
-
 #[derive(Serialize, Default)]
 struct Phase {
     name: String,
@@ -114,16 +64,6 @@ struct Report {
     events_stored: usize,
     invariants: BTreeMap<String, bool>,
     problems: Vec<String>,
-}
-
-fn file(path: &str, content: &str) -> Result<Resource> {
-    Ok(Resource::File(FileResource {
-        path: Text::new(path)?,
-        content: content.as_bytes().to_vec(),
-        mode: 0o644,
-        uid: None,
-        gid: None,
-    }))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -197,9 +137,7 @@ async fn wait_online(hub: &RunningHub, n: usize, timeout: Duration) -> Result<()
 }
 
 async fn simulate(args: &Args, root: &Path) -> Result<Report> {
-    let mut hub_cfg = HubConfig::new(root.join("hub"));
-    hub_cfg.listen = "127.0.0.1:0".parse()?;
-    hub_cfg.admin_listen = "127.0.0.1:0".parse()?;
+    let mut hub_cfg = loopback_hub_config(&root.join("hub"))?;
     let mut hub = server::start(hub_cfg.clone()).await?;
     hub_cfg.listen = hub.endpoints.quic;
     let mut report = Report {
@@ -207,48 +145,24 @@ async fn simulate(args: &Args, root: &Path) -> Result<Report> {
         ..Default::default()
     };
 
-    // 1. Enrollment.
-    let token = cairn_sync_protocol::token::JoinToken {
-        id: [7; 8],
-        secret: rand::random(),
-        ca_fingerprint: hub.keys.ca_fingerprint(),
-    };
-    let now = cairn_hub::endpoint::now_ms();
+    // 1. Enrollment: even agents join with a site=paris token, odd ones with site=rome.
+    let paris = create_token(&hub, args.devices as u32, "site=paris").await?;
+    let rome = create_token(&hub, args.devices as u32, "site=rome").await?;
     let mut agents = Vec::new();
     for i in 0..args.devices {
         let dir = root.join(format!("agent-{i:05}"));
         let mut cfg = AgentConfig::new(hub.endpoints.quic.to_string(), &dir);
         cfg.hostname = format!("box-{i:05}");
+        cfg.join_token = Some(if i % 2 == 0 {
+            paris.clone()
+        } else {
+            rome.clone()
+        });
         cfg.reconcile_interval = Duration::from_secs(5);
         cfg.backoff_min = Duration::from_millis(200);
         cfg.backoff_max = Duration::from_secs(2);
         cfg.keep_alive = Duration::from_secs(2);
-        agents.push(SimAgent {
-            cfg,
-            stop: None,
-            task: None,
-        });
-    }
-    // One token per site: even agents join paris, odd ones rome.
-    for (site, parity) in [("paris", 0), ("rome", 1)] {
-        let t = cairn_sync_protocol::token::JoinToken {
-            id: [parity as u8 + 1; 8],
-            ..token.clone()
-        };
-        hub.store
-            .create_token(cairn_hub::store::NewToken {
-                id: t.id_hex(),
-                secret_hash: t.secret_hash(),
-                created_ms: now,
-                expires_ms: now + 3_600_000,
-                uses: args.devices as u32,
-                labels: cairn_hub::desired::parse_labels(&format!("site={site}"))
-                    .map_err(anyhow::Error::msg)?,
-            })
-            .await?;
-        for a in agents.iter_mut().skip(parity).step_by(2) {
-            a.cfg.join_token = Some(t.encode());
-        }
+        agents.push(AgentTask::new(cfg));
     }
     let t0 = Instant::now();
     for a in &mut agents {
@@ -270,36 +184,20 @@ async fn simulate(args: &Args, root: &Path) -> Result<Report> {
 
     // 2. Desired state by selector and for everyone.
     let t1 = Instant::now();
-    let sel = |s: &str| -> Result<Target> {
-        Ok(Target::Selector(
-            s.parse().map_err(|e| anyhow::anyhow!("{e}"))?,
-        ))
-    };
-    let changed = hub
-        .store
-        .assign(
-            sel("site=paris")?,
-            Change::Set(ResourceName::new("motd")?, file("etc/motd", "bonjour\n")?),
-            now,
-        )
-        .await?;
-    for (d, _) in &changed.changed {
-        hub.registry.notify(d);
-    }
-    let changed = hub
-        .store
-        .assign(
-            sel("site")?,
-            Change::Set(
-                ResourceName::new("ntp")?,
-                file("etc/ntp.conf", "server 10.0.0.1\n")?,
-            ),
-            now,
-        )
-        .await?;
-    for (d, _) in &changed.changed {
-        hub.registry.notify(d);
-    }
+    set(
+        &hub,
+        selector("site=paris")?,
+        "motd",
+        file("etc/motd", "bonjour\n")?,
+    )
+    .await?;
+    set(
+        &hub,
+        selector("site")?,
+        "ntp",
+        file("etc/ntp.conf", "server 10.0.0.1\n")?,
+    )
+    .await?;
     let times = converge(&hub, &ids, t1, args.timeout).await?;
     eprintln!(
         "fleet-sim: state set by selector: all converged, max {} ms",
@@ -312,20 +210,13 @@ async fn simulate(args: &Args, root: &Path) -> Result<Report> {
     // 3. A partition: some agents go away, state changes, they come back.
     let cut = ((args.devices as f64) * args.partition).round() as usize;
     stop_all(agents.iter_mut().take(cut)).await;
-    let changed = hub
-        .store
-        .assign(
-            sel("site")?,
-            Change::Set(
-                ResourceName::new("ntp")?,
-                file("etc/ntp.conf", "server 10.0.0.2\n")?,
-            ),
-            now,
-        )
-        .await?;
-    for (d, _) in &changed.changed {
-        hub.registry.notify(d);
-    }
+    set(
+        &hub,
+        selector("site")?,
+        "ntp",
+        file("etc/ntp.conf", "server 10.0.0.2\n")?,
+    )
+    .await?;
     let t2 = Instant::now();
     for a in agents.iter_mut().take(cut) {
         a.start();
@@ -344,17 +235,13 @@ async fn simulate(args: &Args, root: &Path) -> Result<Report> {
     let t3 = Instant::now();
     hub = server::start(hub_cfg.clone()).await?;
     wait_online(&hub, args.devices, args.timeout).await?;
-    let changed = hub
-        .store
-        .assign(
-            sel("site=rome")?,
-            Change::Set(ResourceName::new("motd")?, file("etc/motd", "ciao\n")?),
-            cairn_hub::endpoint::now_ms(),
-        )
-        .await?;
-    for (d, _) in &changed.changed {
-        hub.registry.notify(d);
-    }
+    set(
+        &hub,
+        selector("site=rome")?,
+        "motd",
+        file("etc/motd", "ciao\n")?,
+    )
+    .await?;
     let times = converge(&hub, &ids, t3, args.timeout).await?;
     eprintln!(
         "fleet-sim: hub restarted: all back and converged, max {} ms",
@@ -383,7 +270,7 @@ async fn simulate(args: &Args, root: &Path) -> Result<Report> {
     Ok(report)
 }
 
-async fn check(hub: &RunningHub, agents: &[SimAgent], report: &mut Report) -> Result<()> {
+async fn check(hub: &RunningHub, agents: &[AgentTask], report: &mut Report) -> Result<()> {
     let devices = hub.store.devices().await?;
     let by_host: BTreeMap<String, _> = devices.iter().map(|d| (d.hostname.clone(), d)).collect();
     let mut all_converged = true;
