@@ -241,7 +241,8 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                     async move {
                         match incoming.await {
                             Ok(conn) => handle_connection(shared, conn).await,
-                            Err(e) => debug!(error = %e, "handshake failed"),
+                            // Unknown client certificates, wrong CA pins, scanners: say why.
+                    Err(e) => info!(error = %e, "connection refused during the TLS handshake"),
                         }
                     }
                     .instrument(info_span!("conn", %remote)),
@@ -457,6 +458,7 @@ impl Connection {
     }
 
     async fn refuse(&mut self, code: RefusalCode, message: &str) -> Result<(), End> {
+        warn!(device = ?self.cert_device, ?code, reason = message, "refused");
         self.session().refuse(refusal(code, message));
         let _ = self.flush().await;
         close_with(&self.conn, code, message);
@@ -537,7 +539,6 @@ impl Connection {
                         ),
                     ),
                 };
-                warn!(%device, token = %token_id, reason = %msg, "enrollment refused");
                 self.refuse(code, &msg).await
             }
         }

@@ -82,7 +82,7 @@ impl RunningHub {
             let _ = t.await;
         }
         // Connections still closing hold the UDP port; give them a moment to drain.
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(60), self.endpoint.wait_idle()).await;
     }
 }
 
@@ -119,7 +119,7 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         session: cfg.session.clone(),
     };
     // Right after a restart the previous socket may still be closing: retry briefly.
-    let bind_deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let bind_deadline = std::time::Instant::now() + Duration::from_secs(60);
     let endpoint = loop {
         match endpoint::bind(&keys, &endpoint_cfg) {
             Ok(e) => break e,
