@@ -138,6 +138,12 @@ async fn create_token(
             "a token needs at least one use and a ttl above zero",
         ));
     }
+    const MAX_TTL_SECS: u64 = 10 * 366 * 24 * 3600;
+    if req.ttl_secs > MAX_TTL_SECS {
+        return Err(ApiError::bad_request(
+            "a join token may live at most 10 years; prefer hours: tokens are for enrolling, not for keeping",
+        ));
+    }
     let labels = parse_labels(&req.labels).map_err(ApiError::bad_request)?;
     let mut token = JoinToken {
         id: [0; 8],
