@@ -391,9 +391,18 @@ fn handle_event(
         } => {
             info!(%device, version, reports_acked, "connected to hub");
             backoff.reset();
-            shared
-                .with_store(|s| s.raise_seq_floor(reports_acked))
-                .map_err(store_err)?;
+            if let Some(tail) = shared
+                .with_store(|s| s.rebase_outbox(reports_acked))
+                .map_err(store_err)?
+            {
+                warn!(
+                    reports_acked,
+                    tail,
+                    "the hub holds more reports than this database numbered (restored from a backup?); queued reports renumbered after the hub's"
+                );
+                shared.outbox_tail.send_replace(tail);
+                session.outbox_tail(Instant::now(), tail);
+            }
             shared.set_conn_state("connected");
         }
         AgentEvent::ReportsAcked { up_to } => {

@@ -319,12 +319,44 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// The hub has stored reports up to `acked`: never allocate at or below it again.
-    pub fn raise_seq_floor(&self, acked: u64) -> Result<()> {
-        if acked > self.last_seq()? {
-            self.set_meta("last_seq", &acked.to_le_bytes())?;
+    /// The hub says it holds reports up to `hub_acked`. Normally that is at most the last
+    /// number this database allocated. If it is more, this database went back in time
+    /// (restored from a backup): the queued reports were never stored under their
+    /// numbers, so they are moved above the hub's mark, in order, and numbering
+    /// continues after them. Returns the new last sequence number if anything moved.
+    pub fn rebase_outbox(&mut self, hub_acked: u64) -> Result<Option<u64>> {
+        let last = self.last_seq()?;
+        if hub_acked <= last {
+            return Ok(None);
         }
-        Ok(())
+        let path = self.path.clone();
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        let min: Option<u64> = tx
+            .query_row("SELECT MIN(seq) FROM outbox", [], |r| r.get(0))
+            .map_err(db)?;
+        let new_last = match min {
+            None => hub_acked,
+            Some(min) => {
+                let shift = hub_acked + 1 - min;
+                // Through negative keys, so that no row lands on another mid-update.
+                tx.execute("UPDATE outbox SET seq = -seq", []).map_err(db)?;
+                tx.execute("UPDATE outbox SET seq = ?1 - seq", [shift as i64])
+                    .map_err(db)?;
+                tx.query_row("SELECT MAX(seq) FROM outbox", [], |r| r.get(0))
+                    .map_err(db)?
+            }
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?1)",
+            [&new_last.to_le_bytes()[..]],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(min.map(|_| new_last))
     }
 
     /// Appends reports to the outbox in one transaction; returns the last sequence number.

@@ -108,6 +108,11 @@ impl Hub {
         self.spawn();
     }
 
+    /// Starts a killed hub again (after its data directory was changed, say).
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     /// Runs a CLI command against this hub.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("cairn-hub"))
@@ -292,6 +297,26 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Copies a directory tree (a backup of a stopped process's data directory).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Replaces a directory with a copy of `backup`.
+pub fn restore_dir(backup: &Path, dir: &Path) {
+    std::fs::remove_dir_all(dir).unwrap();
+    copy_dir(backup, dir);
 }
 
 /// `u64` field of a JSON value (0 when absent).

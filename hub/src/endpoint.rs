@@ -422,6 +422,16 @@ impl Connection {
                 self.session().reports_durable(acked);
                 Ok(())
             }
+            HubEvent::ReportsLost { from, to } => {
+                let device = self.device.clone().ok_or(End::Session(None))?;
+                warn!(%device, from, to, "agent declares reports lost (this hub's database went back in time)");
+                let acked = store
+                    .skip_reports(&device, from, to, now_ms())
+                    .await
+                    .map_err(|e| End::Store(e.to_string()))?;
+                self.session().reports_durable(acked);
+                Ok(())
+            }
             HubEvent::StateAcked { revision } => {
                 let device = self.device.clone().ok_or(End::Session(None))?;
                 let refused = self.in_flight.filter(|&r| revision < r);

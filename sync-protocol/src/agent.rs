@@ -253,25 +253,37 @@ impl AgentSession {
     }
 
     /// Answer to [`AgentEvent::ReportsWanted`]: reports in sequence order, starting right
-    /// after the `after` of the request. An empty list means none are left.
+    /// after the `after` of the request. An empty list means none are left. If the first
+    /// report comes later than `after + 1`, the reports in between are gone from the
+    /// outbox although the hub does not hold them (the hub's database went back in
+    /// time); the session declares them lost before sending the batch.
     pub fn send_reports(&mut self, now: Instant, reports: Vec<Report>) {
         self.wanted_pending = false;
         if self.phase != Phase::Synced {
             return;
         }
-        let Some(last) = reports.last().map(|r| r.seq) else {
+        let (Some(first), Some(last)) = (
+            reports.first().map(|r| r.seq),
+            reports.last().map(|r| r.seq),
+        ) else {
             return;
         };
         let contiguous = reports
             .iter()
             .enumerate()
-            .all(|(i, r)| r.seq == self.sent + 1 + i as u64);
-        if !contiguous || reports.len() > self.cfg.max_batch {
+            .all(|(i, r)| r.seq == first + i as u64);
+        if !contiguous || reports.len() > self.cfg.max_batch || first <= self.sent {
             // A driver bug, not a peer's fault; refuse rather than send a gap.
             return self.fail(SessionError::Protocol(format!(
                 "outbox returned a non-contiguous or oversized batch after {}",
                 self.sent
             )));
+        }
+        if first > self.sent + 1 {
+            self.send(&AgentMessage::ReportsLost {
+                after: self.sent,
+                up_to: first - 1,
+            });
         }
         self.sent = last;
         self.outbox_tail = self.outbox_tail.max(last);

@@ -39,6 +39,10 @@ pub enum HubEvent {
     },
     /// New reports, in order, each seen for the first time in this session.
     Reports(Vec<Report>),
+    /// The agent declares reports `from ..= to` lost (see
+    /// [`AgentMessage::ReportsLost`]): record that, then call
+    /// [`HubSession::reports_durable`] with `to` once it is durable.
+    ReportsLost { from: u64, to: u64 },
     /// The agent stored `revision`.
     StateAcked { revision: u64 },
     /// The agent needs a full snapshot; it holds `state_revision`.
@@ -195,6 +199,19 @@ impl HubSession {
                 }
             }
             (Phase::Synced, AgentMessage::Reports(reports)) => self.handle_reports(reports),
+            (Phase::Synced, AgentMessage::ReportsLost { after, up_to }) => {
+                if after != self.received || up_to <= after {
+                    return self.violation(format!(
+                        "reports lost after {after} up to {up_to}, but {} were received",
+                        self.received
+                    ));
+                }
+                self.received = up_to;
+                self.events.push_back(HubEvent::ReportsLost {
+                    from: after + 1,
+                    to: up_to,
+                });
+            }
             (Phase::Synced, AgentMessage::StateAck { revision }) => {
                 self.events.push_back(HubEvent::StateAcked { revision });
             }
@@ -332,6 +349,7 @@ fn agent_message_name(m: &AgentMessage) -> &'static str {
         AgentMessage::StateAck { .. } => "StateAck",
         AgentMessage::ResyncRequest { .. } => "ResyncRequest",
         AgentMessage::Reports(_) => "Reports",
+        AgentMessage::ReportsLost { .. } => "ReportsLost",
     }
 }
 

@@ -219,6 +219,14 @@ pub enum AgentMessage {
         state_revision: u64,
     },
     Reports(Vec<Report>),
+    /// Reports `after + 1 ..= up_to` no longer exist anywhere: the hub had acknowledged
+    /// them, the agent deleted them, and the hub has since lost them (its database was
+    /// restored from a backup). Lets the stream continue instead of stalling on the gap;
+    /// the hub records the loss as an event.
+    ReportsLost {
+        after: u64,
+        up_to: u64,
+    },
 }
 
 /// Every message a hub sends.
@@ -235,7 +243,7 @@ pub enum HubMessage {
 }
 
 impl crate::frame::Message for AgentMessage {
-    const KINDS: u32 = 4;
+    const KINDS: u32 = 5;
 }
 
 impl crate::frame::Message for HubMessage {
@@ -249,7 +257,8 @@ mod tests {
     /// `KINDS` must follow the enums: encoding the last variant gives index KINDS - 1.
     #[test]
     fn kinds_match_the_enums() {
-        let last = postcard::to_allocvec(&AgentMessage::Reports(vec![])).unwrap();
+        let last =
+            postcard::to_allocvec(&AgentMessage::ReportsLost { after: 0, up_to: 0 }).unwrap();
         assert_eq!(
             u32::from(last[0]) + 1,
             <AgentMessage as crate::frame::Message>::KINDS

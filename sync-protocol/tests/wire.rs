@@ -197,7 +197,7 @@ fn decoder_errors_are_typed() {
     );
 
     let mut dec = FrameDecoder::new(1024);
-    dec.push(&[0, 0, 0, 1, 4]);
+    dec.push(&[0, 0, 0, 1, 42]);
     assert!(matches!(
         dec.next_message::<AgentMessage>(),
         Err(FrameError::UnknownMessage(_))
@@ -349,6 +349,9 @@ fn run_disconnect_model(seed: u64) {
                     HubEvent::Reports(rs) => pending_durable.extend(rs),
                     HubEvent::StateAcked { .. } | HubEvent::ResyncRequested { .. } => {}
                     HubEvent::EnrollRequested { .. } => panic!("no enrollment here"),
+                    HubEvent::ReportsLost { from, to } => {
+                        panic!("seed {seed}: nothing is lost here, yet {from}..={to} declared lost")
+                    }
                     HubEvent::Failed(e) => panic!("seed {seed}: hub failed: {e}"),
                 }
             }
@@ -459,4 +462,77 @@ fn run_disconnect_model(seed: u64) {
         "seed {seed}: hub holds each report once, in order"
     );
     assert!(d.outbox.is_empty(), "seed {seed}: outbox drained");
+}
+
+/// A hub whose database went back in time acknowledges less than the agent already
+/// deleted: the agent declares the gap, the hub passes it on and continues after it.
+#[test]
+fn a_gap_the_agent_cannot_fill_is_declared_not_stalled_on() {
+    let now = Instant::now();
+    let cfg = SessionConfig::default();
+    let device = DeviceId::new("dev-gap").unwrap();
+    let mut agent = AgentSession::sync(now, cfg.clone(), 0, "t");
+    let mut hub = HubSession::new(now, &cfg);
+    let pump_to_hub = |agent: &mut AgentSession, hub: &mut HubSession| {
+        while let Some(b) = agent.poll_transmit() {
+            hub.handle_input(now, &b);
+        }
+    };
+    pump_to_hub(&mut agent, &mut hub);
+    assert!(matches!(
+        hub.poll_event(),
+        Some(HubEvent::SyncRequested { .. })
+    ));
+    hub.accept_sync(device, 5); // the restored hub holds reports up to 5
+    while let Some(b) = hub.poll_transmit() {
+        agent.handle_input(now, &b);
+    }
+    // The agent's outbox starts at 9: 6..=8 were acknowledged by the hub before its
+    // restore and deleted.
+    agent.outbox_tail(now, 10);
+    let mut wanted = None;
+    while let Some(ev) = agent.poll_event() {
+        if let AgentEvent::ReportsWanted { after, .. } = ev {
+            wanted = Some(after);
+        }
+    }
+    assert_eq!(wanted, Some(5));
+    let report = |seq| Report {
+        seq,
+        at_ms: 0,
+        body: ReportBody::Status(Status {
+            desired_revision: 0,
+            applied_revision: 0,
+            failing: 0,
+        }),
+    };
+    agent.send_reports(now, vec![report(9), report(10)]);
+    pump_to_hub(&mut agent, &mut hub);
+    assert_eq!(
+        hub.poll_event(),
+        Some(HubEvent::ReportsLost { from: 6, to: 8 })
+    );
+    match hub.poll_event() {
+        Some(HubEvent::Reports(rs)) => {
+            assert_eq!(rs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![9, 10])
+        }
+        other => panic!("expected the reports after the gap, got {other:?}"),
+    }
+    // A declared gap that does not start where the hub stands is a violation.
+    let mut hub2 = HubSession::new(now, &cfg);
+    let hello = AgentMessage::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        agent_version: Text::truncated("t"),
+        intent: Intent::Sync { state_revision: 0 },
+    });
+    hub2.handle_input(now, &frame::encode(&hello, 1024).unwrap());
+    let _ = hub2.poll_event();
+    hub2.accept_sync(DeviceId::new("d").unwrap(), 5);
+    let bad = AgentMessage::ReportsLost { after: 2, up_to: 8 };
+    hub2.handle_input(now, &frame::encode(&bad, 1024).unwrap());
+    assert!(matches!(
+        hub2.poll_event(),
+        Some(HubEvent::Failed(SessionError::Protocol(_)))
+    ));
 }

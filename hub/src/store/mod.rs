@@ -188,6 +188,7 @@ pub mod hub_event {
     pub const ENROLLED: &str = "hub.enrolled";
     pub const REVOKED: &str = "hub.revoked";
     pub const LABELS_CHANGED: &str = "hub.labels-changed";
+    pub const REPORTS_LOST: &str = "hub.reports-lost";
 }
 
 /// Label keys and values in use, with device counts.
@@ -250,6 +251,10 @@ pub trait Store: Send + Sync + 'static {
     /// highest sequence number now stored.
     async fn record_reports(&self, id: &DeviceId, reports: Vec<Report>, now_ms: u64)
     -> Result<u64>;
+    /// Records that reports `from ..= to` of a device are lost for good (the agent had
+    /// deleted them after an acknowledgement the hub's restored database no longer
+    /// holds) and moves the device's report mark to `to`; returns the new mark.
+    async fn skip_reports(&self, id: &DeviceId, from: u64, to: u64, now_ms: u64) -> Result<u64>;
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>>;
     /// The id of the newest event, updated after every commit that adds events.
     fn event_watch(&self) -> watch::Receiver<u64>;

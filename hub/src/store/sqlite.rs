@@ -1013,6 +1013,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn skip_reports(&self, id: &DeviceId, from: u64, to: u64, now_ms: u64) -> Result<u64> {
+        let id = id.clone();
+        self.write(move |conn| {
+            let acked: u64 = conn
+                .query_row(
+                    "SELECT reports_acked FROM devices WHERE id = ?1",
+                    [id.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            if to <= acked {
+                return Ok(acked);
+            }
+            conn.execute(
+                "UPDATE devices SET reports_acked = ?2 WHERE id = ?1",
+                params![id.as_str(), to],
+            )
+            .map_err(backend)?;
+            insert_hub_event(
+                conn,
+                &id,
+                now_ms,
+                hub_event::REPORTS_LOST,
+                &format!(
+                    "reports {from}..={to} are lost: the agent had them acknowledged by this hub before its database was restored"
+                ),
+            )?;
+            Ok(to)
+        })
+        .await
+    }
+
     async fn events(&self, f: EventFilter) -> Result<Vec<EventRecord>> {
         self.read(move |conn| {
             let mut stmt = conn
