@@ -41,6 +41,14 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// SIGKILLs a child process, if any, and reaps it.
+fn sigkill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 fn log_file(path: &Path) -> Stdio {
     std::fs::OpenOptions::new()
         .create(true)
@@ -96,10 +104,7 @@ impl Hub {
 
     /// SIGKILL, no goodbye.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        sigkill(&mut self.child);
     }
 
     /// Starts again on the same port with the same data directory.
@@ -135,6 +140,28 @@ impl Hub {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `cairn-hub set FLAG TARGET NAME --path PATH --content CONTENT`, which must succeed;
+    /// `flag` is `--selector` or `--device`.
+    pub fn set_file(
+        &self,
+        flag: &str,
+        target: &str,
+        name: &str,
+        path: &str,
+        content: &str,
+    ) -> String {
+        self.cli_ok(&[
+            "set",
+            flag,
+            target,
+            name,
+            "--path",
+            path,
+            "--content",
+            content,
+        ])
     }
 
     pub fn json(&self, args: &[&str]) -> Value {
@@ -247,10 +274,7 @@ impl Agent {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        sigkill(&mut self.child);
     }
 
     pub fn restart(&mut self) {

@@ -53,26 +53,14 @@ fn three_agents_enroll_and_converge_by_selector() {
 
     // A device-level assignment on top, and a selector that also matches rome.
     let rome_id = agents[2].device_id().unwrap();
-    hub.cli_ok(&[
-        "set",
-        "--device",
-        &rome_id,
-        "motd",
-        "--path",
-        "etc/motd",
-        "--content",
-        "ciao\n",
-    ]);
-    hub.cli_ok(&[
-        "set",
+    hub.set_file("--device", &rome_id, "motd", "etc/motd", "ciao\n");
+    hub.set_file(
         "--selector",
         "site",
         "ntp",
-        "--path",
         "etc/ntp.conf",
-        "--content",
         "server 127.0.0.1\n",
-    ]);
+    );
     for a in &agents {
         wait_for("all converge", T, || converged(&hub, a));
         assert_eq!(file_mismatches(&hub, a), Vec::<String>::new());
@@ -117,16 +105,13 @@ fn offline_agent_records_events_and_delivers_each_exactly_once() {
     const FILES: usize = 50;
     const ROUNDS: usize = 20;
     for i in 0..FILES {
-        hub.cli_ok(&[
-            "set",
+        hub.set_file(
             "--selector",
             "site=depot",
             &format!("f{i}"),
-            "--path",
             &format!("data/f{i}"),
-            "--content",
             &format!("content {i}\n"),
-        ]);
+        );
     }
     wait_for("agent converged on 50 files", T, || converged(&hub, &agent));
     let id = agent.device_id().unwrap();

@@ -57,16 +57,7 @@ fn run(seed: u64, iterations: usize) {
         }
     }
     // A last change, then everything must settle.
-    hub.cli_ok(&[
-        "set",
-        "--selector",
-        "fleet=crash",
-        "final",
-        "--path",
-        "etc/final",
-        "--content",
-        "done\n",
-    ]);
+    hub.set_file("--selector", "fleet=crash", "final", "etc/final", "done\n");
     let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         wait_for(
             "agent converges after the crashes",

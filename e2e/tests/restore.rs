@@ -21,16 +21,7 @@ fn setup(tmp: &std::path::Path) -> (Hub, Agent) {
     let hub = Hub::start(&tmp.join("hub"));
     let token = hub.token(1, "site=x");
     let agent = Agent::start(&tmp.join("agent"), &hub.quic, Some(&token));
-    hub.cli_ok(&[
-        "set",
-        "--selector",
-        "site=x",
-        "motd",
-        "--path",
-        "motd",
-        "--content",
-        "hello",
-    ]);
+    hub.set_file("--selector", "site=x", "motd", "motd", "hello");
     wait_for("converged", T, || converged(&hub, &agent));
     (hub, agent)
 }

@@ -109,16 +109,7 @@ fn revoked_device_is_cut_off_at_once_and_stays_out() {
     assert_eq!(events.len(), 1);
 
     // State changes no longer reach it, and a restart does not get it back in.
-    hub.cli_ok(&[
-        "set",
-        "--selector",
-        "site=x",
-        "m",
-        "--path",
-        "m",
-        "--content",
-        "x",
-    ]);
+    hub.set_file("--selector", "site=x", "m", "m", "x");
     agent.restart();
     wait_for("restarted agent is refused again", T, || {
         agent.status()["connection"]
@@ -250,16 +241,7 @@ async fn garbage_frames_are_refused_and_the_hub_keeps_serving() {
     tokio::task::spawn_blocking(move || {
         let token = h.token(1, "ok=yes");
         let agent = Agent::start(&dir, &h.quic, Some(&token));
-        h.cli_ok(&[
-            "set",
-            "--selector",
-            "ok=yes",
-            "m",
-            "--path",
-            "m",
-            "--content",
-            "fine",
-        ]);
+        h.set_file("--selector", "ok=yes", "m", "m", "fine");
         wait_for("agent converges after the garbage", T, || {
             converged(&h, &agent)
         });
@@ -277,31 +259,13 @@ fn forged_state_from_the_wire_is_refused_and_reported() {
     let hub = Hub::start(&tmp.path().join("hub"));
     let token = hub.token(1, "site=x");
     let mut agent = Agent::start(&tmp.path().join("a"), &hub.quic, Some(&token));
-    hub.cli_ok(&[
-        "set",
-        "--selector",
-        "site=x",
-        "motd",
-        "--path",
-        "motd",
-        "--content",
-        "one",
-    ]);
+    hub.set_file("--selector", "site=x", "motd", "motd", "one");
     wait_for("converged on revision 1", T, || converged(&hub, &agent));
     let id = agent.device_id().unwrap();
     let held = agent.status()["desired_revision"].as_u64().unwrap();
 
     agent.kill();
-    hub.cli_ok(&[
-        "set",
-        "--selector",
-        "site=x",
-        "motd",
-        "--path",
-        "motd",
-        "--content",
-        "two",
-    ]);
+    hub.set_file("--selector", "site=x", "motd", "motd", "two");
     // Replace the new revision's signature in the hub's database.
     let db = rusqlite::Connection::open(hub.dir.join("hub.db")).unwrap();
     db.busy_timeout(Duration::from_secs(10)).unwrap();

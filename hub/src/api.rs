@@ -2,7 +2,6 @@
 //! OpenAPI document it serves at `/v1/openapi.json`. The operator CLI and (later) the web
 //! dashboard are its clients; nothing else changes hub state.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -608,13 +607,4 @@ pub async fn serve(listener: tokio::net::TcpListener, api: Api) -> Result<()> {
             }
         });
     }
-}
-
-/// Labels rendered as `k=v,k2=v2`.
-pub fn labels_text(labels: &BTreeMap<impl std::fmt::Display, impl std::fmt::Display>) -> String {
-    labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }

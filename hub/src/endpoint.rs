@@ -346,16 +346,12 @@ struct Connection {
 }
 
 impl Connection {
-    fn session(&mut self) -> &mut HubSession {
-        &mut self.session
-    }
-
     async fn run(&mut self) -> End {
         loop {
             if let Err(e) = self.flush().await {
                 return End::Transport(e);
             }
-            while let Some(ev) = self.session().poll_event() {
+            while let Some(ev) = self.session.poll_event() {
                 if let Err(end) = self.handle_event(ev).await {
                     let _ = self.flush().await;
                     return end;
@@ -364,17 +360,17 @@ impl Connection {
             if let Err(e) = self.flush().await {
                 return End::Transport(e);
             }
-            if self.session().is_done() {
+            if self.session.is_done() {
                 return End::Session(None);
             }
-            let deadline = self.session().poll_timeout();
+            let deadline = self.session.poll_timeout();
             let notify = self.notify.clone();
             tokio::select! {
                 biased;
                 // read_chunk hands over quinn's own buffer: no per-connection read buffer.
                 r = self.recv.read_chunk(64 * 1024, true) => match r {
-                    Ok(Some(chunk)) => self.session().handle_input(Instant::now(), &chunk.bytes),
-                    Ok(None) => self.session().handle_end_of_stream(),
+                    Ok(Some(chunk)) => self.session.handle_input(Instant::now(), &chunk.bytes),
+                    Ok(None) => self.session.handle_end_of_stream(),
                     Err(e) => return End::Transport(e.to_string()),
                 },
                 () = notify.notified() => {
@@ -382,13 +378,13 @@ impl Connection {
                         return End::Store(e);
                     }
                 }
-                () = sleep_until_opt(deadline) => self.session().handle_timeout(Instant::now()),
+                () = sleep_until_opt(deadline) => self.session.handle_timeout(Instant::now()),
             }
         }
     }
 
     async fn flush(&mut self) -> Result<(), String> {
-        while let Some(bytes) = self.session().poll_transmit() {
+        while let Some(bytes) = self.session.poll_transmit() {
             self.send
                 .write_all(&bytes)
                 .await
@@ -419,7 +415,7 @@ impl Connection {
                     .await
                     .map_err(|e| End::Store(e.to_string()))?;
                 debug!(%device, n, acked, "reports stored");
-                self.session().reports_durable(acked);
+                self.session.reports_durable(acked);
                 Ok(())
             }
             HubEvent::ReportsLost { from, to } => {
@@ -429,7 +425,7 @@ impl Connection {
                     .skip_reports(&device, from, to, now_ms())
                     .await
                     .map_err(|e| End::Store(e.to_string()))?;
-                self.session().reports_durable(acked);
+                self.session.reports_durable(acked);
                 Ok(())
             }
             HubEvent::StateAcked { revision } => {
@@ -459,7 +455,7 @@ impl Connection {
                     .map_err(|e| End::Store(e.to_string()))?
                 {
                     self.in_flight = Some(u.revision);
-                    self.session().send_state(u);
+                    self.session.send_state(u);
                 }
                 Ok(())
             }
@@ -469,7 +465,7 @@ impl Connection {
 
     async fn refuse(&mut self, code: RefusalCode, message: &str) -> Result<(), End> {
         warn!(device = ?self.cert_device, ?code, reason = message, "refused");
-        self.session().refuse(refusal(code, message));
+        self.session.refuse(refusal(code, message));
         let _ = self.flush().await;
         close_with(&self.conn, code, message);
         Err(End::Session(None))
@@ -512,7 +508,7 @@ impl Connection {
             Ok(rec) => {
                 info!(%device, token = %token_id, hostname = %rec.hostname, "device enrolled");
                 let state_key = self.shared.keys.state_key.verifying_key();
-                self.session().accept_enroll(EnrollResponse {
+                self.session.accept_enroll(EnrollResponse {
                     device,
                     certificate_der: cert,
                     state_key,
@@ -596,7 +592,7 @@ impl Connection {
             .await
             .map_err(|e| End::Store(e.to_string()))?;
         info!(%device, state_revision, reports_acked = rec.reports_acked, "agent online");
-        self.session().accept_sync(device, rec.reports_acked);
+        self.session.accept_sync(device, rec.reports_acked);
         self.push_state().await.map_err(End::Store)
     }
 
@@ -623,7 +619,7 @@ impl Connection {
         if let Some(u) = update.filter(|u| u.revision > min) {
             debug!(%device, from = ?u.base_revision, to = u.revision, upserts = u.upserts.len(), removals = u.removals.len(), "pushing state");
             self.in_flight = Some(u.revision);
-            self.session().send_state(u);
+            self.session.send_state(u);
         }
         Ok(())
     }
