@@ -3,6 +3,9 @@
 //! changes pushed the way the admin API pushes them.
 #![forbid(unsafe_code)]
 
+pub mod report;
+pub mod scenario;
+
 use std::path::Path;
 
 use anyhow::Result;
