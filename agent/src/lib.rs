@@ -135,13 +135,15 @@ pub async fn run(
         outbox_tail: tail_tx,
     });
 
+    // Reconciler and link are futures of this one task, not spawned tasks: dropping the
+    // `run` future (a simulated crash in the fleet simulation) stops both at once.
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reconciler = tokio::spawn(reconcile_loop(
+    let reconciler = reconcile_loop(
         shared.clone(),
         applier,
         cfg.reconcile_interval,
         stop_rx.clone(),
-    ));
+    );
     let link_cfg = LinkConfig {
         hub: cfg.hub.clone(),
         backoff_min: cfg.backoff_min,
@@ -160,17 +162,20 @@ pub async fn run(
             let _ = link_stop.wait_for(|s| *s).await;
         },
     );
-    tokio::pin!(link);
-    tokio::pin!(shutdown);
-    let result = tokio::select! {
-        r = &mut link => r,
-        () = &mut shutdown => {
-            let _ = stop_tx.send(true);
-            link.await
-        }
+    let main = async {
+        tokio::pin!(link);
+        tokio::pin!(shutdown);
+        let result = tokio::select! {
+            r = &mut link => r,
+            () = &mut shutdown => {
+                let _ = stop_tx.send(true);
+                link.await
+            }
+        };
+        let _ = stop_tx.send(true);
+        result
     };
-    let _ = stop_tx.send(true);
-    let _ = reconciler.await;
+    let (result, ()) = tokio::join!(main, reconciler);
     match result {
         Ok(()) => Ok(()),
         Err(LinkError::EnrollRefused { code, message }) => {

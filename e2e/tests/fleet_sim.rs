@@ -1,28 +1,45 @@
-//! The README's fleet demo, small: a real hub and 20 real agents in one process through
-//! enrollment, a selector change, a partition and a hub restart; it checks its own
-//! invariants and exits non-zero if one fails.
+//! The fleet simulation in real mode, at CI size: `examples/scenarios/ci-small.toml` — a
+//! hub process and 200 real agents in pool processes, QUIC over loopback through relays
+//! with 1% packet loss, a partition, flapping links, local drift and a hub SIGKILL. The
+//! run checks its own invariants; this test also reads the report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::Path;
 use std::process::Command;
 
 #[test]
-fn small_fleet_demo_passes_its_invariants() {
+fn ci_scenario_with_200_real_agents_holds_every_invariant() {
+    let scenario =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scenarios/ci-small.toml");
     let out = Command::new(cairn_e2e::bin("fleet-sim"))
-        .args(["--devices", "20", "--json", "--timeout", "90s"])
+        .arg("--scenario")
+        .arg(&scenario)
+        .args(["--json", "--pool-size", "100", "--enroll-timeout", "3m"])
         .output()
         .expect("run fleet-sim");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "fleet-sim failed: {stdout}\n{}",
+        "fleet-sim failed ({}): {stdout}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report["devices"], 20);
-    let invariants = report["invariants"].as_object().unwrap();
-    assert_eq!(invariants.len(), 4);
-    assert!(invariants.values().all(|v| v == true), "{report}");
+    assert_eq!(report["mode"], "real");
+    assert_eq!(report["devices"], 200);
+    let invariants = report["invariants"].as_array().unwrap();
+    assert_eq!(invariants.len(), 3, "{report}");
+    assert!(invariants.iter().all(|i| i["ok"] == true), "{report}");
     for p in report["phases"].as_array().unwrap() {
-        assert_eq!(p["converged"], 20, "{p}");
+        assert_eq!(p["converged"], p["devices"], "{p}");
     }
+    // Something really happened: the partition and the drift left their traces.
+    assert_eq!(report["faults"]["hub_restarts"], 1);
+    assert_eq!(report["faults"]["partitions"], 50);
+    assert_eq!(report["events"]["drift_corrected"], 40, "{report}");
+    assert_eq!(report["events"]["lost"], 0);
+    assert_eq!(report["events"]["duplicated"], 0);
+    assert!(report["wire"]["to_hub"].as_u64().unwrap() > 0);
+    assert!(report["hub"]["rss_peak_mb"].as_f64().unwrap() > 0.0);
+    assert!(!report["timeline"].as_array().unwrap().is_empty());
 }

@@ -3,6 +3,8 @@
 //! changes pushed the way the admin API pushes them.
 #![forbid(unsafe_code)]
 
+pub mod plot;
+pub mod real;
 pub mod report;
 pub mod scenario;
 

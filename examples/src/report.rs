@@ -102,7 +102,8 @@ pub struct Faults {
     pub flaps: u64,
     pub agent_crashes: u64,
     pub hub_restarts: u64,
-    /// Sessions established, first connections included.
+    /// Sessions established, first connections included (deterministic mode only: the
+    /// real hub does not record sessions).
     pub sessions: u64,
 }
 
@@ -199,11 +200,15 @@ impl Report {
             e.created, e.delivered, e.drift_corrected, e.lost, e.duplicated
         );
         let f = &self.faults;
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "faults: {} partitioned, {} flapping, {} agent crashes, {} hub restarts; {} sessions established",
-            f.partitions, f.flaps, f.agent_crashes, f.hub_restarts, f.sessions
+            "faults: {} partitioned, {} flapping, {} agent crashes, {} hub restarts",
+            f.partitions, f.flaps, f.agent_crashes, f.hub_restarts
         );
+        if f.sessions > 0 {
+            let _ = write!(s, "; {} sessions established", f.sessions);
+        }
+        let _ = writeln!(s);
         if let Some(h) = &self.hub {
             let _ = writeln!(
                 s,

@@ -115,6 +115,19 @@ impl StateDocument {
     pub fn digest(&self) -> DocumentDigest {
         document_digest(self.resources.iter().map(|(n, r)| (n, r.hash())))
     }
+
+    /// Checks that this whole document, as held, carries the hub's signature: used to
+    /// audit stored state (the fleet simulation's "no unsigned state" invariant).
+    pub fn verify(&self, hub_key: &VerifyingKey) -> Result<(), StateError> {
+        hub_key
+            .verify(
+                &signing_payload(&self.device, self.revision, &self.digest()),
+                &self.signature,
+            )
+            .map_err(|_| StateError::BadSignature {
+                revision: self.revision,
+            })
+    }
 }
 
 /// A change of desired state on the wire: a delta from `base_revision`, or a full
@@ -308,6 +321,15 @@ mod tests {
         );
         let d2 = u2.apply_to(&dev, Some(&d1), &k.verifying_key()).unwrap();
         assert_eq!(d2.resources, full);
+        d2.verify(&k.verifying_key()).unwrap();
+        let mut forged = d2.clone();
+        forged
+            .resources
+            .insert(name("extra"), file("etc/extra", "x"));
+        assert_eq!(
+            forged.verify(&k.verifying_key()),
+            Err(StateError::BadSignature { revision: 2 })
+        );
         assert_eq!(d2.revision, 2);
 
         // Replay of revision 1 (and of revision 2 itself) is refused.

@@ -129,6 +129,10 @@ pub struct DeviceRecord {
     pub failing: u32,
     /// Highest report sequence number stored.
     pub reports_acked: u64,
+    /// When the hub learned of the current `applied_revision` (ms since the epoch).
+    pub applied_ms: Option<u64>,
+    /// When the current (or, if offline, the last) session began.
+    pub online_since_ms: Option<u64>,
 }
 
 impl DeviceRecord {

@@ -63,7 +63,9 @@ CREATE TABLE IF NOT EXISTS devices (
     stored_revision INTEGER NOT NULL DEFAULT 0,
     applied_revision INTEGER NOT NULL DEFAULT 0,
     failing INTEGER NOT NULL DEFAULT 0,
-    reports_acked INTEGER NOT NULL DEFAULT 0
+    reports_acked INTEGER NOT NULL DEFAULT 0,
+    applied_ms INTEGER,
+    online_since_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS resources (
     device TEXT NOT NULL,
@@ -145,6 +147,25 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Brings a database made by an older hub up to [`SCHEMA`]: columns added since are
+/// added here (`CREATE TABLE IF NOT EXISTS` leaves existing tables alone).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (column, decl) in [("applied_ms", "INTEGER"), ("online_since_ms", "INTEGER")] {
+        let present: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = ?1",
+            [column],
+            |r| r.get(0),
+        )?;
+        if !present {
+            conn.execute(
+                &format!("ALTER TABLE devices ADD COLUMN {column} {decl}"),
+                [],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn now_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
@@ -157,6 +178,10 @@ impl SqliteStore {
         writer.execute_batch(SCHEMA).map_err(|e| StoreError::Open {
             path: path.display().to_string(),
             reason: format!("creating schema: {e}"),
+        })?;
+        migrate(&writer).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            reason: format!("upgrading schema: {e}"),
         })?;
         writer
             .execute("UPDATE devices SET online = 0 WHERE online = 1", [])
@@ -296,7 +321,7 @@ fn device_id(s: String) -> Result<DeviceId> {
 }
 
 const DEVICE_COLUMNS: &str = "id, hostname, labels, agent_version, enrolled_ms, revoked_ms, online, \
-     last_seen_ms, revision, stored_revision, applied_revision, failing, reports_acked";
+     last_seen_ms, revision, stored_revision, applied_revision, failing, reports_acked, applied_ms, online_since_ms";
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDevice> {
     Ok(RawDevice {
@@ -313,6 +338,8 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDevice> {
         applied_revision: r.get(10)?,
         failing: r.get(11)?,
         reports_acked: r.get(12)?,
+        applied_ms: r.get(13)?,
+        online_since_ms: r.get(14)?,
     })
 }
 
@@ -330,6 +357,8 @@ struct RawDevice {
     applied_revision: u64,
     failing: u32,
     reports_acked: u64,
+    applied_ms: Option<u64>,
+    online_since_ms: Option<u64>,
 }
 
 impl RawDevice {
@@ -348,6 +377,8 @@ impl RawDevice {
             applied_revision: self.applied_revision,
             failing: self.failing,
             reports_acked: self.reports_acked,
+            applied_ms: self.applied_ms,
+            online_since_ms: self.online_since_ms,
         })
     }
 }
@@ -865,7 +896,7 @@ impl Store for SqliteStore {
         let id = id.clone();
         self.write(move |conn| {
             let sql = if online {
-                "UPDATE devices SET online = 1, online_session = ?2, last_seen_ms = ?3 WHERE id = ?1"
+                "UPDATE devices SET online = 1, online_session = ?2, last_seen_ms = ?3, online_since_ms = ?3 WHERE id = ?1"
             } else {
                 "UPDATE devices SET online = 0, last_seen_ms = ?3 WHERE id = ?1 AND online_session = ?2"
             };
@@ -987,7 +1018,9 @@ impl Store for SqliteStore {
                     }
                     ReportBody::Status(s) => {
                         conn.prepare_cached(
-                            "UPDATE devices SET applied_revision = ?2, failing = ?3, \
+                            "UPDATE devices SET \
+                             applied_ms = CASE WHEN applied_revision = ?2 THEN applied_ms ELSE ?5 END, \
+                             applied_revision = ?2, failing = ?3, \
                              stored_revision = MAX(stored_revision, ?4) WHERE id = ?1",
                         )
                         .and_then(|mut st| {
@@ -995,7 +1028,8 @@ impl Store for SqliteStore {
                                 id.as_str(),
                                 s.applied_revision,
                                 s.failing,
-                                s.desired_revision
+                                s.desired_revision,
+                                now_ms
                             ])
                         })
                         .map_err(backend)?;

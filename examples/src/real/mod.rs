@@ -1,0 +1,860 @@
+//! Real mode: a real hub and real agents on this machine, QUIC over loopback.
+//!
+//! ```text
+//!   fleet-sim (orchestrator) ──admin API (HTTPS)──► hub process (`__hub`, the hub library)
+//!        │ JSON lines on stdin/stdout                      ▲ QUIC (UDP)
+//!        ▼                                                 │
+//!   agent pools (`__agents`, up to --pool-size agents each) │
+//!        agent ─UDP─► relay (cut / latency / jitter / loss, byte counts) ─┘
+//! ```
+//!
+//! The orchestrator runs the scenario's timeline in wall-clock time: operator actions
+//! through the hub's admin API, exactly as `cairn-hub` CLI users make them; faults
+//! through the pools (links cut at the relay, agents killed mid-flight) and the hub
+//! process (SIGKILL, then restarted on the same ports and data directory). Convergence
+//! times come from the hub's own record of when it learned that a device applied its
+//! newest revision (`applied_ms`), measured from the operator's action or, for a device
+//! that was cut off then, from when its link came back.
+
+pub mod hub;
+pub mod pool;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use cairn_hub::cli::{Client, Connect};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command as Process};
+
+use self::hub::{HubProcess, HubSetup};
+use self::pool::{AgentAudit, Command, PoolSetup, Reply, StatusReply};
+use crate::report::{Events, Faults, HubUsage, InvariantResult, Phase, Report, Sample, Wire};
+use crate::scenario::{Invariant, Scenario, Step};
+
+/// How to run a scenario in real mode.
+pub struct RealOptions {
+    /// Where the hub's and agents' data go.
+    pub root: PathBuf,
+    /// Agents per pool process.
+    pub pool_size: usize,
+    /// Show the live progress display.
+    pub progress: bool,
+    /// How long enrollment of the whole fleet may take.
+    pub enroll_timeout: Duration,
+}
+
+/// One device as the hub's admin API lists it.
+#[derive(Debug, Clone, Deserialize)]
+struct HubDevice {
+    id: String,
+    hostname: String,
+    connected: bool,
+    desired_revision: u64,
+    stored_revision: u64,
+    applied_revision: u64,
+    failing: u32,
+    reports_acked: u64,
+    applied_ms: Option<u64>,
+    online_since_ms: Option<u64>,
+}
+
+impl HubDevice {
+    fn converged(&self) -> bool {
+        self.applied_revision == self.desired_revision
+            && self.stored_revision == self.desired_revision
+            && self.failing == 0
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct HubEvent {
+    id: u64,
+    device: String,
+    seq: Option<u64>,
+    kind: String,
+}
+
+/// A pool process and its command channel.
+struct PoolProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl PoolProcess {
+    async fn start(exe: &Path, setup: &PoolSetup) -> Result<Self> {
+        let mut child = Process::new(exe)
+            .arg("__agents")
+            .arg(serde_json::to_string(setup)?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting an agent pool process")?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("pool stdin"))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("pool stdout"))?;
+        Ok(Self {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout).lines(),
+        })
+    }
+
+    async fn call(&mut self, cmd: &Command) -> Result<Reply> {
+        let mut line = serde_json::to_string(cmd)?;
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await?;
+        self.stdin.flush().await?;
+        let Some(reply) = self.stdout.next_line().await? else {
+            let status = self.child.wait().await?;
+            bail!("an agent pool process ended ({status})");
+        };
+        match serde_json::from_str::<Reply>(&reply)? {
+            Reply::Error { message } => bail!("agent pool: {message}"),
+            r => Ok(r),
+        }
+    }
+}
+
+/// Something the timeline scheduled for later.
+#[derive(Debug, Clone)]
+enum Timed {
+    LinkDown(Vec<usize>),
+    LinkUp(Vec<usize>),
+    Restart(Vec<usize>),
+}
+
+struct Fleet {
+    exe: PathBuf,
+    scenario: Scenario,
+    opts_pool_size: usize,
+    hub: HubProcess,
+    api: Client,
+    pools: Vec<PoolProcess>,
+    /// Active faults per device index (cut links, crashed agents); 0: reachable.
+    faults_on: Vec<u32>,
+    /// Per device: when its current measurement starts (ms since the epoch).
+    t_ref: Vec<u64>,
+    /// Desired revision per device at the previous `converge`.
+    desired_before: Vec<u64>,
+    /// Devices that must have started a new session since `t_ref` (the hub or the
+    /// agent restarted) before they count as converged.
+    must_resync: Vec<bool>,
+    /// Devices partitioned without a duration, healed by `heal`.
+    open_partitions: BTreeSet<usize>,
+    scheduled: Vec<(Instant, Timed)>,
+    /// Latest path set for each resource name (for `drift`).
+    paths: BTreeMap<String, String>,
+    devices: Vec<Option<HubDevice>>,
+    last_status: StatusReply,
+    last_status_at: Option<Instant>,
+    started: Instant,
+    timeline_start: Option<Instant>,
+    timeline: Vec<Sample>,
+    faults: Faults,
+    problems: Vec<String>,
+    bar: ProgressBar,
+    step_text: String,
+    rss_peak_mb: f64,
+}
+
+fn now_ms() -> u64 {
+    cairn_hub::endpoint::now_ms()
+}
+
+impl Fleet {
+    fn pool_of(&self, index: usize) -> usize {
+        index / self.opts_pool_size
+    }
+
+    /// Device `i` is connected, holds and applied its newest revision, and started a new
+    /// session since its restart if it had one.
+    fn done(&self, i: usize) -> bool {
+        self.devices[i].as_ref().is_some_and(|d| {
+            d.converged()
+                && d.connected
+                && (!self.must_resync[i] || d.online_since_ms.unwrap_or(0) >= self.t_ref[i])
+        })
+    }
+
+    /// Sends a command for `indices` to the pools holding them.
+    async fn for_pools(
+        &mut self,
+        indices: &[usize],
+        make: impl Fn(Vec<usize>) -> Command,
+    ) -> Result<()> {
+        let mut by_pool: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &i in indices {
+            by_pool.entry(self.pool_of(i)).or_default().push(i);
+        }
+        for (p, idx) in by_pool {
+            self.pools[p].call(&make(idx)).await?;
+        }
+        Ok(())
+    }
+
+    fn fault_begins(&mut self, indices: &[usize]) {
+        for &i in indices {
+            self.faults_on[i] += 1;
+        }
+    }
+
+    fn fault_ends(&mut self, indices: &[usize]) {
+        let now = now_ms();
+        for &i in indices {
+            self.faults_on[i] = self.faults_on[i].saturating_sub(1);
+            if self.faults_on[i] == 0 {
+                self.t_ref[i] = now;
+            }
+        }
+    }
+
+    async fn fire(&mut self, t: Timed) -> Result<()> {
+        match t {
+            Timed::LinkDown(idx) => {
+                self.fault_begins(&idx);
+                self.for_pools(&idx, |indices| Command::Link { indices, up: false })
+                    .await
+            }
+            Timed::LinkUp(idx) => {
+                self.for_pools(&idx, |indices| Command::Link { indices, up: true })
+                    .await?;
+                self.fault_ends(&idx);
+                Ok(())
+            }
+            Timed::Restart(idx) => {
+                self.for_pools(&idx, |indices| Command::Restart { indices })
+                    .await?;
+                self.fault_ends(&idx);
+                for &i in &idx {
+                    self.must_resync[i] = true;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn fire_due(&mut self) -> Result<()> {
+        let now = Instant::now();
+        self.scheduled.sort_by_key(|(t, _)| *t);
+        while let Some((t, _)) = self.scheduled.first()
+            && *t <= now
+        {
+            let (_, action) = self.scheduled.remove(0);
+            self.fire(action).await?;
+        }
+        Ok(())
+    }
+
+    /// One turn of the loop: due faults, the hub's device list, pool status every
+    /// second, the hub's usage, a timeline sample and the progress display.
+    async fn tick(&mut self) -> Result<()> {
+        self.fire_due().await?;
+        let list: Vec<HubDevice> = self
+            .api
+            .get("/v1/devices")
+            .await
+            .map_err(|e| e.error.context("listing devices"))?;
+        for d in list {
+            if let Some(i) = pool::index_of(&d.hostname)
+                && i < self.devices.len()
+            {
+                self.devices[i] = Some(d);
+            }
+        }
+        if self
+            .last_status_at
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+        {
+            let mut total = StatusReply::default();
+            for p in &mut self.pools {
+                if let Reply::Status(s) = p.call(&Command::Status).await? {
+                    total.queued += s.queued;
+                    total.bytes_to_hub += s.bytes_to_hub;
+                    total.bytes_from_hub += s.bytes_from_hub;
+                }
+            }
+            self.last_status = total;
+            self.last_status_at = Some(Instant::now());
+        }
+        if let Some(u) = self.hub.usage() {
+            self.rss_peak_mb = self.rss_peak_mb.max(u.rss_peak_mb);
+        }
+        let online = self
+            .devices
+            .iter()
+            .flatten()
+            .filter(|d| d.connected)
+            .count();
+        let converged = self
+            .devices
+            .iter()
+            .flatten()
+            .filter(|d| d.converged())
+            .count();
+        if let Some(t0) = self.timeline_start {
+            self.timeline.push(Sample {
+                t_ms: t0.elapsed().as_millis() as u64,
+                online,
+                converged,
+                queued: self.last_status.queued,
+            });
+        }
+        let cut = self.faults_on.iter().filter(|n| **n > 0).count();
+        self.bar.set_position(converged as u64);
+        self.bar.set_message(format!(
+            "online {online} · cut off {cut} · queued reports {} · {}",
+            self.last_status.queued, self.step_text
+        ));
+        Ok(())
+    }
+
+    async fn sleep(&mut self, d: Duration) -> Result<()> {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.tick().await?;
+            let left = until.saturating_duration_since(Instant::now());
+            tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until every reachable device converged; returns the phase.
+    async fn converge(&mut self, name: &str, timeout: Duration, all: bool) -> Result<Phase> {
+        let start = Instant::now();
+        loop {
+            self.tick().await?;
+            let pending = (0..self.devices.len())
+                .filter(|i| all || self.faults_on[*i] == 0)
+                .filter(|i| !self.done(*i))
+                .count();
+            if pending == 0 {
+                break;
+            }
+            if start.elapsed() > timeout {
+                self.problems.push(format!(
+                    "{name}: {pending} devices had not converged after {}",
+                    humantime::format_duration(timeout)
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Each device's time: until the hub learned it applied a changed revision, and,
+        // after a restart, until its new session began — whichever came later.
+        let mut times = Vec::new();
+        let mut due = 0;
+        for i in 0..self.devices.len() {
+            let Some(d) = &self.devices[i] else { continue };
+            let changed = d.desired_revision != self.desired_before[i];
+            if !(changed || self.must_resync[i]) || !(all || self.faults_on[i] == 0) {
+                continue;
+            }
+            due += 1;
+            if self.done(i) {
+                let applied = if changed {
+                    d.applied_ms.unwrap_or(0)
+                } else {
+                    0
+                };
+                let session = if self.must_resync[i] {
+                    d.online_since_ms.unwrap_or(0)
+                } else {
+                    0
+                };
+                times.push(applied.max(session).saturating_sub(self.t_ref[i]));
+            }
+        }
+        for i in 0..self.devices.len() {
+            if let Some(d) = &self.devices[i]
+                && (all || self.faults_on[i] == 0)
+            {
+                self.desired_before[i] = d.desired_revision;
+                self.must_resync[i] = false;
+            }
+        }
+        Ok(Phase::from_times(name, due, times))
+    }
+
+    async fn run_step(&mut self, n: usize, step: &Step) -> Result<Option<Phase>> {
+        match step {
+            Step::Set {
+                selector,
+                resource,
+                path,
+                content,
+            } => {
+                self.operator_action();
+                self.paths
+                    .insert(resource.to_string(), path.as_str().to_string());
+                let body = json!({
+                    "selector": selector.to_string(),
+                    "name": resource.as_str(),
+                    "file": { "path": path.as_str(), "content": content, "mode": 0o644 },
+                });
+                let _: serde_json::Value = self
+                    .api
+                    .post("/v1/state", &body)
+                    .await
+                    .map_err(|e| e.error.context("setting state"))?;
+            }
+            Step::Unset { selector, resource } => {
+                self.operator_action();
+                let body = json!({ "selector": selector.to_string(), "name": resource.as_str() });
+                let _: serde_json::Value = self
+                    .api
+                    .post("/v1/state", &body)
+                    .await
+                    .map_err(|e| e.error.context("unsetting state"))?;
+            }
+            Step::Converge { name, timeout } => {
+                return Ok(Some(self.converge(name, *timeout, false).await?));
+            }
+            Step::Partition {
+                devices,
+                selector,
+                duration,
+            } => {
+                let idx = self.scenario.pick(n, *devices, selector.as_ref());
+                self.faults.partitions += idx.len() as u64;
+                self.fire(Timed::LinkDown(idx.clone())).await?;
+                match duration {
+                    Some(d) => self
+                        .scheduled
+                        .push((Instant::now() + *d, Timed::LinkUp(idx))),
+                    None => self.open_partitions.extend(idx),
+                }
+            }
+            Step::Heal => {
+                let idx: Vec<usize> = std::mem::take(&mut self.open_partitions)
+                    .into_iter()
+                    .collect();
+                self.fire(Timed::LinkUp(idx)).await?;
+            }
+            Step::Flap {
+                devices,
+                selector,
+                period,
+                duration,
+            } => {
+                let idx = self.scenario.pick(n, *devices, selector.as_ref());
+                self.faults.flaps += idx.len() as u64;
+                let now = Instant::now();
+                let mut t = Duration::ZERO;
+                while t + *period <= *duration {
+                    self.scheduled.push((now + t, Timed::LinkDown(idx.clone())));
+                    self.scheduled
+                        .push((now + t + *period / 2, Timed::LinkUp(idx.clone())));
+                    t += *period;
+                }
+                self.fire_due().await?;
+            }
+            Step::HubRestart { down } => {
+                self.faults.hub_restarts += 1;
+                self.hub.kill().await?;
+                self.sleep(*down).await.ok();
+                self.hub.restart(&self.exe).await?;
+                let now = now_ms();
+                for t in &mut self.t_ref {
+                    *t = (*t).max(now);
+                }
+                self.must_resync.fill(true);
+            }
+            Step::Crash {
+                devices,
+                selector,
+                down,
+            } => {
+                let idx = self.scenario.pick(n, *devices, selector.as_ref());
+                self.faults.agent_crashes += idx.len() as u64;
+                self.fault_begins(&idx);
+                self.for_pools(&idx, |indices| Command::Crash { indices })
+                    .await?;
+                self.scheduled
+                    .push((Instant::now() + *down, Timed::Restart(idx)));
+            }
+            Step::Drift {
+                devices,
+                selector,
+                resource,
+            } => {
+                let idx = self.scenario.pick(n, *devices, selector.as_ref());
+                let path = self.paths.get(resource.as_str()).cloned().ok_or_else(|| {
+                    anyhow!(
+                        "step {}: drift of {resource}, which no earlier step set",
+                        n + 1
+                    )
+                })?;
+                self.for_pools(&idx, |indices| Command::Drift {
+                    indices,
+                    path: path.clone(),
+                })
+                .await?;
+            }
+            Step::Sleep { duration } => self.sleep(*duration).await?,
+        }
+        Ok(None)
+    }
+
+    /// An operator action starts a new measurement for every reachable device.
+    fn operator_action(&mut self) {
+        let now = now_ms();
+        for i in 0..self.t_ref.len() {
+            if self.faults_on[i] == 0 {
+                self.t_ref[i] = now;
+            }
+        }
+    }
+
+    /// Ends every fault: pending timed actions fire now, open partitions heal.
+    async fn end_faults(&mut self) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.scheduled);
+        pending.sort_by_key(|(t, _)| *t);
+        for (_, a) in pending {
+            self.fire(a).await?;
+        }
+        let idx: Vec<usize> = std::mem::take(&mut self.open_partitions)
+            .into_iter()
+            .collect();
+        if !idx.is_empty() {
+            self.fire(Timed::LinkUp(idx)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `scenario` with a real hub and real agents.
+pub async fn run(scenario: &Scenario, opts: &RealOptions) -> Result<Report> {
+    let started = Instant::now();
+    let exe = std::env::current_exe().context("finding the fleet-sim executable")?;
+    let n = scenario.devices;
+    let hub = HubProcess::start(
+        &exe,
+        HubSetup {
+            dir: opts.root.join("hub"),
+            listen: "127.0.0.1:0".parse()?,
+            admin_listen: "127.0.0.1:0".parse()?,
+        },
+    )
+    .await?;
+    let api = Client::from_connect(&Connect {
+        config: Some(opts.root.join("hub").join("cli.toml")),
+        ..Default::default()
+    })
+    .map_err(|e| e.error)?;
+
+    let bar = if opts.progress {
+        ProgressBar::new(n as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} converged · {wide_msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+
+    let mut fleet = Fleet {
+        exe: exe.clone(),
+        scenario: scenario.clone(),
+        opts_pool_size: opts.pool_size.max(1),
+        hub,
+        api,
+        pools: Vec::new(),
+        faults_on: vec![0; n],
+        t_ref: vec![now_ms(); n],
+        desired_before: vec![0; n],
+        must_resync: vec![false; n],
+        open_partitions: BTreeSet::new(),
+        scheduled: Vec::new(),
+        paths: BTreeMap::new(),
+        devices: vec![None; n],
+        last_status: StatusReply::default(),
+        last_status_at: None,
+        started,
+        timeline_start: None,
+        timeline: Vec::new(),
+        faults: Faults::default(),
+        problems: Vec::new(),
+        bar,
+        step_text: "enrolling".into(),
+        rss_peak_mb: 0.0,
+    };
+    let result = drive(&mut fleet, opts).await;
+    fleet.bar.finish_and_clear();
+    let report = result?;
+    let _ = fleet.hub.kill().await;
+    Ok(report)
+}
+
+async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
+    let n = fleet.scenario.devices;
+    // Enrollment: one join token per label group.
+    let mut tokens: Vec<(usize, String)> = Vec::with_capacity(n);
+    for (labels, members) in fleet.scenario.label_groups() {
+        #[derive(Deserialize)]
+        struct Created {
+            token: String,
+        }
+        let created: Created = fleet
+            .api
+            .post(
+                "/v1/tokens",
+                &json!({ "ttl_secs": 86_400, "uses": members.len(), "labels": labels }),
+            )
+            .await
+            .map_err(|e| e.error.context("creating a join token"))?;
+        tokens.extend(members.iter().map(|m| (*m, created.token.clone())));
+    }
+    tokens.sort_unstable();
+    let pool_size = fleet.opts_pool_size;
+    for (p, chunk) in tokens.chunks(pool_size).enumerate() {
+        let setup = PoolSetup {
+            root: opts.root.join(format!("pool-{p:03}")),
+            hub: fleet.hub.quic,
+            latency_us: fleet.scenario.network.latency.as_micros() as u64,
+            jitter_us: fleet.scenario.network.jitter.as_micros() as u64,
+            loss: fleet.scenario.network.loss,
+        };
+        let mut pool = PoolProcess::start(&fleet.exe, &setup).await?;
+        pool.call(&Command::Start {
+            agents: chunk.to_vec(),
+        })
+        .await?;
+        fleet.pools.push(pool);
+    }
+    let enroll_start = Instant::now();
+    loop {
+        fleet.tick().await?;
+        let online = fleet
+            .devices
+            .iter()
+            .flatten()
+            .filter(|d| d.connected)
+            .count();
+        if online == n {
+            break;
+        }
+        if enroll_start.elapsed() > opts.enroll_timeout {
+            bail!(
+                "only {online} of {n} agents enrolled and online after {}",
+                humantime::format_duration(opts.enroll_timeout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let enroll_secs = enroll_start.elapsed().as_secs_f64();
+    tracing::info!(devices = n, secs = enroll_secs, "fleet enrolled and online");
+
+    // The timeline.
+    let cpu_start = fleet.hub.usage().map_or(0.0, |u| u.cpu_secs) + fleet.hub.cpu_before;
+    let timeline_start = Instant::now();
+    fleet.timeline_start = Some(timeline_start);
+    let bytes_start = (
+        fleet.last_status.bytes_to_hub,
+        fleet.last_status.bytes_from_hub,
+    );
+    let mut phases = Vec::new();
+    let steps = fleet.scenario.steps.clone();
+    for (i, step) in steps.iter().enumerate() {
+        fleet.step_text = format!("step {}/{}: {}", i + 1, steps.len(), step.describe());
+        fleet.bar.println(format!(
+            "[{:>6.1}s] {}",
+            timeline_start.elapsed().as_secs_f64(),
+            fleet.step_text
+        ));
+        if let Some(p) = fleet.run_step(i, step).await? {
+            phases.push(p);
+        }
+    }
+    fleet.step_text = "all faults ended, final convergence".into();
+    fleet.end_faults().await?;
+    phases.push(
+        fleet
+            .converge("final (all faults ended)", Duration::from_secs(180), true)
+            .await?,
+    );
+    // Outboxes drain.
+    let drain = Instant::now();
+    fleet.last_status_at = None;
+    fleet.tick().await?;
+    while fleet.last_status.queued > 0 && drain.elapsed() < Duration::from_secs(120) {
+        fleet.last_status_at = None;
+        fleet.sleep(Duration::from_millis(500)).await?;
+    }
+    let simulated_secs = timeline_start.elapsed().as_secs_f64();
+    let usage = fleet.hub.usage();
+    let cpu_secs = usage.map_or(0.0, |u| u.cpu_secs) + fleet.hub.cpu_before - cpu_start;
+    let rss_end = usage.map_or(0.0, |u| u.rss_mb);
+    let rss_peak = fleet
+        .rss_peak_mb
+        .max(fleet.hub.rss_peak_mb)
+        .max(usage.map_or(0.0, |u| u.rss_peak_mb));
+
+    // Final audit: agents stop gracefully and show what they hold.
+    fleet.last_status_at = None;
+    fleet.tick().await?;
+    let wire = Wire {
+        counted: "UDP payload through the relays (QUIC, TLS, retransmits and acks included)".into(),
+        to_hub: fleet.last_status.bytes_to_hub - bytes_start.0,
+        from_hub: fleet.last_status.bytes_from_hub - bytes_start.1,
+        per_device: (fleet.last_status.bytes_to_hub + fleet.last_status.bytes_from_hub
+            - bytes_start.0
+            - bytes_start.1)
+            / n.max(1) as u64,
+    };
+    let mut audits: Vec<AgentAudit> = Vec::with_capacity(n);
+    for p in &mut fleet.pools {
+        if let Reply::Audit { agents } = p.call(&Command::Finish).await? {
+            audits.extend(agents);
+        }
+    }
+    let events = all_events(&fleet.api).await?;
+
+    let mut report = Report {
+        scenario: fleet.scenario.name.clone(),
+        mode: "real".into(),
+        seed: fleet.scenario.seed,
+        devices: n,
+        wall_secs: fleet.started.elapsed().as_secs_f64(),
+        simulated_secs,
+        phases,
+        wire,
+        hub: Some(HubUsage {
+            cpu_secs,
+            cpu_percent: 100.0 * cpu_secs / simulated_secs.max(0.001),
+            rss_peak_mb: rss_peak,
+            rss_end_mb: rss_end,
+        }),
+        faults: fleet.faults.clone(),
+        timeline: std::mem::take(&mut fleet.timeline),
+        problems: std::mem::take(&mut fleet.problems),
+        ..Default::default()
+    };
+    check(fleet, &audits, &events, &mut report);
+    Ok(report)
+}
+
+async fn all_events(api: &Client) -> Result<Vec<HubEvent>> {
+    let mut out: Vec<HubEvent> = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |e| e.id);
+        let page: Vec<HubEvent> = api
+            .get_query(
+                "/v1/events",
+                &[("after", after.to_string()), ("limit", "50000".into())],
+            )
+            .await
+            .map_err(|e| e.error.context("listing events"))?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
+}
+
+fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut Report) {
+    let by_index: BTreeMap<usize, &AgentAudit> = audits.iter().map(|a| (a.index, a)).collect();
+    let mut converged = 0;
+    let mut signed = 0;
+    let mut exact = 0;
+    let mut ev = Events::default();
+    let mut seen: BTreeSet<(&str, u64)> = BTreeSet::new();
+    for e in events {
+        if let Some(seq) = e.seq
+            && !seen.insert((e.device.as_str(), seq))
+        {
+            ev.duplicated += 1;
+        }
+        if e.kind == "drift-corrected" {
+            ev.drift_corrected += 1;
+        }
+        if e.kind == "hub.reports-lost" {
+            report
+                .problems
+                .push(format!("{}: the hub recorded lost reports", e.device));
+        }
+    }
+    let lost_declared = events
+        .iter()
+        .filter(|e| e.kind == "hub.reports-lost")
+        .count() as u64;
+    for i in 0..fleet.scenario.devices {
+        let name = pool::hostname(i);
+        let (Some(a), Some(d)) = (by_index.get(&i), fleet.devices[i].as_ref()) else {
+            report
+                .problems
+                .push(format!("{name}: not enrolled at the hub or not audited"));
+            continue;
+        };
+        if let Some(p) = &a.problem {
+            report.problems.push(format!("{} ({name}): {p}", d.id));
+        }
+        ev.created += a.last_seq;
+        ev.delivered += d.reports_acked.min(a.last_seq);
+        ev.lost += a.last_seq.saturating_sub(d.reports_acked);
+        if a.stored_revision == d.desired_revision
+            && a.applied_revision == d.desired_revision
+            && d.converged()
+            && a.files_match
+        {
+            converged += 1;
+        } else {
+            report.problems.push(format!(
+                "{}: desired revision {}, agent stored {} and applied {}{}",
+                d.id,
+                d.desired_revision,
+                a.stored_revision,
+                a.applied_revision,
+                if a.files_match { "" } else { ", files differ" }
+            ));
+        }
+        if a.outbox_depth == 0 && d.reports_acked == a.last_seq {
+            exact += 1;
+        } else {
+            report.problems.push(format!(
+                "{}: hub stored reports up to {}, agent numbered {} ({} still queued)",
+                d.id, d.reports_acked, a.last_seq, a.outbox_depth
+            ));
+        }
+        if a.signed {
+            signed += 1;
+        } else {
+            report.problems.push(format!(
+                "{}: stored state does not verify with the hub key",
+                d.id
+            ));
+        }
+    }
+    ev.lost += lost_declared;
+    report.events = ev;
+    report.problems.truncate(300);
+    let n = fleet.scenario.devices;
+    for inv in &fleet.scenario.check {
+        let r = match inv {
+            Invariant::AllConverged => {
+                InvariantResult::new(*inv, converged == n, format!("{converged} of {n} devices"))
+            }
+            Invariant::ReportsExactlyOnce => InvariantResult::new(
+                *inv,
+                exact == n && report.events.duplicated == 0 && lost_declared == 0,
+                format!(
+                    "{exact} of {n} devices; {} reports stored, {} duplicated",
+                    report.events.delivered, report.events.duplicated
+                ),
+            ),
+            Invariant::SignedStateOnly => {
+                InvariantResult::new(*inv, signed == n, format!("{signed} of {n} devices"))
+            }
+        };
+        report.invariants.push(r);
+    }
+}
