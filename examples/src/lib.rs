@@ -3,6 +3,7 @@
 //! changes pushed the way the admin API pushes them.
 #![forbid(unsafe_code)]
 
+pub mod det;
 pub mod plot;
 pub mod real;
 pub mod report;

@@ -148,8 +148,9 @@ pub struct Sample {
 }
 
 impl Report {
+    /// Every invariant held and every `converge` step converged all its devices in time.
     pub fn passed(&self) -> bool {
-        self.invariants.iter().all(|i| i.ok)
+        self.invariants.iter().all(|i| i.ok) && self.phases.iter().all(|p| p.converged == p.devices)
     }
 
     /// The human-readable report.

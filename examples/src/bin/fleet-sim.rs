@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "fleet-sim",
-    after_help = "Examples:\n  fleet-sim                                   # default scenario, 2000 real agents\n  fleet-sim --devices 200 --plot fleet.svg\n  fleet-sim --scenario examples/scenarios/ci-small.toml --json\n  fleet-sim --deterministic --scenario examples/scenarios/100k.toml\n  fleet-sim --deterministic --seed 17          # replay one seed\n\nExit codes: 0 every invariant held; 1 an invariant failed; 2 bad usage or scenario; 3 the run could not complete.\nLogs: RUST_LOG=info (default: warn) for the hub's, agents' and simulator's log lines."
+    after_help = "Examples:\n  fleet-sim                                   # default scenario, 2000 real agents\n  fleet-sim --devices 200 --plot fleet.svg\n  fleet-sim --scenario examples/scenarios/ci-small.toml --json\n  fleet-sim --deterministic --scenario examples/scenarios/100k.toml\n  fleet-sim --deterministic --seed 17          # replay one seed\n\nExit codes: 0 every invariant held; 1 an invariant failed or a converge step timed out; 2 bad usage or scenario; 3 the run could not complete.\nLogs: RUST_LOG=info (default: warn) for the hub's, agents' and simulator's log lines."
 )]
 struct Args {
     /// Scenario file (TOML); the embedded default scenario without it.
@@ -127,7 +127,31 @@ fn load(args: &Args) -> Result<Scenario> {
 
 fn simulate(args: &Args, scenario: &Scenario) -> Result<Report> {
     if args.deterministic {
-        anyhow::bail!("deterministic mode is not wired yet");
+        let mut opts = cairn_examples::det::DetOptions::default();
+        let shown = indicatif::ProgressBar::new(scenario.devices as u64);
+        if !args.json && !args.no_progress {
+            let bar = shown.clone();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} converged · {wide_msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let steps = scenario.steps.len();
+            opts.progress = Some(Box::new(move |s, step, what| {
+                bar.set_position(s.converged as u64);
+                bar.set_message(format!(
+                    "t={:.0}s · online {} · queued reports {} · step {}/{steps}: {what}",
+                    s.t_ms as f64 / 1000.0,
+                    s.online,
+                    s.queued,
+                    step + 1
+                ));
+            }));
+        }
+        let report = cairn_examples::det::run(scenario, opts);
+        shown.finish_and_clear();
+        return report;
     }
     let tmp;
     let root = match &args.keep {

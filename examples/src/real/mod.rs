@@ -143,9 +143,9 @@ struct Fleet {
     t_ref: Vec<u64>,
     /// Desired revision per device at the previous `converge`.
     desired_before: Vec<u64>,
-    /// Devices that must have started a new session since `t_ref` (the hub or the
-    /// agent restarted) before they count as converged.
-    must_resync: Vec<bool>,
+    /// Devices that must have started a new session since this time (ms since the
+    /// epoch; the hub or the agent restarted then) before they count as converged.
+    resync_after: Vec<Option<u64>>,
     /// Devices partitioned without a duration, healed by `heal`.
     open_partitions: BTreeSet<usize>,
     scheduled: Vec<(Instant, Timed)>,
@@ -179,7 +179,7 @@ impl Fleet {
         self.devices[i].as_ref().is_some_and(|d| {
             d.converged()
                 && d.connected
-                && (!self.must_resync[i] || d.online_since_ms.unwrap_or(0) >= self.t_ref[i])
+                && self.resync_after[i].is_none_or(|t| d.online_since_ms.unwrap_or(0) >= t)
         })
     }
 
@@ -232,8 +232,9 @@ impl Fleet {
                 self.for_pools(&idx, |indices| Command::Restart { indices })
                     .await?;
                 self.fault_ends(&idx);
+                let now = now_ms();
                 for &i in &idx {
-                    self.must_resync[i] = true;
+                    self.resync_after[i] = Some(now);
                 }
                 Ok(())
             }
@@ -353,7 +354,7 @@ impl Fleet {
         for i in 0..self.devices.len() {
             let Some(d) = &self.devices[i] else { continue };
             let changed = d.desired_revision != self.desired_before[i];
-            if !(changed || self.must_resync[i]) || !(all || self.faults_on[i] == 0) {
+            if !(changed || self.resync_after[i].is_some()) || !(all || self.faults_on[i] == 0) {
                 continue;
             }
             due += 1;
@@ -363,7 +364,7 @@ impl Fleet {
                 } else {
                     0
                 };
-                let session = if self.must_resync[i] {
+                let session = if self.resync_after[i].is_some() {
                     d.online_since_ms.unwrap_or(0)
                 } else {
                     0
@@ -376,7 +377,7 @@ impl Fleet {
                 && (all || self.faults_on[i] == 0)
             {
                 self.desired_before[i] = d.desired_revision;
-                self.must_resync[i] = false;
+                self.resync_after[i] = None;
             }
         }
         Ok(Phase::from_times(name, due, times))
@@ -464,7 +465,7 @@ impl Fleet {
                 for t in &mut self.t_ref {
                     *t = (*t).max(now);
                 }
-                self.must_resync.fill(true);
+                self.resync_after.fill(Some(now));
             }
             Step::Crash {
                 devices,
@@ -572,7 +573,7 @@ pub async fn run(scenario: &Scenario, opts: &RealOptions) -> Result<Report> {
         faults_on: vec![0; n],
         t_ref: vec![now_ms(); n],
         desired_before: vec![0; n],
-        must_resync: vec![false; n],
+        resync_after: vec![None; n],
         open_partitions: BTreeSet::new(),
         scheduled: Vec::new(),
         paths: BTreeMap::new(),
@@ -677,11 +678,12 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
     }
     fleet.step_text = "all faults ended, final convergence".into();
     fleet.end_faults().await?;
-    phases.push(
-        fleet
-            .converge("final (all faults ended)", Duration::from_secs(180), true)
-            .await?,
-    );
+    let last = fleet
+        .converge("final (all faults ended)", Duration::from_secs(180), true)
+        .await?;
+    if last.devices > 0 {
+        phases.push(last);
+    }
     // Outboxes drain.
     let drain = Instant::now();
     fleet.last_status_at = None;
