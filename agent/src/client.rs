@@ -533,7 +533,9 @@ pub async fn run_link(
                 let enrolled = shared
                     .with_store(|s| s.identity().map(|i| i.is_some()))
                     .unwrap_or(false);
-                if !enrolled {
+                // A hub that is busy or restarting gets the enrollment again later; a
+                // refusal of the token or the request itself is final.
+                if !enrolled && !code.is_retryable() {
                     shared.set_conn_state(&format!("enrollment refused: {message}"));
                     return Err(LinkError::EnrollRefused { code, message });
                 }

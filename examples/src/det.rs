@@ -723,6 +723,7 @@ impl<'a> Sim<'a> {
             online: self.online,
             converged: self.converged,
             queued: self.queued,
+            ..Sample::default()
         };
         self.report.timeline.push(s);
         if let Some(p) = self.progress.as_mut() {

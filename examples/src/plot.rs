@@ -108,6 +108,7 @@ mod tests {
                 online: (i as usize).min(10),
                 converged: (i as usize / 2).min(10),
                 queued: 20 - i,
+                ..Sample::default()
             });
         }
         let dir = tempfile::tempdir().unwrap();

@@ -4,11 +4,11 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scenario::Invariant;
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Report {
     pub scenario: String,
     /// `real` or `deterministic`.
@@ -33,7 +33,7 @@ pub struct Report {
 }
 
 /// One `converge` step: how long each device took.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Phase {
     pub name: String,
     /// Devices that had to converge (those not cut off).
@@ -73,7 +73,7 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// Bytes on the wire. Real mode counts UDP payload bytes of the hub's QUIC endpoint
 /// (handshakes, TLS, retransmits and acks included); deterministic mode counts protocol
 /// frame bytes (what QUIC would carry, without its own overhead).
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Wire {
     /// What the counts include.
     pub counted: String,
@@ -82,7 +82,7 @@ pub struct Wire {
     pub per_device: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Events {
     /// Reports the agents numbered (events and status).
     pub created: u64,
@@ -96,7 +96,7 @@ pub struct Events {
     pub drift_corrected: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Faults {
     pub partitions: u64,
     pub flaps: u64,
@@ -107,7 +107,7 @@ pub struct Faults {
     pub sessions: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct HubUsage {
     /// CPU seconds (user + system) of the hub process over the run.
     pub cpu_secs: f64,
@@ -117,7 +117,7 @@ pub struct HubUsage {
     pub rss_end_mb: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InvariantResult {
     pub invariant: Invariant,
     pub description: String,
@@ -137,7 +137,7 @@ impl InvariantResult {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default)]
 pub struct Sample {
     /// Milliseconds since the timeline started (simulated in deterministic mode).
     pub t_ms: u64,
@@ -145,6 +145,12 @@ pub struct Sample {
     pub converged: usize,
     /// Reports waiting in agents' outboxes.
     pub queued: u64,
+    /// CPU seconds the hub process(es) used so far (real mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_cpu_secs: Option<f64>,
+    /// The hub process's resident memory (real mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub_rss_mb: Option<f64>,
 }
 
 impl Report {

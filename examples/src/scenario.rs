@@ -346,6 +346,20 @@ impl Scenario {
         Ok(())
     }
 
+    /// Whether agents can talk to the hub directly: no step cuts a link or crashes an
+    /// agent (a crash cuts the link first) and the network adds nothing.
+    pub fn direct_links_suffice(&self) -> bool {
+        self.network.latency.is_zero()
+            && self.network.jitter.is_zero()
+            && self.network.loss == 0.0
+            && !self.steps.iter().any(|s| {
+                matches!(
+                    s,
+                    Step::Partition { .. } | Step::Flap { .. } | Step::Crash { .. }
+                )
+            })
+    }
+
     /// Labels of device `index`.
     pub fn labels_of(&self, index: usize) -> Labels {
         let text: Vec<String> = self

@@ -282,8 +282,8 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         Err(_) => {
             close_with(
                 &conn,
-                RefusalCode::ProtocolViolation,
-                "no stream opened in time",
+                RefusalCode::Timeout,
+                "no stream opened in time; try again",
             );
             return;
         }

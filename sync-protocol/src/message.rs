@@ -95,10 +95,14 @@ pub enum RefusalCode {
     ProtocolViolation,
     Internal,
     ShuttingDown,
+    /// The hub waited too long for the agent (e.g. for its first stream): an overloaded
+    /// link or agent, not a broken one.
+    Timeout,
 }
 
 impl RefusalCode {
-    const ALL: [RefusalCode; 11] = [
+    // Append new codes at the end: the position is the close code and the wire tag.
+    const ALL: [RefusalCode; 12] = [
         Self::UnsupportedVersion,
         Self::UnknownToken,
         Self::TokenExpired,
@@ -110,6 +114,7 @@ impl RefusalCode {
         Self::ProtocolViolation,
         Self::Internal,
         Self::ShuttingDown,
+        Self::Timeout,
     ];
 
     /// The QUIC application error code a hub closes the connection with (0 is a normal
@@ -128,7 +133,7 @@ impl RefusalCode {
 
     /// Whether an agent can expect a later retry of the same request to succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, Self::Internal | Self::ShuttingDown)
+        matches!(self, Self::Internal | Self::ShuttingDown | Self::Timeout)
     }
 }
 

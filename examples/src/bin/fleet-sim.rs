@@ -51,6 +51,11 @@ struct Args {
     /// Keep the hub's and agents' data here instead of a temporary directory (real mode).
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
+    /// Put the agents' data here instead (real mode), e.g. a directory on a tmpfs such as
+    /// /dev/shm: on a real fleet every agent fsyncs its own disk, here thousands share
+    /// one. The hub's database stays in the run directory.
+    #[arg(long, value_name = "DIR")]
+    agents_dir: Option<PathBuf>,
     /// Agents per pool process (real mode).
     #[arg(long, default_value_t = 500)]
     pool_size: usize,
@@ -164,8 +169,20 @@ fn simulate(args: &Args, scenario: &Scenario) -> Result<Report> {
             tmp.path().to_path_buf()
         }
     };
+    let agents_tmp;
+    let agents_root = match &args.agents_dir {
+        Some(p) => {
+            std::fs::create_dir_all(p).context("creating --agents-dir")?;
+            agents_tmp = tempfile::Builder::new()
+                .prefix("fleet-sim-agents-")
+                .tempdir_in(p)?;
+            Some(agents_tmp.path().to_path_buf())
+        }
+        None => None,
+    };
     let opts = RealOptions {
         root,
+        agents_root,
         pool_size: args.pool_size,
         progress: !args.json && !args.no_progress,
         enroll_timeout: args.enroll_timeout,

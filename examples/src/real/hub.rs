@@ -20,13 +20,16 @@ pub struct HubSetup {
     pub admin_listen: SocketAddr,
 }
 
-/// The child's main: serve until killed.
+/// The child's main: serve until killed, or until the orchestrator goes away (its end
+/// of our stdin closes), so that no hub outlives an interrupted run.
 pub async fn main(setup: HubSetup) -> Result<()> {
     let mut cfg = cairn_hub::server::HubConfig::new(&setup.dir);
     cfg.listen = setup.listen;
     cfg.admin_listen = setup.admin_listen;
-    let _hub = cairn_hub::server::start(cfg).await?;
-    std::future::pending::<()>().await;
+    let hub = cairn_hub::server::start(cfg).await?;
+    let mut sink = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
+    hub.shutdown().await;
     Ok(())
 }
 
@@ -56,7 +59,7 @@ impl HubProcess {
         let child = Command::new(exe)
             .arg("__hub")
             .arg(serde_json::to_string(&setup)?)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .context("starting the hub process")?;

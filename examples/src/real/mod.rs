@@ -41,6 +41,9 @@ use crate::scenario::{Invariant, Scenario, Step};
 pub struct RealOptions {
     /// Where the hub's and agents' data go.
     pub root: PathBuf,
+    /// Where the agents' data go instead, if set (e.g. a tmpfs: on a real fleet each
+    /// agent fsyncs its own disk; here thousands share one).
+    pub agents_root: Option<PathBuf>,
     /// Agents per pool process.
     pub pool_size: usize,
     /// Show the live progress display.
@@ -107,10 +110,19 @@ impl PoolProcess {
     }
 
     async fn call(&mut self, cmd: &Command) -> Result<Reply> {
+        self.send(cmd).await?;
+        self.recv().await
+    }
+
+    async fn send(&mut self, cmd: &Command) -> Result<()> {
         let mut line = serde_json::to_string(cmd)?;
         line.push('\n');
         self.stdin.write_all(line.as_bytes()).await?;
         self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Reply> {
         let Some(reply) = self.stdout.next_line().await? else {
             let status = self.child.wait().await?;
             bail!("an agent pool process ended ({status})");
@@ -284,7 +296,8 @@ impl Fleet {
             self.last_status = total;
             self.last_status_at = Some(Instant::now());
         }
-        if let Some(u) = self.hub.usage() {
+        let usage = self.hub.usage();
+        if let Some(u) = usage {
             self.rss_peak_mb = self.rss_peak_mb.max(u.rss_peak_mb);
         }
         let online = self
@@ -305,6 +318,8 @@ impl Fleet {
                 online,
                 converged,
                 queued: self.last_status.queued,
+                hub_cpu_secs: usage.map(|u| u.cpu_secs + self.hub.cpu_before),
+                hub_rss_mb: usage.map(|u| u.rss_mb),
             });
         }
         let cut = self.faults_on.iter().filter(|n| **n > 0).count();
@@ -316,12 +331,26 @@ impl Fleet {
         Ok(())
     }
 
+    /// How often a `converge` step polls the hub's device list: listing 10,000 devices
+    /// is work for the hub, whose CPU the run measures, so big fleets poll less often.
+    /// Convergence times do not depend on it (they come from the hub's own records).
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(100 + 50 * (self.devices.len() as u64 / 1000))
+    }
+
+    /// Lets time pass, looking at the fleet every 2 s (due faults fire on time).
     async fn sleep(&mut self, d: Duration) -> Result<()> {
         let until = Instant::now() + d;
+        let mut next_tick = Instant::now();
         while Instant::now() < until {
-            self.tick().await?;
+            if Instant::now() >= next_tick {
+                self.tick().await?;
+                next_tick = Instant::now() + Duration::from_secs(2);
+            } else {
+                self.fire_due().await?;
+            }
             let left = until.saturating_duration_since(Instant::now());
-            tokio::time::sleep(left.min(Duration::from_millis(250))).await;
+            tokio::time::sleep(left.min(Duration::from_millis(100))).await;
         }
         Ok(())
     }
@@ -345,7 +374,7 @@ impl Fleet {
                 ));
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(self.poll_interval()).await;
         }
         // Each device's time: until the hub learned it applied a changed revision, and,
         // after a restart, until its new session began — whichever came later.
@@ -617,20 +646,36 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
     }
     tokens.sort_unstable();
     let pool_size = fleet.opts_pool_size;
-    for (p, chunk) in tokens.chunks(pool_size).enumerate() {
+    for p in 0..tokens.len().div_ceil(pool_size) {
         let setup = PoolSetup {
-            root: opts.root.join(format!("pool-{p:03}")),
+            root: opts
+                .agents_root
+                .as_deref()
+                .unwrap_or(&opts.root)
+                .join(format!("pool-{p:03}")),
             hub: fleet.hub.quic,
+            relay: !fleet.scenario.direct_links_suffice(),
             latency_us: fleet.scenario.network.latency.as_micros() as u64,
             jitter_us: fleet.scenario.network.jitter.as_micros() as u64,
             loss: fleet.scenario.network.loss,
         };
-        let mut pool = PoolProcess::start(&fleet.exe, &setup).await?;
-        pool.call(&Command::Start {
+        fleet
+            .pools
+            .push(PoolProcess::start(&fleet.exe, &setup).await?);
+    }
+    // Pools start their agents in parallel, the whole fleet at about START_RATE per
+    // second.
+    const START_RATE: u64 = 1000;
+    let spacing_us = 1_000_000 * fleet.pools.len() as u64 / START_RATE;
+    for (chunk, pool) in tokens.chunks(pool_size).zip(fleet.pools.iter_mut()) {
+        pool.send(&Command::Start {
             agents: chunk.to_vec(),
+            spacing_us,
         })
         .await?;
-        fleet.pools.push(pool);
+    }
+    for pool in &mut fleet.pools {
+        pool.recv().await?;
     }
     let enroll_start = Instant::now();
     loop {

@@ -30,6 +30,9 @@ use tokio::task::JoinHandle;
 pub struct PoolSetup {
     pub root: PathBuf,
     pub hub: SocketAddr,
+    /// Put a relay between each agent and the hub (needed for link faults and byte
+    /// counts); without it agents talk to the hub directly.
+    pub relay: bool,
     pub latency_us: u64,
     pub jitter_us: u64,
     pub loss: f64,
@@ -38,8 +41,13 @@ pub struct PoolSetup {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Command {
-    /// Starts agents for the first time: `(index, join token)`.
-    Start { agents: Vec<(usize, String)> },
+    /// Starts agents for the first time: `(index, join token)`, one every `spacing_us`
+    /// (a fleet powering up is not one instant; thousands of simultaneous enrollments
+    /// on two cores would mostly measure the pile-up).
+    Start {
+        agents: Vec<(usize, String)>,
+        spacing_us: u64,
+    },
     /// Cuts (`up: false`) or restores links.
     Link { indices: Vec<usize>, up: bool },
     /// Kills agents: the link is cut first (so no goodbye reaches the hub, as with a
@@ -169,7 +177,7 @@ struct PoolAgent {
     link: Arc<Link>,
     stop: Option<watch::Sender<bool>>,
     task: Option<JoinHandle<()>>,
-    _relay: JoinHandle<()>,
+    _relay: Option<JoinHandle<()>>,
 }
 
 impl PoolAgent {
@@ -226,14 +234,11 @@ struct Pool {
 impl Pool {
     async fn handle(&mut self, cmd: Command) -> Result<Reply> {
         match cmd {
-            Command::Start { agents } => {
+            Command::Start { agents, spacing_us } => {
                 for (index, token) in agents {
-                    let downstream = Arc::new(
-                        UdpSocket::bind("127.0.0.1:0")
-                            .await
-                            .context("binding relay socket")?,
-                    );
-                    let addr = downstream.local_addr()?;
+                    if spacing_us > 0 {
+                        tokio::time::sleep(Duration::from_micros(spacing_us)).await;
+                    }
                     let link = Arc::new(Link {
                         up: AtomicBool::new(true),
                         to_hub: AtomicU64::new(0),
@@ -242,7 +247,24 @@ impl Pool {
                         jitter: Duration::from_micros(self.setup.jitter_us),
                         loss: self.setup.loss,
                     });
-                    let relay = tokio::spawn(relay(downstream, self.setup.hub, link.clone()));
+                    let (addr, relay) = if self.setup.relay {
+                        let downstream = Arc::new(
+                            UdpSocket::bind("127.0.0.1:0")
+                                .await
+                                .context("binding relay socket")?,
+                        );
+                        let addr = downstream.local_addr()?;
+                        (
+                            addr,
+                            Some(tokio::spawn(relay(
+                                downstream,
+                                self.setup.hub,
+                                link.clone(),
+                            ))),
+                        )
+                    } else {
+                        (self.setup.hub, None)
+                    };
                     let dir = self.setup.root.join(format!("agent-{index:06}"));
                     let mut cfg = sim_agent_config(&addr.to_string(), &dir, index);
                     cfg.join_token = Some(token);
