@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod det;
+pub mod peers;
 pub mod plot;
 pub mod real;
 pub mod report;

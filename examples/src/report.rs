@@ -30,6 +30,15 @@ pub struct Report {
     pub problems: Vec<String>,
     /// Fleet counts over time, one sample per tick of the progress display.
     pub timeline: Vec<Sample>,
+    /// How long the hub's admin API took for each operator action (real mode).
+    #[serde(default)]
+    pub actions: Vec<Action>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Action {
+    pub what: String,
+    pub ms: u64,
 }
 
 /// One `converge` step: how long each device took.
@@ -43,6 +52,10 @@ pub struct Phase {
     pub p90_ms: u64,
     pub p99_ms: u64,
     pub max_ms: u64,
+    /// CPU seconds the hub used from the action (or fault) this phase measures until
+    /// everything converged (real mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_cpu_secs: Option<f64>,
 }
 
 impl Phase {
@@ -57,6 +70,7 @@ impl Phase {
             p90_ms: percentile(&times, 0.90),
             p99_ms: percentile(&times, 0.99),
             max_ms: times.last().copied().unwrap_or(0),
+            hub_cpu_secs: None,
         }
     }
 }
@@ -193,6 +207,17 @@ impl Report {
                 "{:<32} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8}",
                 p.name, p.devices, p.converged, p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms
             );
+        }
+        for a in &self.actions {
+            let _ = writeln!(s, "admin API: {} took {} ms", a.what, a.ms);
+        }
+        if self.phases.iter().any(|p| p.hub_cpu_secs.is_some()) {
+            let cpu: Vec<String> = self
+                .phases
+                .iter()
+                .map(|p| format!("{:.1}", p.hub_cpu_secs.unwrap_or(0.0)))
+                .collect();
+            let _ = writeln!(s, "hub CPU-s per phase: {}", cpu.join(", "));
         }
         let _ = writeln!(s);
         let _ = writeln!(

@@ -1,19 +1,50 @@
-//! Benchmarks of the core loop. Prints a Markdown table of figures, each beside its
-//! target and, where one exists, a baseline measured in the same run.
+//! The benchmark harness. Prints Markdown tables of figures, each beside its target and,
+//! where one exists, a baseline or peer measured in the same run; `--write` puts them
+//! into BENCHMARKS.md with the machine and the date.
 //!
-//! `cargo run --release -p cairn-examples --bin bench` (build the release binaries
-//! first: the idle-RSS figure runs the real `cairn-agent` process).
+//! ```text
+//! cargo build --release -p cairn-examples -p cairn-agent && cargo build --profile agent -p cairn-agent
+//! cargo run --release -p cairn-examples --bin bench -- --write BENCHMARKS.md
+//! ```
+//! Sections: `core` (wire bytes, offline backlog, agent RSS and size, the Mender client
+//! side by side), `fleet` (hub RSS/CPU with 1k/5k/10k real agents, one change to all,
+//! reconnect storm; runs `fleet-sim` with `examples/scenarios/bench.toml`), `det`
+//! (deterministic simulator throughput at 100,000 devices).
 #![forbid(unsafe_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cairn_agent::AgentConfig;
+use cairn_examples::report::Report;
 use cairn_examples::{AgentTask, create_token, file, selector, set, start_hub};
 use cairn_sync_protocol::DeviceId;
 use cairn_sync_protocol::frame;
 use cairn_sync_protocol::message::{EventKind, HubMessage};
+use clap::Parser;
+
+/// Measure Cairn and print (or write) the figures of BENCHMARKS.md.
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    after_help = "Build first: cargo build --release -p cairn-examples -p cairn-agent && cargo build --profile agent -p cairn-agent\nThe peer comparison needs Debian's mender-client (scripts/bench.sh installs it)."
+)]
+struct Args {
+    /// Sections to run (core, fleet, det); all by default.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["core".to_string(), "fleet".into(), "det".into()])]
+    sections: Vec<String>,
+    /// Fleet sizes for the fleet section.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1000usize, 5000, 10000])]
+    fleet_sizes: Vec<usize>,
+    /// How long agents (ours and the peer) idle before their memory is read.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    idle: Duration,
+    /// Replace the generated sections of this Markdown file (between
+    /// `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`) with this run's tables.
+    #[arg(long, value_name = "BENCHMARKS.md")]
+    write: Option<PathBuf>,
+}
 
 struct Row {
     what: String,
@@ -178,7 +209,7 @@ fn rusqlite_baseline(path: &Path, n: usize) -> Result<Duration> {
 }
 
 /// Idle RSS and stripped size of the release agent binary.
-async fn agent_process(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
+async fn agent_process(dir: &Path, idle: Duration, rows: &mut Vec<Row>) -> Result<()> {
     // The shipped agent is built with the size-optimised `agent` profile; fall back to
     // the release build next to this binary.
     let exe_dir = std::env::current_exe()?
@@ -218,7 +249,7 @@ async fn agent_process(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
         Ok(hub.registry.online_count() == 1)
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(idle).await;
     let pid = child.id().context("agent exited")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kb: u64 = status
@@ -228,40 +259,299 @@ async fn agent_process(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
         .context("no VmRSS")?;
     let _ = child.kill().await;
     hub.shutdown().await;
+    // The peer, measured now on this machine in the same way.
+    let peer = match tokio::task::spawn_blocking(move || cairn_examples::peers::mender(idle))
+        .await
+        .context("peer measurement task")?
+    {
+        Ok(Ok(p)) => Some(p),
+        Ok(Err(why)) => {
+            eprintln!("bench: peer not measured: {why}");
+            None
+        }
+        Err(e) => {
+            eprintln!("bench: measuring the peer failed: {e:#}");
+            None
+        }
+    };
+    let secs = idle.as_secs();
     rows.push(row(
-        &format!("agent idle RSS ({profile}, connected, 5 s idle, x86_64)"),
+        &format!("agent idle RSS ({profile}, connected, {secs} s idle, x86_64)"),
         format!("{:.1} MB", rss_kb as f64 / 1024.0),
         "< 6 MB",
-        "peer (MACHINE.md, not re-measured here): Mender client 3.4 38 MB".into(),
+        match &peer {
+            Some(p) => format!(
+                "{} {}: {:.1} MB (ratio {:.2}); {}",
+                p.name,
+                p.version,
+                p.idle_rss_mb,
+                (rss_kb as f64 / 1024.0) / p.idle_rss_mb.max(0.001),
+                p.how
+            ),
+            None => "peer not installed in this run (MACHINE.md: Mender client 3.4 38 MB)".into(),
+        },
     ));
     rows.push(row(
         &format!("agent binary, stripped ({profile}, x86_64)"),
         format!("{:.1} MB", size as f64 / 1_048_576.0),
         "< 5 MB",
-        "peer (MACHINE.md, not re-measured here): Mender client 3.4 10.3 MB".into(),
+        match &peer {
+            Some(p) => format!(
+                "{} {}: {:.1} MB binary + {:.1} MB shared libraries; ours links statically except libc",
+                p.name, p.version, p.binary_mb, p.shared_libs_mb
+            ),
+            None => "peer not installed in this run (MACHINE.md: Mender client 3.4 10.3 MB)".into(),
+        },
     ));
     Ok(())
 }
 
+/// Runs `fleet-sim` (next to this binary) on a scenario and returns its report.
+fn fleet_sim(args: &[&str], scenario: &str, dir: &Path) -> Result<Report> {
+    let exe = std::env::current_exe()?
+        .parent()
+        .map(|d| d.join("fleet-sim"))
+        .context("no exe dir")?;
+    if !exe.exists() {
+        bail!(
+            "{} missing: cargo build --release -p cairn-examples",
+            exe.display()
+        );
+    }
+    let path = dir.join("scenario.toml");
+    std::fs::write(&path, scenario)?;
+    let out = std::process::Command::new(&exe)
+        .arg("--scenario")
+        .arg(&path)
+        .args(["--json", "--no-progress"])
+        .args(args)
+        .output()
+        .context("running fleet-sim")?;
+    if !out.status.success() && out.status.code() != Some(1) {
+        bail!(
+            "fleet-sim {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let report: Report = serde_json::from_slice(&out.stdout).context("fleet-sim's report")?;
+    if !report.passed() {
+        bail!(
+            "fleet-sim {args:?}: invariants failed, figures not usable:\n{}",
+            report.render()
+        );
+    }
+    Ok(report)
+}
+
+/// Hub RSS and CPU with N connected real agents, one change to all, reconnect storm.
+fn fleet(sizes: &[usize], dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let scenario = include_str!("../../scenarios/bench.toml");
+    for &n in sizes {
+        eprintln!("bench: fleet of {n} real agents…");
+        let started = Instant::now();
+        // Agents' data on a tmpfs when there is one: on a real fleet each agent fsyncs
+        // its own disk; here 10,000 would queue on one. The hub's database stays on disk.
+        let shm = Path::new("/dev/shm");
+        let mut fs_args = vec!["--devices".to_string(), n.to_string()];
+        if shm.is_dir() {
+            fs_args.extend(["--agents-dir".to_string(), shm.display().to_string()]);
+        }
+        let refs: Vec<&str> = fs_args.iter().map(String::as_str).collect();
+        let r = fleet_sim(&refs, scenario, dir)?;
+        let hub = r.hub.clone().unwrap_or_default();
+        // Idle: the first step sleeps 20 s with every agent connected.
+        let idle: Vec<_> = r
+            .timeline
+            .iter()
+            .filter(|s| s.t_ms <= 20_000 && s.hub_cpu_secs.is_some())
+            .collect();
+        let (cpu_idle, rss_idle) = match (idle.first(), idle.last()) {
+            (Some(a), Some(b)) if b.t_ms > a.t_ms => (
+                100.0 * (b.hub_cpu_secs.unwrap_or(0.0) - a.hub_cpu_secs.unwrap_or(0.0))
+                    / ((b.t_ms - a.t_ms) as f64 / 1000.0),
+                b.hub_rss_mb.unwrap_or(0.0),
+            ),
+            _ => (0.0, 0.0),
+        };
+        let change = r.phases.first().cloned().unwrap_or_default();
+        let storm = r.phases.get(1).cloned().unwrap_or_default();
+        rows.push(row(
+            &format!("hub with {n} connected agents, idle: RSS / CPU"),
+            format!("{rss_idle:.0} MB / {cpu_idle:.1}% of a core"),
+            if n == 10_000 { "< 350 MB" } else { "—" },
+            format!(
+                "peak RSS over the run {:.0} MB; quinn alone ~28 KB per connection here (MACHINE.md): {:.0} MB",
+                hub.rss_peak_mb,
+                n as f64 * 28.0 / 1024.0
+            ),
+        ));
+        rows.push(row(
+            &format!("one desired-state change applied by {n} agents: p50 / p99 / max"),
+            format!(
+                "{} / {} / {} ms",
+                change.p50_ms, change.p99_ms, change.max_ms
+            ),
+            if n == 10_000 { "< 2 s" } else { "—" },
+            format!(
+                "the hub: admin API call {} ms (signs and stores {n} revisions), {:.1} CPU-s until all applied; bare quinn broadcast + ack to 10k: ~0.4 s (MACHINE.md)",
+                r.actions.first().map_or(0, |a| a.ms),
+                change.hub_cpu_secs.unwrap_or(0.0)
+            ),
+        ));
+        rows.push(row(
+            &format!(
+                "reconnect storm: {n} agents after a hub SIGKILL + restart, until all resynced"
+            ),
+            format!(
+                "{:.1} s (p50 {:.1} s)",
+                storm.max_ms as f64 / 1000.0,
+                storm.p50_ms as f64 / 1000.0
+            ),
+            if n == 10_000 { "< 30 s" } else { "—" },
+            format!(
+                "hub CPU {:.1} s for the storm; whole run {:.0} s incl. enrollment",
+                storm.hub_cpu_secs.unwrap_or(0.0),
+                started.elapsed().as_secs_f64()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Deterministic simulator throughput at 100,000 devices.
+fn det(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let scenario = include_str!("../../scenarios/100k.toml");
+    eprintln!("bench: deterministic simulator, 100,000 devices…");
+    let r = fleet_sim(&["--deterministic"], scenario, dir)?;
+    rows.push(row(
+        "deterministic simulator: 100,000 devices, scenario 100k",
+        format!(
+            "{:.0} device-s per wall-s ({:.1} s simulated in {:.1} s)",
+            r.devices as f64 * r.simulated_secs / r.wall_secs.max(0.001),
+            r.simulated_secs,
+            r.wall_secs
+        ),
+        "100,000 devices on 2 cores",
+        format!(
+            "real time: {} device-s per wall-s; {} reports delivered, {} sessions",
+            r.devices, r.events.delivered, r.faults.sessions
+        ),
+    ));
+    Ok(())
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut s = String::from("| what | figure | target | baseline / peer |\n|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.what, r.figure, r.target, r.baseline
+        ));
+    }
+    s
+}
+
+/// The machine, for the record.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1_048_576.0);
+    let date = std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    format!("Measured on {date}: {cores} cores ({cpu}), {mem_gib:.0} GiB, release profile.")
+}
+
+/// Replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`.
+fn splice(doc: &str, name: &str, body: &str) -> Result<String> {
+    let open = format!("<!-- bench:{name} -->");
+    let close = format!("<!-- /bench:{name} -->");
+    let (Some(a), Some(b)) = (doc.find(&open), doc.find(&close)) else {
+        bail!("markers {open} … {close} not found");
+    };
+    if b < a {
+        bail!("{close} comes before {open}");
+    }
+    Ok(format!("{}{open}\n{body}{}", &doc[..a], &doc[b..]))
+}
+
 fn main() -> Result<()> {
+    let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()?;
     let tmp = tempfile::tempdir()?;
-    let mut rows = Vec::new();
-    rt.block_on(async {
-        wire_bytes(tmp.path(), &mut rows).await?;
-        backlog(tmp.path(), &mut rows).await?;
-        agent_process(tmp.path(), &mut rows).await
-    })?;
-    println!("| what | figure | target | baseline / peer |");
-    println!("|---|---|---|---|");
-    for r in rows {
-        println!(
-            "| {} | {} | {} | {} |",
-            r.what, r.figure, r.target, r.baseline
-        );
+    let header = machine();
+    let mut sections: Vec<(&str, Vec<Row>)> = Vec::new();
+    for name in &args.sections {
+        let mut rows = Vec::new();
+        match name.as_str() {
+            "core" => rt.block_on(async {
+                wire_bytes(tmp.path(), &mut rows).await?;
+                backlog(tmp.path(), &mut rows).await?;
+                agent_process(tmp.path(), args.idle, &mut rows).await
+            })?,
+            "fleet" => fleet(&args.fleet_sizes, tmp.path(), &mut rows)?,
+            "det" => det(tmp.path(), &mut rows)?,
+            other => bail!("unknown section {other:?}: use core, fleet or det"),
+        }
+        sections.push((
+            match name.as_str() {
+                "core" => "core",
+                "fleet" => "fleet",
+                _ => "det",
+            },
+            rows,
+        ));
+    }
+    println!("{header}\n");
+    for (name, rows) in &sections {
+        println!("### {name}\n\n{}", table(rows));
+    }
+    if let Some(path) = &args.write {
+        let mut doc =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        for (name, rows) in &sections {
+            doc = splice(&doc, name, &format!("{header}\n\n{}", table(rows)))?;
+        }
+        std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_between_markers() {
+        let doc = "a\n<!-- bench:x -->\nold\n<!-- /bench:x -->\nb\n";
+        assert_eq!(
+            splice(doc, "x", "new\n").unwrap(),
+            "a\n<!-- bench:x -->\nnew\n<!-- /bench:x -->\nb\n"
+        );
+        assert!(splice(doc, "y", "z").is_err());
+    }
 }

@@ -34,7 +34,9 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command as Process};
 
 use self::hub::{HubProcess, HubSetup};
 use self::pool::{AgentAudit, Command, PoolSetup, Reply, StatusReply};
-use crate::report::{Events, Faults, HubUsage, InvariantResult, Phase, Report, Sample, Wire};
+use crate::report::{
+    Action, Events, Faults, HubUsage, InvariantResult, Phase, Report, Sample, Wire,
+};
 use crate::scenario::{Invariant, Scenario, Step};
 
 /// How to run a scenario in real mode.
@@ -174,6 +176,9 @@ struct Fleet {
     bar: ProgressBar,
     step_text: String,
     rss_peak_mb: f64,
+    /// Hub CPU seconds when the last operator action or fault began.
+    cpu_mark: f64,
+    actions: Vec<Action>,
 }
 
 fn now_ms() -> u64 {
@@ -183,6 +188,11 @@ fn now_ms() -> u64 {
 impl Fleet {
     fn pool_of(&self, index: usize) -> usize {
         index / self.opts_pool_size
+    }
+
+    /// CPU seconds of every hub process of this run so far.
+    fn hub_cpu(&self) -> f64 {
+        self.hub.usage().map_or(0.0, |u| u.cpu_secs) + self.hub.cpu_before
     }
 
     /// Device `i` is connected, holds and applied its newest revision, and started a new
@@ -281,13 +291,18 @@ impl Fleet {
                 self.devices[i] = Some(d);
             }
         }
+        // Queue depths are read from every agent's database: for big fleets, less often.
+        let status_every = Duration::from_secs(1 + self.devices.len() as u64 / 2000);
         if self
             .last_status_at
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
+            .is_none_or(|t| t.elapsed() > status_every)
         {
             let mut total = StatusReply::default();
             for p in &mut self.pools {
-                if let Reply::Status(s) = p.call(&Command::Status).await? {
+                p.send(&Command::Status).await?;
+            }
+            for p in &mut self.pools {
+                if let Reply::Status(s) = p.recv().await? {
                     total.queued += s.queued;
                     total.bytes_to_hub += s.bytes_to_hub;
                     total.bytes_from_hub += s.bytes_from_hub;
@@ -409,7 +424,9 @@ impl Fleet {
                 self.resync_after[i] = None;
             }
         }
-        Ok(Phase::from_times(name, due, times))
+        let mut phase = Phase::from_times(name, due, times);
+        phase.hub_cpu_secs = Some(self.hub_cpu() - self.cpu_mark);
+        Ok(phase)
     }
 
     async fn run_step(&mut self, n: usize, step: &Step) -> Result<Option<Phase>> {
@@ -428,20 +445,30 @@ impl Fleet {
                     "name": resource.as_str(),
                     "file": { "path": path.as_str(), "content": content, "mode": 0o644 },
                 });
+                let t = Instant::now();
                 let _: serde_json::Value = self
                     .api
                     .post("/v1/state", &body)
                     .await
                     .map_err(|e| e.error.context("setting state"))?;
+                self.actions.push(Action {
+                    what: step.describe(),
+                    ms: t.elapsed().as_millis() as u64,
+                });
             }
             Step::Unset { selector, resource } => {
                 self.operator_action();
                 let body = json!({ "selector": selector.to_string(), "name": resource.as_str() });
+                let t = Instant::now();
                 let _: serde_json::Value = self
                     .api
                     .post("/v1/state", &body)
                     .await
                     .map_err(|e| e.error.context("unsetting state"))?;
+                self.actions.push(Action {
+                    what: step.describe(),
+                    ms: t.elapsed().as_millis() as u64,
+                });
             }
             Step::Converge { name, timeout } => {
                 return Ok(Some(self.converge(name, *timeout, false).await?));
@@ -487,6 +514,7 @@ impl Fleet {
             }
             Step::HubRestart { down } => {
                 self.faults.hub_restarts += 1;
+                self.cpu_mark = self.hub_cpu();
                 self.hub.kill().await?;
                 self.sleep(*down).await.ok();
                 self.hub.restart(&self.exe).await?;
@@ -534,6 +562,7 @@ impl Fleet {
 
     /// An operator action starts a new measurement for every reachable device.
     fn operator_action(&mut self) {
+        self.cpu_mark = self.hub_cpu();
         let now = now_ms();
         for i in 0..self.t_ref.len() {
             if self.faults_on[i] == 0 {
@@ -617,6 +646,8 @@ pub async fn run(scenario: &Scenario, opts: &RealOptions) -> Result<Report> {
         bar,
         step_text: "enrolling".into(),
         rss_peak_mb: 0.0,
+        cpu_mark: 0.0,
+        actions: Vec::new(),
     };
     let result = drive(&mut fleet, opts).await;
     fleet.bar.finish_and_clear();
@@ -783,6 +814,7 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
         }),
         faults: fleet.faults.clone(),
         timeline: std::mem::take(&mut fleet.timeline),
+        actions: std::mem::take(&mut fleet.actions),
         problems: std::mem::take(&mut fleet.problems),
         ..Default::default()
     };
