@@ -73,11 +73,12 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cairn_agent::store::event_body;
 use cairn_hub::desired::{Assignment, Selector, Target, effective};
 use cairn_sync_protocol::agent::{AgentEvent, AgentSession};
 use cairn_sync_protocol::hub::{HubEvent, HubSession};
 use cairn_sync_protocol::message::{
-    Event, EventKind, HubMessage, Labels, Report as ReportMsg, ReportBody, Status,
+    EventKind, HubMessage, Labels, Report as ReportMsg, ReportBody, Status,
 };
 use cairn_sync_protocol::state::{
     DocumentDigest, FileResource, Resource, ResourceHash, StateDocument, StateError, StateUpdate,
@@ -1261,7 +1262,7 @@ impl<'a> Sim<'a> {
         let attempt = d.attempt;
         self.push_reports(
             dev,
-            vec![event(
+            vec![event_body(
                 EventKind::AgentStarted,
                 None,
                 None,
@@ -1362,7 +1363,7 @@ impl<'a> Sim<'a> {
                     Some(e) if e.1 == hash && e.2 => {}
                     Some(e) if e.1 == hash => {
                         e.2 = true;
-                        reports.push(event(
+                        reports.push(event_body(
                             EventKind::DriftCorrected,
                             Some(name),
                             Some(revision),
@@ -1372,7 +1373,7 @@ impl<'a> Sim<'a> {
                     Some(e) => {
                         e.1 = hash;
                         e.2 = true;
-                        reports.push(event(
+                        reports.push(event_body(
                             EventKind::Applied,
                             Some(name),
                             Some(revision),
@@ -1381,7 +1382,7 @@ impl<'a> Sim<'a> {
                     }
                     None => {
                         a.applied.push((name.clone(), hash, true));
-                        reports.push(event(
+                        reports.push(event_body(
                             EventKind::Applied,
                             Some(name),
                             Some(revision),
@@ -1400,7 +1401,7 @@ impl<'a> Sim<'a> {
             keep
         });
         for name in removed {
-            reports.push(event(
+            reports.push(event_body(
                 EventKind::Removed,
                 None,
                 Some(revision),
@@ -1435,12 +1436,7 @@ impl<'a> Sim<'a> {
             return;
         };
         let epoch = c.epoch;
-        let mut frames = Vec::new();
-        while let Some(b) = c.session.poll_transmit() {
-            frames.push(b);
-        }
-        let done = c.session.is_done();
-        let timer = c.session.poll_timeout();
+        let (frames, done, timer) = drain_io(&mut c.session);
         for f in frames {
             self.send(dev, Dir::ToHub, epoch, f);
         }
@@ -1539,14 +1535,14 @@ impl<'a> Sim<'a> {
                 );
                 d.agent.doc = Some(doc);
                 (
-                    Some(event(EventKind::StateAccepted, None, Some(rev), &msg)),
+                    Some(event_body(EventKind::StateAccepted, None, Some(rev), &msg)),
                     Some(rev),
                     false,
                 )
             }
             Err(StateError::BaseMismatch { .. }) => (None, None, true),
             Err(e) => {
-                let rejected = Some(event(
+                let rejected = Some(event_body(
                     EventKind::StateRejected,
                     None,
                     Some(update.revision),
@@ -1622,12 +1618,7 @@ impl<'a> Sim<'a> {
             return;
         };
         let epoch = c.epoch;
-        let mut frames = Vec::new();
-        while let Some(b) = c.session.poll_transmit() {
-            frames.push(b);
-        }
-        let done = c.session.is_done();
-        let timer = c.session.poll_timeout();
+        let (frames, done, timer) = drain_io(&mut c.session);
         for f in frames {
             self.send(dev, Dir::ToAgent, epoch, f);
         }
@@ -2160,18 +2151,44 @@ impl<'a> Sim<'a> {
     }
 }
 
-fn event(
-    kind: EventKind,
-    resource: Option<&ResourceName>,
-    revision: Option<u64>,
-    message: &str,
-) -> ReportBody {
-    ReportBody::Event(Event {
-        kind,
-        resource: resource.cloned(),
-        revision,
-        message: Text::truncated(message),
-    })
+/// The output side both session machines share.
+trait SessionIo {
+    fn transmit(&mut self) -> Option<Vec<u8>>;
+    fn done(&self) -> bool;
+    fn deadline(&self) -> Option<Instant>;
+}
+
+impl SessionIo for AgentSession {
+    fn transmit(&mut self) -> Option<Vec<u8>> {
+        self.poll_transmit()
+    }
+    fn done(&self) -> bool {
+        self.is_done()
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.poll_timeout()
+    }
+}
+
+impl SessionIo for HubSession {
+    fn transmit(&mut self) -> Option<Vec<u8>> {
+        self.poll_transmit()
+    }
+    fn done(&self) -> bool {
+        self.is_done()
+    }
+    fn deadline(&self) -> Option<Instant> {
+        self.poll_timeout()
+    }
+}
+
+/// A session's frames to send, whether it ended, and its next deadline.
+fn drain_io(s: &mut impl SessionIo) -> (Vec<Vec<u8>>, bool, Option<Instant>) {
+    let mut frames = Vec::new();
+    while let Some(b) = s.transmit() {
+        frames.push(b);
+    }
+    (frames, s.done(), s.deadline())
 }
 
 /// `StateUpdate::apply_to` without the signature check ([`Sabotage::SkipSignatureCheck`]).

@@ -128,6 +128,15 @@ impl AgentTask {
         }));
     }
 
+    /// Drops the agent mid-flight, as a crash would (its SQLite transactions roll back;
+    /// what it committed stays).
+    pub fn abort(&mut self) {
+        self.stop = None;
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
     /// Asks the agent to stop, without waiting.
     pub fn signal_stop(&mut self) {
         if let Some(tx) = self.stop.take() {

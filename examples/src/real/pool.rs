@@ -18,11 +18,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use cairn_agent::AgentConfig;
+
+use crate::AgentTask;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// How a pool is set up (passed as one JSON argument).
@@ -173,34 +174,9 @@ fn forward(sock: Arc<UdpSocket>, to: SocketAddr, packet: Vec<u8>, delay: Duratio
 }
 
 struct PoolAgent {
-    cfg: AgentConfig,
+    agent: AgentTask,
     link: Arc<Link>,
-    stop: Option<watch::Sender<bool>>,
-    task: Option<JoinHandle<()>>,
     _relay: Option<JoinHandle<()>>,
-}
-
-impl PoolAgent {
-    fn start(&mut self) {
-        let (tx, mut rx) = watch::channel(false);
-        let cfg = self.cfg.clone();
-        self.stop = Some(tx);
-        self.task = Some(tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            if let Err(e) = cairn_agent::run(cfg, shutdown).await {
-                tracing::error!(error = %e, "agent stopped");
-            }
-        }));
-    }
-
-    fn crash(&mut self) {
-        self.stop = None;
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
 }
 
 /// Agent settings used in the simulation: the agent's defaults, except for a faster
@@ -269,13 +245,11 @@ impl Pool {
                     let mut cfg = sim_agent_config(&addr.to_string(), &dir, index);
                     cfg.join_token = Some(token);
                     let mut a = PoolAgent {
-                        cfg,
+                        agent: AgentTask::new(cfg),
                         link,
-                        stop: None,
-                        task: None,
                         _relay: relay,
                     };
-                    a.start();
+                    a.agent.start();
                     self.agents.insert(index, a);
                 }
                 Ok(Reply::Done)
@@ -292,7 +266,7 @@ impl Pool {
                 for i in indices {
                     if let Some(a) = self.agents.get_mut(&i) {
                         a.link.up.store(false, Ordering::Relaxed);
-                        a.crash();
+                        a.agent.abort();
                     }
                 }
                 Ok(Reply::Done)
@@ -300,9 +274,9 @@ impl Pool {
             Command::Restart { indices } => {
                 for i in indices {
                     if let Some(a) = self.agents.get_mut(&i) {
-                        a.crash();
+                        a.agent.abort();
                         a.link.up.store(true, Ordering::Relaxed);
-                        a.start();
+                        a.agent.start();
                     }
                 }
                 Ok(Reply::Done)
@@ -310,7 +284,7 @@ impl Pool {
             Command::Drift { indices, path } => {
                 for i in indices {
                     if let Some(a) = self.agents.get(&i) {
-                        let p = a.cfg.files_root.join(&path);
+                        let p = a.agent.cfg.files_root.join(&path);
                         if p.exists() {
                             std::fs::write(&p, b"changed by hand\n")
                                 .with_context(|| format!("tampering with {}", p.display()))?;
@@ -324,24 +298,19 @@ impl Pool {
                 for a in self.agents.values() {
                     s.bytes_to_hub += a.link.to_hub.load(Ordering::Relaxed);
                     s.bytes_from_hub += a.link.from_hub.load(Ordering::Relaxed);
-                    if let Ok(st) = cairn_agent::status(&a.cfg.data_dir) {
+                    if let Ok(st) = cairn_agent::status(&a.agent.cfg.data_dir) {
                         s.queued += st.outbox_depth;
                     }
                 }
                 Ok(Reply::Status(s))
             }
             Command::Finish => {
-                for a in self.agents.values_mut() {
-                    if let Some(tx) = a.stop.take() {
-                        let _ = tx.send(true);
-                    }
-                }
-                for a in self.agents.values_mut() {
-                    if let Some(t) = a.task.take() {
-                        let _ = t.await;
-                    }
-                }
-                let agents = self.agents.iter().map(|(i, a)| audit(*i, &a.cfg)).collect();
+                crate::stop_all(self.agents.values_mut().map(|a| &mut a.agent)).await;
+                let agents = self
+                    .agents
+                    .iter()
+                    .map(|(i, a)| audit(*i, &a.agent.cfg))
+                    .collect();
                 Ok(Reply::Audit { agents })
             }
         }
