@@ -31,8 +31,8 @@ use clap::Parser;
     after_help = "Build first: cargo build --release -p cairn-examples -p cairn-agent && cargo build --profile agent -p cairn-agent\nThe peer comparison needs Debian's mender-client (scripts/bench.sh installs it)."
 )]
 struct Args {
-    /// Sections to run (core, fleet, det); all by default.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["core".to_string(), "fleet".into(), "det".into()])]
+    /// Sections to run (core, fleet, det, tpm); all by default.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["core".to_string(), "fleet".into(), "det".into(), "tpm".into()])]
     sections: Vec<String>,
     /// Fleet sizes for the fleet section.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1000usize, 5000, 10000])]
@@ -419,6 +419,82 @@ fn fleet(sizes: &[usize], dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// Quote verifications per second on one core, with real quotes from swtpm (the
+/// fixtures of `tpm/tests/quotes.rs`): signature, nonce and PCR digest each time.
+fn quotes(rows: &mut Vec<Row>) -> Result<()> {
+    use cairn_tpm::quote::{AkPublic, verify_quote};
+    macro_rules! fixture {
+        ($kind:literal, $file:literal) => {
+            include_bytes!(concat!(
+                "../../../tpm/tests/fixtures/quotes/",
+                $kind,
+                "/",
+                $file
+            ))
+        };
+    }
+    struct Case {
+        name: &'static str,
+        ak: &'static [u8],
+        msg: &'static [u8],
+        sig: &'static [u8],
+        nonce: &'static str,
+        pcrs: &'static str,
+    }
+    let cases = [
+        Case {
+            name: "ECDSA P-256",
+            ak: fixture!("ecc", "ak.pub"),
+            msg: fixture!("ecc", "quote.msg"),
+            sig: fixture!("ecc", "quote.sig"),
+            nonce: include_str!("../../../tpm/tests/fixtures/quotes/ecc/nonce.hex"),
+            pcrs: include_str!("../../../tpm/tests/fixtures/quotes/ecc/pcrs.txt"),
+        },
+        Case {
+            name: "RSA-2048",
+            ak: fixture!("rsa", "ak.pub"),
+            msg: fixture!("rsa", "quote.msg"),
+            sig: fixture!("rsa", "quote.sig"),
+            nonce: include_str!("../../../tpm/tests/fixtures/quotes/rsa/nonce.hex"),
+            pcrs: include_str!("../../../tpm/tests/fixtures/quotes/rsa/pcrs.txt"),
+        },
+    ];
+    for Case {
+        name,
+        ak,
+        msg,
+        sig,
+        nonce,
+        pcrs,
+    } in cases
+    {
+        let ak = AkPublic::from_tpm2b_public(ak)?;
+        let nonce = hex::decode(nonce.trim())?;
+        let mut expected = std::collections::BTreeMap::new();
+        for line in pcrs.lines() {
+            let (i, v) = line.split_once(':').context("pcrs.txt line")?;
+            let v: [u8; 32] = hex::decode(v.trim())?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("PCR value is not 32 bytes"))?;
+            expected.insert(i.trim().parse::<u32>()?, v);
+        }
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_secs(2) {
+            verify_quote(&ak, msg, sig, &nonce, &expected)?;
+            n += 1;
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        rows.push(row(
+            &format!("hub quote verification, {name} AK (one thread)"),
+            format!("{rate:.0} quotes/s"),
+            ">= 2,000 quotes/s per core",
+            "real swtpm quotes; signature + nonce + PCR digest per verification".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Deterministic simulator throughput at 100,000 devices.
 fn det(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let scenario = include_str!("../../scenarios/100k.toml");
@@ -514,12 +590,14 @@ fn main() -> Result<()> {
             })?,
             "fleet" => fleet(&args.fleet_sizes, tmp.path(), &mut rows)?,
             "det" => det(tmp.path(), &mut rows)?,
-            other => bail!("unknown section {other:?}: use core, fleet or det"),
+            "tpm" => quotes(&mut rows)?,
+            other => bail!("unknown section {other:?}: use core, fleet, det or tpm"),
         }
         sections.push((
             match name.as_str() {
                 "core" => "core",
                 "fleet" => "fleet",
+                "tpm" => "tpm",
                 _ => "det",
             },
             rows,
