@@ -7,22 +7,32 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cc >/dev/null || need_apt+=(build-essential)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# The agent's TPM backend links tpm2-tss; its tests run a real TPM emulator (swtpm) and
+# cross-check quotes with tpm2-tools.
+pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
+command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
+command -v tpm2_checkquote >/dev/null || need_apt+=(tpm2-tools)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
+# The C library logs to stderr unless told not to.
+export TSS2_LOG=all+NONE
+# Features beyond the defaults that the tests cover (the fleet simulation and the hub
+# build without them).
+features=(--features cairn-tpm/agent)
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt || true
 
 echo "== format"
 cargo fmt --all -- --check
 echo "== clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 echo "== build binaries (the end-to-end tests run them as processes)"
 cargo build --workspace --bins --locked
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi

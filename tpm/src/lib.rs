@@ -6,5 +6,7 @@
 //! activation and the agent-side tss-esapi backend follow with the attestation issue.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "agent")]
+pub mod device;
 pub mod eventlog;
 pub mod quote;
