@@ -5,19 +5,22 @@
 //! outputs are the wire structures [`crate::quote`] verifies on the hub.
 //!
 //! Still to come with the attestation issue: a persistent AK, the EK certificate from
-//! NV, credential activation, reading the firmware and IMA logs.
+//! NV, reading the firmware and IMA logs.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use tss_esapi::Context;
 use tss_esapi::abstraction::{DefaultKey, ak, ek, pcr};
-use tss_esapi::handles::{KeyHandle, PcrHandle};
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::{AuthHandle, KeyHandle, PcrHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{
     AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
 };
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, Digest, DigestValues, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, SignatureScheme,
+    Data, Digest, DigestValues, EncryptedSecret, IdObject, PcrSelectionList,
+    PcrSelectionListBuilder, PcrSlot, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
@@ -49,6 +52,9 @@ pub struct QuoteBytes {
 /// An open TPM with an attestation key loaded.
 pub struct Device {
     ctx: Context,
+    ek: KeyHandle,
+    /// The EK's public area as `TPM2B_PUBLIC`.
+    ek_public: Vec<u8>,
     ak: KeyHandle,
     /// The AK's public area as `TPM2B_PUBLIC`.
     ak_public: Vec<u8>,
@@ -71,19 +77,93 @@ impl Device {
             DefaultKey,
         )
         .map_err(at("creating the attestation key"))?;
-        let public = created
-            .out_public
-            .marshall()
-            .map_err(at("encoding the attestation key"))?;
-        let size = u16::try_from(public.len())
-            .map_err(|_| DeviceError::Invalid("attestation key public area too large".into()))?;
-        let mut ak_public = size.to_be_bytes().to_vec();
-        ak_public.extend(public);
+        let ak_public = tpm2b(
+            &created
+                .out_public
+                .marshall()
+                .map_err(at("encoding the attestation key"))?,
+        )?;
         let ak = ak::load_ak(&mut ctx, ek, None, created.out_private, created.out_public)
             .map_err(at("loading the attestation key"))?;
-        ctx.flush_context(ek.into())
-            .map_err(at("flushing the endorsement key"))?;
-        Ok(Self { ctx, ak, ak_public })
+        let (ek_pub, _, _) = ctx
+            .read_public(ek)
+            .map_err(at("reading the endorsement key"))?;
+        let ek_public = tpm2b(
+            &ek_pub
+                .marshall()
+                .map_err(at("encoding the endorsement key"))?,
+        )?;
+        Ok(Self {
+            ctx,
+            ek,
+            ek_public,
+            ak,
+            ak_public,
+        })
+    }
+
+    /// The EK's public area (`TPM2B_PUBLIC`), for the hub's MakeCredential.
+    pub fn ek_public(&self) -> &[u8] {
+        &self.ek_public
+    }
+
+    /// Recovers the secret in a credential the hub made for this TPM's EK and AK
+    /// (`blob`: `TPM2B_ID_OBJECT`, `secret`: `TPM2B_ENCRYPTED_SECRET`). Fails unless
+    /// both keys are this TPM's.
+    pub fn activate_credential(
+        &mut self,
+        blob: &[u8],
+        secret: &[u8],
+    ) -> Result<Vec<u8>, DeviceError> {
+        let body = |b: &[u8], what: &str| -> Result<Vec<u8>, DeviceError> {
+            match b.split_first_chunk::<2>() {
+                Some((n, rest)) if usize::from(u16::from_be_bytes(*n)) == rest.len() => {
+                    Ok(rest.to_vec())
+                }
+                _ => Err(DeviceError::Invalid(format!("malformed {what}"))),
+            }
+        };
+        let blob = IdObject::try_from(body(blob, "credential blob")?)
+            .map_err(at("reading the credential blob"))?;
+        let secret = EncryptedSecret::try_from(body(secret, "credential secret")?)
+            .map_err(at("reading the credential secret"))?;
+        // The EK may only be used under a policy: PolicySecret with the endorsement
+        // hierarchy (the TCG default EK policy).
+        let policy = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(at("starting the EK policy session"))?
+            .ok_or_else(|| DeviceError::Invalid("the TPM returned no session".into()))?;
+        let (ak, ek) = (self.ak, self.ek);
+        let result =
+            self.ctx
+                .execute_with_temporary_object(SessionHandle::from(policy).into(), |ctx, _| {
+                    ctx.execute_with_nullauth_session(|ctx| {
+                        ctx.policy_secret(
+                            PolicySession::try_from(policy)?,
+                            AuthHandle::Endorsement,
+                            Default::default(),
+                            Default::default(),
+                            Default::default(),
+                            None,
+                        )
+                    })?;
+                    ctx.execute_with_sessions(
+                        (Some(AuthSession::Password), Some(policy), None),
+                        |ctx| ctx.activate_credential(ak, ek, blob, secret),
+                    )
+                });
+        Ok(result
+            .map_err(at("activating the credential"))?
+            .value()
+            .to_vec())
     }
 
     /// The AK's public area (`TPM2B_PUBLIC`), for [`crate::quote::AkPublic`].
@@ -140,6 +220,14 @@ impl Device {
             .execute_with_nullauth_session(|ctx| ctx.pcr_extend(PcrHandle::Pcr16, values))
             .map_err(at("extending PCR 16"))
     }
+}
+
+fn tpm2b(body: &[u8]) -> Result<Vec<u8>, DeviceError> {
+    let size = u16::try_from(body.len())
+        .map_err(|_| DeviceError::Invalid("public area too large".into()))?;
+    let mut out = size.to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    Ok(out)
 }
 
 fn slot(index: u32) -> Result<PcrSlot, DeviceError> {

@@ -2,10 +2,12 @@
 //!
 //! So far the hub-side, pure-Rust part that needs no TPM and no libtss2:
 //! [`eventlog`] parses TCG PC Client firmware event logs and replays them to PCR values;
-//! [`quote`] verifies TPM 2.0 quotes (signature, nonce, PCR digest). Credential
-//! activation and the agent-side tss-esapi backend follow with the attestation issue.
+//! [`quote`] verifies TPM 2.0 quotes (signature, nonce, PCR digest); [`credential`]
+//! makes credentials for ActivateCredential. With the `agent` feature, `device` is the
+//! agent's TPM through tss-esapi.
 #![forbid(unsafe_code)]
 
+pub mod credential;
 #[cfg(feature = "agent")]
 pub mod device;
 pub mod eventlog;

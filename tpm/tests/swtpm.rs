@@ -154,3 +154,33 @@ fn quotes_from_a_real_tpm_verify_on_the_hub_and_changes_are_caught() {
         );
     }
 }
+
+#[test]
+fn a_credential_made_by_the_hub_is_recovered_only_by_the_tpm_holding_both_keys() {
+    use cairn_tpm::credential::make_credential;
+    let tpm = Swtpm::start();
+    let mut dev = Device::open(&tpm.tcti()).unwrap();
+    let secret = b"hub challenge 0123456789abcdef!!";
+    let cred = make_credential(dev.ek_public(), dev.ak_public(), secret).unwrap();
+    assert_eq!(
+        dev.activate_credential(&cred.blob, &cred.secret).unwrap(),
+        secret
+    );
+
+    // Another TPM (a cloned identity: same AK public, other EK) cannot recover it, and
+    // this TPM cannot recover a credential made for another AK.
+    let other_tpm = Swtpm::start();
+    let mut other = Device::open(&other_tpm.tcti()).unwrap();
+    assert!(other.activate_credential(&cred.blob, &cred.secret).is_err());
+    let for_other_ak = make_credential(dev.ek_public(), other.ak_public(), secret).unwrap();
+    assert!(
+        dev.activate_credential(&for_other_ak.blob, &for_other_ak.secret)
+            .is_err()
+    );
+
+    // A tampered blob fails the TPM's integrity check.
+    let mut bad = cred.blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(dev.activate_credential(&bad, &cred.secret).is_err());
+}
