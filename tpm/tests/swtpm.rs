@@ -121,33 +121,26 @@ fn quotes_from_a_real_tpm_verify_on_the_hub_and_changes_are_caught() {
         std::fs::write(p("ak.pub"), dev.ak_public()).unwrap();
         std::fs::write(p("quote.msg"), &q2.attest).unwrap();
         std::fs::write(p("quote.sig"), &q2.signature).unwrap();
-        let ok = Command::new("tpm2_checkquote")
-            .arg("-u")
-            .arg(p("ak.pub"))
-            .arg("-m")
-            .arg(p("quote.msg"))
-            .arg("-s")
-            .arg(p("quote.sig"))
-            .args(["-g", "sha256", "-q", &hex::encode(&fresh)])
-            .env("TSS2_LOG", "all+NONE")
-            .output()
-            .unwrap();
+        let checkquote = |nonce: &[u8]| {
+            Command::new("tpm2_checkquote")
+                .arg("-u")
+                .arg(p("ak.pub"))
+                .arg("-m")
+                .arg(p("quote.msg"))
+                .arg("-s")
+                .arg(p("quote.sig"))
+                .args(["-g", "sha256", "-q", &hex::encode(nonce)])
+                .env("TSS2_LOG", "all+NONE")
+                .output()
+                .unwrap()
+        };
+        let ok = checkquote(&fresh);
         assert!(
             ok.status.success(),
             "tpm2_checkquote refused our quote: {}",
             String::from_utf8_lossy(&ok.stderr)
         );
-        let bad = Command::new("tpm2_checkquote")
-            .arg("-u")
-            .arg(p("ak.pub"))
-            .arg("-m")
-            .arg(p("quote.msg"))
-            .arg("-s")
-            .arg(p("quote.sig"))
-            .args(["-g", "sha256", "-q", &hex::encode(&nonce)])
-            .env("TSS2_LOG", "all+NONE")
-            .output()
-            .unwrap();
+        let bad = checkquote(&nonce);
         assert!(
             !bad.status.success(),
             "tpm2_checkquote accepted a wrong nonce"
