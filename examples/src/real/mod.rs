@@ -437,7 +437,6 @@ impl Fleet {
                 path,
                 content,
             } => {
-                self.operator_action();
                 self.paths
                     .insert(resource.to_string(), path.as_str().to_string());
                 let body = json!({
@@ -445,30 +444,11 @@ impl Fleet {
                     "name": resource.as_str(),
                     "file": { "path": path.as_str(), "content": content, "mode": 0o644 },
                 });
-                let t = Instant::now();
-                let _: serde_json::Value = self
-                    .api
-                    .post("/v1/state", &body)
-                    .await
-                    .map_err(|e| e.error.context("setting state"))?;
-                self.actions.push(Action {
-                    what: step.describe(),
-                    ms: t.elapsed().as_millis() as u64,
-                });
+                self.change_state(step, &body).await?;
             }
             Step::Unset { selector, resource } => {
-                self.operator_action();
                 let body = json!({ "selector": selector.to_string(), "name": resource.as_str() });
-                let t = Instant::now();
-                let _: serde_json::Value = self
-                    .api
-                    .post("/v1/state", &body)
-                    .await
-                    .map_err(|e| e.error.context("unsetting state"))?;
-                self.actions.push(Action {
-                    what: step.describe(),
-                    ms: t.elapsed().as_millis() as u64,
-                });
+                self.change_state(step, &body).await?;
             }
             Step::Converge { name, timeout } => {
                 return Ok(Some(self.converge(name, *timeout, false).await?));
@@ -488,12 +468,7 @@ impl Fleet {
                     None => self.open_partitions.extend(idx),
                 }
             }
-            Step::Heal => {
-                let idx: Vec<usize> = std::mem::take(&mut self.open_partitions)
-                    .into_iter()
-                    .collect();
-                self.fire(Timed::LinkUp(idx)).await?;
-            }
+            Step::Heal => self.heal().await?,
             Step::Flap {
                 devices,
                 selector,
@@ -516,7 +491,13 @@ impl Fleet {
                 self.faults.hub_restarts += 1;
                 self.cpu_mark = self.hub_cpu();
                 self.hub.kill().await?;
-                self.sleep(*down).await.ok();
+                // The hub cannot be asked while it is down: only due faults fire.
+                let back = Instant::now() + *down;
+                while Instant::now() < back {
+                    self.fire_due().await?;
+                    let left = back.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+                }
                 self.hub.restart(&self.exe).await?;
                 let now = now_ms();
                 for t in &mut self.t_ref {
@@ -578,13 +559,37 @@ impl Fleet {
         for (_, a) in pending {
             self.fire(a).await?;
         }
+        self.heal().await
+    }
+
+    /// Heals the partitions made without a duration.
+    async fn heal(&mut self) -> Result<()> {
         let idx: Vec<usize> = std::mem::take(&mut self.open_partitions)
             .into_iter()
             .collect();
-        if !idx.is_empty() {
-            self.fire(Timed::LinkUp(idx)).await?;
-        }
+        self.fire(Timed::LinkUp(idx)).await
+    }
+
+    /// An operator's `set` or `unset` through the admin API, timed.
+    async fn change_state(&mut self, step: &Step, body: &serde_json::Value) -> Result<()> {
+        self.operator_action();
+        let t = Instant::now();
+        let _: serde_json::Value = self
+            .api
+            .post("/v1/state", body)
+            .await
+            .map_err(|e| e.error.context(step.describe()))?;
+        self.actions.push(Action {
+            what: step.describe(),
+            ms: t.elapsed().as_millis() as u64,
+        });
         Ok(())
+    }
+
+    /// A tick that reads the pools' queue depths and byte counts now, not on schedule.
+    async fn tick_with_status(&mut self) -> Result<()> {
+        self.last_status_at = None;
+        self.tick().await
     }
 }
 
@@ -762,8 +767,7 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
     }
     // Outboxes drain.
     let drain = Instant::now();
-    fleet.last_status_at = None;
-    fleet.tick().await?;
+    fleet.tick_with_status().await?;
     while fleet.last_status.queued > 0 && drain.elapsed() < Duration::from_secs(120) {
         fleet.last_status_at = None;
         fleet.sleep(Duration::from_millis(500)).await?;
@@ -778,10 +782,14 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
         .max(usage.map_or(0.0, |u| u.rss_peak_mb));
 
     // Final audit: agents stop gracefully and show what they hold.
-    fleet.last_status_at = None;
-    fleet.tick().await?;
+    fleet.tick_with_status().await?;
     let wire = Wire {
-        counted: "UDP payload through the relays (QUIC, TLS, retransmits and acks included)".into(),
+        counted: if fleet.scenario.direct_links_suffice() {
+            "not counted: no link faults in this scenario, so agents talk to the hub directly"
+        } else {
+            "UDP payload through the relays (QUIC, TLS, retransmits and acks included)"
+        }
+        .into(),
         to_hub: fleet.last_status.bytes_to_hub - bytes_start.0,
         from_hub: fleet.last_status.bytes_from_hub - bytes_start.1,
         per_device: (fleet.last_status.bytes_to_hub + fleet.last_status.bytes_from_hub
