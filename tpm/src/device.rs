@@ -42,12 +42,7 @@ fn at(step: &'static str) -> impl FnOnce(tss_esapi::Error) -> DeviceError {
     move |source| DeviceError::Tpm { step, source }
 }
 
-/// A quote as it goes on the wire: `TPMS_ATTEST` and `TPMT_SIGNATURE` bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuoteBytes {
-    pub attest: Vec<u8>,
-    pub signature: Vec<u8>,
-}
+pub use crate::attest::QuoteBytes;
 
 /// An open TPM with an attestation key loaded.
 pub struct Device {

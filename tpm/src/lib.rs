@@ -7,6 +7,7 @@
 //! agent's TPM through tss-esapi.
 #![forbid(unsafe_code)]
 
+pub mod attest;
 pub mod credential;
 #[cfg(feature = "agent")]
 pub mod device;
