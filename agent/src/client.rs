@@ -84,6 +84,8 @@ pub struct Shared {
     pub state_changed: Notify,
     /// Highest outbox sequence number, raised by whoever appends.
     pub outbox_tail: watch::Sender<u64>,
+    /// The device's root of trust, if it attests.
+    pub attester: Option<crate::attest::SharedAttester>,
 }
 
 impl Shared {
@@ -208,10 +210,17 @@ async fn enroll(
         })
         .and_then(|chain| tls::find_pinned(&chain, &token.ca_fingerprint).map(|c| c.to_vec()))
         .ok_or_else(|| End::Lost("hub presented no CA matching the join token".into()))?;
+    let identity = match &shared.attester {
+        Some(a) => Some(
+            crate::attest::identity(a).map_err(|e| End::Lost(format!("attester: {e:#}")))?,
+        ),
+        None => None,
+    };
     let request = EnrollRequest {
         token: Text::truncated(&token.credential()),
         csr_der,
         hostname: Text::truncated(&cfg.hostname),
+        identity,
     };
     let session = AgentSession::enroll(Instant::now(), cfg.session.clone(), request, AGENT_VERSION);
     let mut driver = Driver::open(&conn, session).await?;
@@ -232,11 +241,42 @@ async fn enroll(
                     return Err(End::Refused(r.code, r.message.to_string()));
                 }
                 AgentEvent::Failed(e) => return Err(End::Lost(e.to_string())),
+                AgentEvent::Challenged(c) => {
+                    let evidence = answer_challenge(shared, &conn, c).await?;
+                    driver.session.send_evidence(evidence);
+                    driver.flush(&conn).await?;
+                }
                 other => debug!(?other, "ignored during enrollment"),
             }
         }
         driver.step(&conn).await?;
     }
+}
+
+/// Answers the hub's attestation challenge on `conn`.
+async fn answer_challenge(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    c: cairn_sync_protocol::message::Challenge,
+) -> Result<cairn_sync_protocol::message::Evidence, End> {
+    let Some(attester) = &shared.attester else {
+        return Err(End::Lost(
+            "the hub asks for attestation, but this agent runs without a TPM (--tpm none)".into(),
+        ));
+    };
+    let mut exporter = [0u8; cairn_sync_protocol::attest::EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, cairn_sync_protocol::attest::EXPORTER_LABEL, b"")
+        .map_err(|e| End::Lost(format!("exporting TLS keying material: {e:?}")))?;
+    let started = Instant::now();
+    let evidence = crate::attest::answer(attester, c, exporter)
+        .await
+        .map_err(|e| End::Lost(format!("attestation: {e:#}")))?;
+    debug!(
+        ms = started.elapsed().as_millis() as u64,
+        log_bytes = evidence.log.len(),
+        "answered the hub's attestation challenge"
+    );
+    Ok(evidence)
 }
 
 /// Frames in and out of one stream.
@@ -345,6 +385,13 @@ async fn sync_session(
     driver.session.outbox_tail(Instant::now(), tail);
     let end = 'session: loop {
         while let Some(ev) = driver.session.poll_event() {
+            if let AgentEvent::Challenged(c) = ev {
+                match answer_challenge(shared, &conn, c).await {
+                    Ok(e) => driver.session.send_evidence(e),
+                    Err(end) => break 'session end,
+                }
+                continue;
+            }
             if let Err(end) = handle_event(shared, identity, &mut driver.session, ev, backoff) {
                 break 'session end;
             }
@@ -457,6 +504,9 @@ fn handle_event(
         AgentEvent::Refused(r) => return Err(End::Refused(r.code, r.message.to_string())),
         AgentEvent::Failed(e) => return Err(End::Lost(e.to_string())),
         AgentEvent::Enrolled(_) => return Err(End::Lost("unexpected enrollment answer".into())),
+        AgentEvent::Challenged(_) => {
+            return Err(End::Lost("challenge not answered by the session loop".into()));
+        }
     }
     Ok(())
 }

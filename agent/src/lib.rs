@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod attest;
 pub mod client;
 pub mod reconcile;
 pub mod store;
@@ -46,6 +47,8 @@ pub struct AgentConfig {
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub session: SessionConfig,
+    /// The root of trust to attest with.
+    pub attest: attest::AttestSource,
 }
 
 impl AgentConfig {
@@ -63,6 +66,7 @@ impl AgentConfig {
             keep_alive: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             session: SessionConfig::default(),
+            attest: attest::AttestSource::None,
         }
     }
 
@@ -129,10 +133,15 @@ pub async fn run(
         )])
         .map_err(anyhow::Error::from)?;
     let (tail_tx, _) = watch::channel(tail);
+    let (source, dir) = (cfg.attest.clone(), cfg.data_dir.clone());
+    let attester = tokio::task::spawn_blocking(move || attest::open(&source, &dir))
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the attester: {e}"))??;
     let shared = Arc::new(Shared {
         store: Mutex::new(store),
         state_changed: Notify::new(),
         outbox_tail: tail_tx,
+        attester,
     });
 
     // Reconciler and link are futures of this one task, not spawned tasks: dropping the

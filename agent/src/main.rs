@@ -48,7 +48,8 @@ enum Cmd {
 
 #[derive(Args)]
 struct RunArgs {
-    /// TOML file with any of: hub, data_dir, files_root, join_token, reconcile_interval.
+    /// TOML file with any of: hub, data_dir, files_root, join_token, reconcile_interval,
+    /// tpm, event_log.
     /// Flags override it.
     #[arg(long, env = "CAIRN_AGENT_CONFIG")]
     config: Option<PathBuf>,
@@ -76,6 +77,16 @@ struct RunArgs {
     /// Host name reported at enrollment.
     #[arg(long)]
     hostname: Option<String>,
+    /// Root of trust the device attests with: `auto` (the TPM at /dev/tpmrm0 if there
+    /// is one), `none`, `software` (keys in the data directory; proves nothing about
+    /// the hardware, hub policy may refuse it), or a TCTI string such as
+    /// device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321. Keep it the same after
+    /// enrollment: the hub pins the attestation key. [default: auto]
+    #[arg(long, env = "CAIRN_TPM")]
+    tpm: Option<String>,
+    /// The firmware's TPM event log [default: /sys/kernel/security/tpm0/binary_bios_measurements].
+    #[arg(long)]
+    event_log: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -87,6 +98,8 @@ struct FileConfig {
     files_root: Option<PathBuf>,
     #[serde(default, with = "humantime_serde_opt")]
     reconcile_interval: Option<Duration>,
+    tpm: Option<String>,
+    event_log: Option<PathBuf>,
 }
 
 mod humantime_serde_opt {
@@ -204,6 +217,21 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if let Some(h) = args.hostname {
         cfg.hostname = h;
+    }
+    let tpm = args.tpm.or(file.tpm).unwrap_or_else(|| "auto".into());
+    match cairn_agent::attest::AttestSource::parse(&tpm) {
+        Ok(cairn_agent::attest::AttestSource::Tpm { tcti, .. }) => {
+            let event_log = args
+                .event_log
+                .or(file.event_log)
+                .unwrap_or_else(|| cairn_agent::attest::FIRMWARE_LOG.into());
+            cfg.attest = cairn_agent::attest::AttestSource::Tpm { tcti, event_log };
+        }
+        Ok(source) => cfg.attest = source,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1503,7 +1503,10 @@ impl<'a> Sim<'a> {
                 }
             }
             AgentEvent::StateOffered(update) => self.accept_state(dev, &update),
-            AgentEvent::Refused(_) | AgentEvent::Failed(_) | AgentEvent::Enrolled(_) => {
+            AgentEvent::Refused(_)
+            | AgentEvent::Failed(_)
+            | AgentEvent::Enrolled(_)
+            | AgentEvent::Challenged(_) => {
                 // The session is done; `agent_pump` handles the end.
             }
         }
@@ -1694,7 +1697,7 @@ impl<'a> Sim<'a> {
                 }
             }
             // Devices start enrolled; failures end the session in `hub_pump`.
-            HubEvent::EnrollRequested { .. } | HubEvent::Failed(_) => {}
+            HubEvent::EnrollRequested { .. } | HubEvent::Evidence(_) | HubEvent::Failed(_) => {}
         }
     }
 

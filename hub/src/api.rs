@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use cairn_sync_protocol::state::{FileResource, MAX_PATH_LEN, Resource};
@@ -21,12 +21,13 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use crate::attest::{AttestPolicy, MeasurementSet};
 use crate::desired::{Selector, Target, parse_labels};
 use crate::endpoint::{Registry, now_ms};
 use crate::pki::HubKeys;
 use crate::store::{
-    AssignOutcome, Change, DeviceRecord, DynStore, EventFilter, EventRecord, LabelCount, NewToken,
-    StoreError, TokenInfo,
+    AssignOutcome, AttestRecord, Change, DeviceRecord, DynStore, EventFilter, EventRecord,
+    LabelCount, NewToken, StoreError, TokenInfo,
 };
 
 /// State of the admin API handlers.
@@ -266,6 +267,80 @@ async fn revoke_device(State(api): State<Api>, Path(id): Path<String>) -> ApiRes
     }))
 }
 
+#[utoipa::path(get, path = "/v1/devices/{id}/attestation", params(("id" = String, Path)),
+    responses((status = 200, body = AttestRecord), (status = 404, body = ApiError)))]
+async fn show_attestation(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<AttestRecord> {
+    let d = parse_device(&id)?;
+    match api.store.attestation(&d).await? {
+        Some(rec) => Ok(Json(rec)),
+        None if api.store.device(&d).await?.is_some() => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("device {id} enrolled without a TPM or software attester; it has no attestation"),
+        )),
+        None => Err(ApiError::not_found(&id)),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/devices/{id}/attestation/accept", params(("id" = String, Path)),
+    responses((status = 200, body = AttestRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn accept_measurements(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<AttestRecord> {
+    let d = parse_device(&id)?;
+    if api.store.device(&d).await?.is_none() {
+        return Err(ApiError::not_found(&id));
+    }
+    match api.store.accept_measurements(&d, now_ms()).await? {
+        Ok(rec) => {
+            tracing::info!(device = %d, "operator accepted the device's measurements");
+            // A quarantined session re-reads its status when notified.
+            api.registry.notify(&d);
+            Ok(Json(rec))
+        }
+        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/attestation/policies",
+    responses((status = 200, body = Vec<AttestPolicy>)))]
+async fn list_policies(State(api): State<Api>) -> ApiResult<Vec<AttestPolicy>> {
+    Ok(Json(api.store.policies().await?))
+}
+
+#[utoipa::path(put, path = "/v1/attestation/policies", request_body = AttestPolicy,
+    responses((status = 200, body = AttestPolicy), (status = 400, body = ApiError)))]
+async fn put_policy(
+    State(api): State<Api>,
+    Json(policy): Json<AttestPolicy>,
+) -> ApiResult<AttestPolicy> {
+    policy.validate().map_err(ApiError::bad_request)?;
+    api.store.put_policy(policy.clone()).await?;
+    tracing::info!(policy = %policy.name, selector = %policy.selector, "attestation policy set");
+    Ok(Json(policy))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    pub name: String,
+}
+
+#[utoipa::path(delete, path = "/v1/attestation/policies/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Deleted), (status = 404, body = ApiError)))]
+async fn delete_policy(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Deleted> {
+    if api.store.delete_policy(&name).await? {
+        Ok(Json(Deleted { name }))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no attestation policy named {name}; list them with `cairn-hub policy ls`"),
+        ))
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SetLabels {
     /// The complete new label set, `k=v,k2=v2`.
@@ -494,6 +569,11 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         list_devices,
         show_device,
         revoke_device,
+        show_attestation,
+        accept_measurements,
+        list_policies,
+        put_policy,
+        delete_policy,
         set_labels,
         change_state,
         list_events,
@@ -508,6 +588,10 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         DeviceView,
         DeviceRecord,
         Revoked,
+        AttestRecord,
+        AttestPolicy,
+        MeasurementSet,
+        Deleted,
         SetLabels,
         FileSpec,
         StateChange,
@@ -556,6 +640,16 @@ pub fn router(api: Api) -> Router {
         .route("/v1/devices/{id}/state", get(show_state))
         .route("/v1/devices/{id}/revoke", post(revoke_device))
         .route("/v1/devices/{id}/labels", put(set_labels))
+        .route("/v1/devices/{id}/attestation", get(show_attestation))
+        .route(
+            "/v1/devices/{id}/attestation/accept",
+            post(accept_measurements),
+        )
+        .route(
+            "/v1/attestation/policies",
+            get(list_policies).put(put_policy),
+        )
+        .route("/v1/attestation/policies/{name}", delete(delete_policy))
         .route("/v1/state", post(change_state))
         .route("/v1/events", get(list_events))
         .route("/v1/labels", get(list_labels))

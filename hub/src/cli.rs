@@ -201,6 +201,11 @@ impl Client {
         self.send(self.http.put(format!("{}{path}", self.url)).json(body))
             .await
     }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> CliResult<T> {
+        self.send(self.http.delete(format!("{}{path}", self.url)))
+            .await
+    }
 }
 
 /// Prints rows as an aligned table with a header.
@@ -285,6 +290,15 @@ pub fn device_row(d: &Value) -> Vec<String> {
     } else {
         "no".into()
     };
+    let attest = match (
+        d.get("attestation").and_then(Value::as_str),
+        d.get("attest_status").and_then(Value::as_str),
+    ) {
+        (None, _) => "none".to_string(),
+        (Some(kind), Some("quarantined")) => format!("QUARANTINED ({kind})"),
+        (Some(kind), Some(status)) => format!("{kind} {status}"),
+        (Some(kind), None) => kind.to_string(),
+    };
     vec![
         d.get("id")
             .and_then(Value::as_str)
@@ -299,12 +313,76 @@ pub fn device_row(d: &Value) -> Vec<String> {
         u(d, "desired_revision").to_string(),
         u(d, "applied_revision").to_string(),
         drift,
+        attest,
     ]
 }
 
-pub const DEVICE_HEADER: [&str; 7] = [
-    "ID", "HOSTNAME", "LABELS", "STATUS", "DESIRED", "APPLIED", "DRIFT",
+pub const DEVICE_HEADER: [&str; 8] = [
+    "ID", "HOSTNAME", "LABELS", "STATUS", "DESIRED", "APPLIED", "DRIFT", "ATTESTATION",
 ];
+
+/// One attestation policy as a table row.
+pub fn policy_row(p: &Value) -> Vec<String> {
+    let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let pcrs: Vec<String> = p["pcrs"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.to_string()).collect())
+        .unwrap_or_default();
+    let golden = p["golden"].as_object().map_or(0, |g| {
+        g.values().map(|v| v.as_array().map_or(0, Vec::len)).sum()
+    });
+    vec![
+        s("name"),
+        p["priority"].to_string(),
+        s("selector"),
+        s("require"),
+        pcrs.join(","),
+        if p["tofu"].as_bool().unwrap_or(false) {
+            "yes".into()
+        } else {
+            "no".into()
+        },
+        format!("{golden} value(s)"),
+    ]
+}
+
+/// A device's attestation, for `device show`.
+pub fn print_attestation(a: &Value) {
+    let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    println!("{:<10} {} (EK sha256:{})", "identity:", s("kind"), &s("ek_sha256")[..16.min(s("ek_sha256").len())]);
+    if let Some(issuer) = a.get("ek_issuer").and_then(Value::as_str) {
+        println!("{:<10} {issuer}", "ek ca:");
+    }
+    println!(
+        "{:<10} {}{}",
+        "attest:",
+        s("status"),
+        a.get("reason")
+            .and_then(Value::as_str)
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    println!(
+        "{:<10} {} (event log {} bytes)",
+        "verified:",
+        ago(a.get("verified_ms").and_then(Value::as_u64)),
+        a["log_len"]
+    );
+    if let Some(pcrs) = a["pcrs"].as_object() {
+        for (i, v) in pcrs {
+            println!("  PCR {i:>2}  {}", v.as_str().unwrap_or(""));
+        }
+    }
+    let empty = Vec::new();
+    for set in a["accepted"].as_array().unwrap_or(&empty) {
+        println!(
+            "  accepted: {} ({} PCRs, {})",
+            set["source"].as_str().unwrap_or(""),
+            set["pcrs"].as_object().map_or(0, serde_json::Map::len),
+            ago(set["added_ms"].as_u64())
+        );
+    }
+}
 
 /// Prints one event line.
 pub fn print_event(e: &Value) {

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod attest;
 pub mod cli;
 pub mod desired;
 pub mod endpoint;

@@ -65,6 +65,47 @@ enum Cmd {
     Events(EventsArgs),
     /// List labels in use with their device counts.
     Labels,
+    /// Attestation policies: which devices must prove what (TPM identity, measured boot).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// List policies, first match first.
+    Ls,
+    /// Create or replace a policy. Devices matching no policy are attested and recorded
+    /// but never quarantined for their measurements.
+    ///
+    /// Examples:
+    ///   cairn-hub policy set kiosks --selector role=kiosk --require tpm --tofu
+    ///   cairn-hub policy set lab --selector site=lab --pcrs 0-7,9 --golden 4=ab12…
+    Set {
+        name: String,
+        /// Devices it applies to: key=value, key!=value or key, comma-separated.
+        #[arg(long)]
+        selector: String,
+        /// Identity a device needs: none, software (a software TPM or a TPM the hub
+        /// cannot vouch for), tpm (EK certificate chaining to a CA given with
+        /// `serve --ek-ca`). Checked at enrollment and on every connection.
+        #[arg(long, default_value = "none")]
+        require: String,
+        /// PCRs (sha256 bank) to quote and compare, e.g. 0-7 or 0,2,4,7.
+        #[arg(long, default_value = "0-7")]
+        pcrs: String,
+        /// Trust on first use: the first verified measurements become the device's
+        /// accepted set; a later change quarantines it.
+        #[arg(long)]
+        tofu: bool,
+        /// Allowed value of a PCR, as INDEX=HEX (repeatable; several per PCR allowed).
+        #[arg(long)]
+        golden: Vec<String>,
+        /// Lower is checked first.
+        #[arg(long, default_value_t = 100)]
+        priority: i64,
+    },
+    /// Delete a policy.
+    Rm { name: String },
 }
 
 #[derive(Args)]
@@ -84,6 +125,14 @@ struct ServeArgs {
     /// A connection silent for this long is considered dead.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
+    /// PEM file of TPM manufacturer CA certificates (roots and intermediates) that EK
+    /// certificates must chain to (repeatable). Without it, TPM devices enroll as
+    /// `tpm-unverified`, and policies requiring `tpm` refuse them.
+    #[arg(long = "ek-ca")]
+    ek_ca: Vec<PathBuf>,
+    /// How often a connected attested device must quote again.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    attest_interval: Duration,
 }
 
 #[derive(Subcommand)]
@@ -114,10 +163,35 @@ enum DevicesCmd {
     Label { id: String, labels: String },
 }
 
+fn parse_pcrs(s: &str) -> CliResult<Vec<u32>> {
+    let usage = |what: &str| CliError {
+        code: exit::USAGE,
+        error: anyhow::anyhow!("--pcrs {s:?}: {what}; write e.g. 0-7 or 0,2,4,7"),
+    };
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (u32, u32) = (
+            a.trim().parse().map_err(|_| usage("not a number"))?,
+            b.trim().parse().map_err(|_| usage("not a number"))?,
+        );
+        if a > b || b > 23 {
+            return Err(usage("PCRs are 0-23"));
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 #[derive(Subcommand)]
 enum DeviceCmd {
-    /// Show one device with its recent events.
+    /// Show one device with its attestation and recent events.
     Show { id: String },
+    /// Accept a quarantined device's current measurements (e.g. after a firmware update
+    /// you made on purpose): they become its accepted set and desired state flows again.
+    Accept { id: String },
 }
 
 #[derive(Args)]
@@ -225,6 +299,23 @@ async fn serve(a: ServeArgs) -> CliResult<()> {
     cfg.admin_listen = a.admin_listen;
     cfg.names = a.names;
     cfg.idle_timeout = a.idle_timeout;
+    cfg.attest.interval = a.attest_interval;
+    if !a.ek_ca.is_empty() {
+        let mut pem = Vec::new();
+        for path in &a.ek_ca {
+            let bytes = std::fs::read(path).map_err(|e| CliError {
+                code: exit::USAGE,
+                error: anyhow::anyhow!("reading --ek-ca {}: {e}", path.display()),
+            })?;
+            pem.extend(bytes);
+            pem.push(b'\n');
+        }
+        let trust = cairn_tpm::ekcert::EkTrust::from_pem(&pem).map_err(|e| CliError {
+            code: exit::USAGE,
+            error: anyhow::anyhow!("--ek-ca: {e}"),
+        })?;
+        cfg.attest.ek_trust = Some(std::sync::Arc::new(trust));
+    }
     let hub = server::start(cfg.clone()).await?;
     eprintln!(
         "cairn-hub: agents connect to {} (QUIC), admin API at {}\n\
@@ -347,9 +438,88 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
             }
         }
         Cmd::Device {
+            cmd: DeviceCmd::Accept { id },
+        } => {
+            let a: Value = client
+                .post(&format!("/v1/devices/{id}/attestation/accept"), &json!({}))
+                .await?;
+            if json {
+                cli::print_json(&a)?;
+            } else {
+                println!(
+                    "accepted the measurements of {id}; it is trusted again and gets desired state"
+                );
+            }
+        }
+        Cmd::Policy(PolicyCmd::Ls) => {
+            let ps: Vec<Value> = client.get("/v1/attestation/policies").await?;
+            if json {
+                cli::print_json(&ps)?;
+            } else {
+                let mut ps = ps;
+                ps.sort_by_key(|p| (p["priority"].as_i64().unwrap_or(0), p["name"].to_string()));
+                let rows: Vec<Vec<String>> = ps.iter().map(cli::policy_row).collect();
+                cli::print_table(
+                    &["NAME", "PRIORITY", "SELECTOR", "REQUIRE", "PCRS", "TOFU", "GOLDEN"],
+                    &rows,
+                );
+            }
+        }
+        Cmd::Policy(PolicyCmd::Set {
+            name,
+            selector,
+            require,
+            pcrs,
+            tofu,
+            golden,
+            priority,
+        }) => {
+            let mut gold: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+            for g in &golden {
+                let Some((i, v)) = g.split_once('=') else {
+                    return Err(CliError {
+                        code: exit::USAGE,
+                        error: anyhow::anyhow!("--golden {g:?}: write INDEX=HEX, e.g. 4=ab12…"),
+                    });
+                };
+                let i: u32 = i.trim().parse().map_err(|_| CliError {
+                    code: exit::USAGE,
+                    error: anyhow::anyhow!("--golden {g:?}: {i:?} is not a PCR index"),
+                })?;
+                gold.entry(i).or_default().push(v.trim().to_lowercase());
+            }
+            let body = json!({
+                "name": name, "selector": selector, "priority": priority, "require": require,
+                "pcrs": parse_pcrs(&pcrs)?, "tofu": tofu, "golden": gold,
+            });
+            let p: Value = client.put("/v1/attestation/policies", &body).await?;
+            if json {
+                cli::print_json(&p)?;
+            } else {
+                println!(
+                    "policy {name} applies to devices matching {selector} from their next connection"
+                );
+            }
+        }
+        Cmd::Policy(PolicyCmd::Rm { name }) => {
+            let r: Value = client
+                .delete(&format!("/v1/attestation/policies/{name}"))
+                .await?;
+            if json {
+                cli::print_json(&r)?;
+            } else {
+                println!("policy {name} deleted");
+            }
+        }
+        Cmd::Device {
             cmd: DeviceCmd::Show { id },
         } => {
             let d: Value = client.get(&format!("/v1/devices/{id}")).await?;
+            let attestation: Option<Value> = if d["attestation"].is_null() {
+                None
+            } else {
+                Some(client.get(&format!("/v1/devices/{id}/attestation")).await?)
+            };
             let state: Value = client.get(&format!("/v1/devices/{id}/state")).await?;
             let evs: Vec<Value> = client
                 .get_query(
@@ -358,7 +528,9 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 )
                 .await?;
             if json {
-                cli::print_json(&json!({ "device": d, "desired": state, "events": evs }))?;
+                cli::print_json(
+                    &json!({ "device": d, "attestation": attestation, "desired": state, "events": evs }),
+                )?;
             } else {
                 let row = cli::device_row(&d);
                 for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
@@ -371,6 +543,10 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 );
                 println!("{:<10} {}", "stored:", d["stored_revision"]);
                 println!("{:<10} {}", "reports:", d["reports_acked"]);
+                match &attestation {
+                    Some(a) => cli::print_attestation(a),
+                    None => println!("{:<10} none (enrolled without a TPM)", "identity:"),
+                }
                 println!("desired state (revision {}):", state["revision"]);
                 let empty = Vec::new();
                 for r in state["resources"].as_array().unwrap_or(&empty) {

@@ -27,6 +27,7 @@ pub struct HubConfig {
     pub names: Vec<String>,
     pub idle_timeout: Duration,
     pub session: SessionConfig,
+    pub attest: crate::attest::AttestConfig,
 }
 
 impl HubConfig {
@@ -38,6 +39,7 @@ impl HubConfig {
             names: Vec::new(),
             idle_timeout: Duration::from_secs(30),
             session: SessionConfig::default(),
+            attest: crate::attest::AttestConfig::default(),
         }
     }
 }
@@ -142,6 +144,7 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         keys: keys.clone(),
         registry: registry.clone(),
         session: cfg.session.clone(),
+        attest: cfg.attest.clone(),
     });
     let mut tasks = vec![tokio::spawn(endpoint::accept_loop(
         endpoint.clone(),

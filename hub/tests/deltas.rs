@@ -51,6 +51,7 @@ async fn run(seed: u64) {
             hostname: "h".into(),
             agent_version: "v".into(),
             now_ms: 1,
+            attestation: None,
         })
         .await
         .unwrap()

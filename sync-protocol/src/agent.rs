@@ -9,6 +9,7 @@
 //! ```text
 //!  sync():   Hello{Sync} ──► AwaitingWelcome ──Welcome──► Synced ──► (reports, state, acks)
 //!  enroll(): Hello{Enroll} ► AwaitingEnrolled ─Enrolled─► Done
+//!            (a Challenge may come in AwaitingEnrolled or Synced: answer with evidence)
 //!                    any ──Refused / bad frame / timeout──► Done (Failed or Refused event)
 //! ```
 
@@ -17,8 +18,8 @@ use std::time::Instant;
 
 use crate::bounded::{DeviceId, Text};
 use crate::message::{
-    AgentMessage, EnrollRequest, EnrollResponse, Hello, HubMessage, Intent, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, Refusal, Report,
+    AgentMessage, Challenge, EnrollRequest, EnrollResponse, Evidence, Hello, HubMessage, Intent,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Refusal, Report,
 };
 use crate::session::{SessionConfig, SessionError, Wire};
 use crate::state::StateUpdate;
@@ -45,6 +46,9 @@ pub enum AgentEvent {
     /// Load up to `limit` reports with sequence numbers after `after` from the outbox and
     /// pass them to [`AgentSession::send_reports`].
     ReportsWanted { after: u64, limit: usize },
+    /// The hub asks for attestation evidence: quote, event log, and at enrollment the
+    /// credential's secret. Answer with [`AgentSession::send_evidence`].
+    Challenged(Challenge),
     /// The session failed; close the connection and reconnect later.
     Failed(SessionError),
 }
@@ -180,6 +184,16 @@ impl AgentSession {
                 self.phase = Phase::Done;
                 self.events.push_back(AgentEvent::Refused(r));
             }
+            (Phase::AwaitingEnrolled { .. }, HubMessage::Challenge(c)) => {
+                // The TPM's work counts against a fresh handshake deadline.
+                self.phase = Phase::AwaitingEnrolled {
+                    deadline: now + self.cfg.handshake_timeout,
+                };
+                self.events.push_back(AgentEvent::Challenged(c));
+            }
+            (Phase::Synced, HubMessage::Challenge(c)) => {
+                self.events.push_back(AgentEvent::Challenged(c));
+            }
             (Phase::AwaitingEnrolled { .. }, HubMessage::Enrolled(resp)) => {
                 self.phase = Phase::Done;
                 self.events.push_back(AgentEvent::Enrolled(resp));
@@ -291,6 +305,13 @@ impl AgentSession {
         self.send(&AgentMessage::Reports(reports));
     }
 
+    /// The answer to [`AgentEvent::Challenged`].
+    pub fn send_evidence(&mut self, evidence: Evidence) {
+        if matches!(self.phase, Phase::AwaitingEnrolled { .. } | Phase::Synced) {
+            self.send(&AgentMessage::Evidence(evidence));
+        }
+    }
+
     /// The update to `revision` was verified and stored durably.
     pub fn state_stored(&mut self, revision: u64) {
         if self.phase == Phase::Synced {
@@ -357,5 +378,6 @@ fn hub_message_name(m: &HubMessage) -> &'static str {
         HubMessage::Refused(_) => "Refused",
         HubMessage::State(_) => "State",
         HubMessage::ReportAck { .. } => "ReportAck",
+        HubMessage::Challenge(_) => "Challenge",
     }
 }

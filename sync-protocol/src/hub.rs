@@ -4,20 +4,27 @@
 //! ```text
 //!  AwaitingHello ──Hello{Sync}──► AwaitingDecision ──accept_sync──► Synced
 //!        │         Hello{Enroll}─► AwaitingDecision ──accept_enroll─► Done
+//!        │                            │  ▲
+//!        │                  challenge ▼  │ Evidence
+//!        │                         AwaitingEvidence
 //!        └── timeout / bad frame / refuse ──────────────────────────► Done
 //! ```
+//!
+//! In `Synced` the driver may [`HubSession::challenge`] at any time (on connect and
+//! periodically); the evidence comes back as [`HubEvent::Evidence`], and a challenge
+//! left unanswered past its deadline fails the session.
 //!
 //! In `Synced`, reports are passed on only once each and in order: duplicates of what
 //! was already passed on are dropped, a gap is a protocol violation. The driver makes
 //! them durable and then calls [`HubSession::reports_durable`], which acknowledges.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bounded::{DeviceId, Text};
 use crate::message::{
-    AgentMessage, EnrollRequest, EnrollResponse, HubMessage, Intent, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, Refusal, RefusalCode, Report, Welcome,
+    AgentMessage, Challenge, EnrollRequest, EnrollResponse, Evidence, HubMessage, Intent,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Refusal, RefusalCode, Report, Welcome,
 };
 use crate::session::{SessionConfig, SessionError, Wire};
 use crate::state::StateUpdate;
@@ -47,6 +54,9 @@ pub enum HubEvent {
     StateAcked { revision: u64 },
     /// The agent needs a full snapshot; it holds `state_revision`.
     ResyncRequested { state_revision: u64 },
+    /// The agent's answer to the outstanding [`HubSession::challenge`]. During
+    /// enrollment, answer with `accept_enroll` or `refuse` afterwards.
+    Evidence(Evidence),
     /// The session failed; close the connection.
     Failed(SessionError),
 }
@@ -55,6 +65,7 @@ pub enum HubEvent {
 enum Phase {
     AwaitingHello { deadline: Instant },
     AwaitingDecision { deadline: Instant, enroll: bool },
+    AwaitingEvidence { deadline: Instant },
     Synced,
     Done,
 }
@@ -72,6 +83,9 @@ pub struct HubSession {
     received: u64,
     max_batch: usize,
     max_frame_len: usize,
+    handshake_timeout: Duration,
+    /// In `Synced`: when the outstanding challenge must be answered by.
+    evidence_deadline: Option<Instant>,
 }
 
 impl HubSession {
@@ -91,6 +105,8 @@ impl HubSession {
             received: 0,
             max_batch: cfg.max_batch,
             max_frame_len: cfg.max_frame_len,
+            handshake_timeout: cfg.handshake_timeout,
+            evidence_deadline: None,
         }
     }
 
@@ -158,8 +174,20 @@ impl HubSession {
     }
 
     fn handle_message(&mut self, now: Instant, msg: AgentMessage) {
-        let _ = now;
         match (self.phase, msg) {
+            (Phase::AwaitingEvidence { .. }, AgentMessage::Evidence(e)) => {
+                self.phase = Phase::AwaitingDecision {
+                    deadline: now + self.handshake_timeout,
+                    enroll: true,
+                };
+                self.events.push_back(HubEvent::Evidence(e));
+            }
+            (Phase::Synced, AgentMessage::Evidence(e)) => {
+                if self.evidence_deadline.take().is_none() {
+                    return self.violation("evidence without a challenge".into());
+                }
+                self.events.push_back(HubEvent::Evidence(e));
+            }
             (Phase::AwaitingHello { deadline }, AgentMessage::Hello(h)) => {
                 let lo = h.min_version.max(MIN_PROTOCOL_VERSION);
                 let hi = h.max_version.min(PROTOCOL_VERSION);
@@ -287,6 +315,30 @@ impl HubSession {
         self.phase = Phase::Done;
     }
 
+    /// Ask for evidence, to arrive within `timeout`. During enrollment (after the
+    /// request was found acceptable so far) this also lifts the handshake's frame-size
+    /// limit: event logs are larger than a hello.
+    pub fn challenge(&mut self, now: Instant, challenge: Challenge, timeout: Duration) {
+        match self.phase {
+            Phase::AwaitingDecision { enroll: true, .. } => {
+                self.wire.set_max_frame_len(self.max_frame_len);
+                self.phase = Phase::AwaitingEvidence {
+                    deadline: now + timeout,
+                };
+            }
+            Phase::Synced if self.evidence_deadline.is_none() => {
+                self.evidence_deadline = Some(now + timeout);
+            }
+            _ => return,
+        }
+        self.send(&HubMessage::Challenge(challenge));
+    }
+
+    /// Whether a challenge is waiting for its evidence.
+    pub fn challenge_outstanding(&self) -> bool {
+        matches!(self.phase, Phase::AwaitingEvidence { .. }) || self.evidence_deadline.is_some()
+    }
+
     /// Refuse, saying why; the session ends.
     pub fn refuse(&mut self, refusal: Refusal) {
         if self.phase == Phase::Done {
@@ -327,10 +379,11 @@ impl HubSession {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
-            Phase::AwaitingHello { deadline } | Phase::AwaitingDecision { deadline, .. } => {
-                Some(deadline)
-            }
-            Phase::Synced | Phase::Done => None,
+            Phase::AwaitingHello { deadline }
+            | Phase::AwaitingDecision { deadline, .. }
+            | Phase::AwaitingEvidence { deadline } => Some(deadline),
+            Phase::Synced => self.evidence_deadline,
+            Phase::Done => None,
         }
     }
 
@@ -338,7 +391,10 @@ impl HubSession {
         if let Some(deadline) = self.poll_timeout()
             && now >= deadline
         {
-            self.fail(SessionError::HandshakeTimeout);
+            self.fail(match self.phase {
+                Phase::Synced | Phase::AwaitingEvidence { .. } => SessionError::EvidenceTimeout,
+                _ => SessionError::HandshakeTimeout,
+            });
         }
     }
 }
@@ -350,6 +406,7 @@ fn agent_message_name(m: &AgentMessage) -> &'static str {
         AgentMessage::ResyncRequest { .. } => "ResyncRequest",
         AgentMessage::Reports(_) => "Reports",
         AgentMessage::ReportsLost { .. } => "ReportsLost",
+        AgentMessage::Evidence(_) => "Evidence",
     }
 }
 
@@ -357,6 +414,7 @@ fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::AwaitingHello { .. } => "awaiting hello",
         Phase::AwaitingDecision { .. } => "awaiting decision",
+        Phase::AwaitingEvidence { .. } => "awaiting evidence",
         Phase::Synced => "synced",
         Phase::Done => "done",
     }

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod attest;
 pub mod bounded;
 pub mod frame;
 pub mod hub;

@@ -16,9 +16,13 @@ use crate::state::StateUpdate;
 /// ALPN protocol identifier of Cairn's QUIC connections.
 pub const ALPN: &[u8] = b"cairn/1";
 /// The protocol version this crate speaks. A peer announces a range in its hello.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added attestation (identity in the enrollment request, challenges and
+/// evidence); version 1 was never released, so it is not spoken.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Oldest protocol version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// Most PCRs a challenge may ask for (a PC Client TPM has 24).
+pub const MAX_PCRS: usize = 24;
 /// Most reports in one `Reports` message.
 pub const MAX_REPORTS_PER_BATCH: usize = 512;
 /// Most labels on one device.
@@ -58,6 +62,76 @@ pub struct EnrollRequest {
     pub csr_der: Vec<u8>,
     /// The box's host name, as a hint for operators.
     pub hostname: Text<64>,
+    /// The device's root of trust, if it has one; the hub then binds the device to it
+    /// (credential activation) before it issues the certificate.
+    pub identity: Option<AttestIdentity>,
+}
+
+/// What kind of root of trust the agent claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdentityKind {
+    Tpm,
+    /// Keys in the agent's memory (fleet simulation, boxes without a TPM): proves
+    /// nothing about the hardware; hub policy may refuse it.
+    Software,
+}
+
+/// The keys a device proves itself with (TPM 2.0 wire structures).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttestIdentity {
+    pub kind: IdentityKind,
+    /// Endorsement key, `TPM2B_PUBLIC`.
+    pub ek_public: Vec<u8>,
+    /// EK certificate (DER) from the TPM's NV storage, if it has one.
+    pub ek_certificate: Option<Vec<u8>>,
+    /// Attestation key (restricted signing), `TPM2B_PUBLIC`.
+    pub ak_public: Vec<u8>,
+}
+
+/// The hub asks for evidence: a quote over `pcrs` and the event log.
+///
+/// The quote's qualifying data is not `nonce` itself but
+/// [`crate::attest::quote_nonce`]`(nonce, exporter)`, where `exporter` is keying
+/// material exported from this connection's TLS session: a quote made for one
+/// connection is useless on another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    pub nonce: [u8; 32],
+    /// PCR indices of the sha256 bank, ascending.
+    pub pcrs: heapless::Vec<u8, MAX_PCRS>,
+    /// How many bytes of the device's event log the hub already holds; the agent sends
+    /// only the rest if its log starts with exactly those bytes.
+    pub log_held: u64,
+    /// SHA-256 of the `log_held` bytes the hub holds.
+    pub log_held_sha256: [u8; 32],
+    /// At enrollment: a credential for the claimed EK and AK (`TPM2_MakeCredential`).
+    pub credential: Option<CredentialChallenge>,
+}
+
+/// A credential only the TPM holding both the EK and the AK can open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialChallenge {
+    /// `TPM2B_ID_OBJECT`.
+    pub blob: Vec<u8>,
+    /// `TPM2B_ENCRYPTED_SECRET`.
+    pub secret: Vec<u8>,
+}
+
+/// The agent's answer to a [`Challenge`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// The credential's secret, recovered by `TPM2_ActivateCredential`.
+    pub credential: Option<Vec<u8>>,
+    /// `TPMS_ATTEST` as signed.
+    pub attest: Vec<u8>,
+    /// `TPMT_SIGNATURE`.
+    pub signature: Vec<u8>,
+    /// The quoted PCR values, in the order of the challenge's `pcrs`.
+    pub pcrs: heapless::Vec<[u8; 32], MAX_PCRS>,
+    /// Offset in the event log where `log` starts: the challenge's `log_held` if the
+    /// agent's log starts with the hub's bytes, else 0 (the whole log).
+    pub log_offset: u64,
+    pub log: Vec<u8>,
 }
 
 /// The hub's answer to a successful enrollment.
@@ -98,11 +172,15 @@ pub enum RefusalCode {
     /// The hub waited too long for the agent (e.g. for its first stream): an overloaded
     /// link or agent, not a broken one.
     Timeout,
+    /// The device's identity or evidence did not verify (EK certificate from an
+    /// untrusted CA, failed credential activation, bad quote, log that does not replay,
+    /// identity the policy does not allow).
+    AttestationFailed,
 }
 
 impl RefusalCode {
     // Append new codes at the end: the position is the close code and the wire tag.
-    const ALL: [RefusalCode; 12] = [
+    const ALL: [RefusalCode; 13] = [
         Self::UnsupportedVersion,
         Self::UnknownToken,
         Self::TokenExpired,
@@ -115,6 +193,7 @@ impl RefusalCode {
         Self::Internal,
         Self::ShuttingDown,
         Self::Timeout,
+        Self::AttestationFailed,
     ];
 
     /// The QUIC application error code a hub closes the connection with (0 is a normal
@@ -232,6 +311,8 @@ pub enum AgentMessage {
         after: u64,
         up_to: u64,
     },
+    /// Answer to a [`HubMessage::Challenge`].
+    Evidence(Evidence),
 }
 
 /// Every message a hub sends.
@@ -245,14 +326,16 @@ pub enum HubMessage {
     ReportAck {
         up_to: u64,
     },
+    /// Prove what you are and what you booted.
+    Challenge(Challenge),
 }
 
 impl crate::frame::Message for AgentMessage {
-    const KINDS: u32 = 5;
+    const KINDS: u32 = 6;
 }
 
 impl crate::frame::Message for HubMessage {
-    const KINDS: u32 = 5;
+    const KINDS: u32 = 6;
 }
 
 #[cfg(test)]
@@ -262,13 +345,27 @@ mod tests {
     /// `KINDS` must follow the enums: encoding the last variant gives index KINDS - 1.
     #[test]
     fn kinds_match_the_enums() {
-        let last =
-            postcard::to_allocvec(&AgentMessage::ReportsLost { after: 0, up_to: 0 }).unwrap();
+        let last = postcard::to_allocvec(&AgentMessage::Evidence(Evidence {
+            credential: None,
+            attest: vec![],
+            signature: vec![],
+            pcrs: heapless::Vec::new(),
+            log_offset: 0,
+            log: vec![],
+        }))
+        .unwrap();
         assert_eq!(
             u32::from(last[0]) + 1,
             <AgentMessage as crate::frame::Message>::KINDS
         );
-        let last = postcard::to_allocvec(&HubMessage::ReportAck { up_to: 0 }).unwrap();
+        let last = postcard::to_allocvec(&HubMessage::Challenge(Challenge {
+            nonce: [0; 32],
+            pcrs: heapless::Vec::new(),
+            log_held: 0,
+            log_held_sha256: [0; 32],
+            credential: None,
+        }))
+        .unwrap();
         assert_eq!(
             u32::from(last[0]) + 1,
             <HubMessage as crate::frame::Message>::KINDS

@@ -46,6 +46,8 @@ pub enum SessionError {
     HandshakeTimeout,
     #[error("peer did not acknowledge reports in time")]
     AckTimeout,
+    #[error("peer did not answer the attestation challenge in time")]
+    EvidenceTimeout,
     #[error("stream closed by peer")]
     Closed,
 }

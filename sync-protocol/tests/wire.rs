@@ -74,6 +74,20 @@ fn arb_agent_message() -> impl Strategy<Value = AgentMessage> {
         any::<u64>().prop_map(|revision| AgentMessage::StateAck { revision }),
         any::<u64>().prop_map(|state_revision| AgentMessage::ResyncRequest { state_revision }),
         proptest::collection::vec(arb_report(), 0..20).prop_map(AgentMessage::Reports),
+        (
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::collection::vec(any::<[u8; 32]>(), 0..24),
+            any::<u64>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+        )
+            .prop_map(|(bytes, pcrs, off, credential)| AgentMessage::Evidence(Evidence {
+                credential,
+                attest: bytes.clone(),
+                signature: bytes.iter().rev().copied().collect(),
+                pcrs: pcrs.into_iter().collect(),
+                log_offset: off,
+                log: bytes,
+            })),
         (any::<u16>(), any::<u16>(), any::<u64>()).prop_map(|(a, b, r)| AgentMessage::Hello(
             Hello {
                 min_version: a,
@@ -106,6 +120,22 @@ fn arb_hub_message() -> impl Strategy<Value = HubMessage> {
                     removals,
                 })
             }),
+        (
+            any::<[u8; 32]>(),
+            proptest::collection::vec(0u8..24, 0..24),
+            any::<u64>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80)),
+        )
+            .prop_map(|(nonce, pcrs, held, blob)| HubMessage::Challenge(Challenge {
+                nonce,
+                pcrs: pcrs.into_iter().collect(),
+                log_held: held,
+                log_held_sha256: nonce,
+                credential: blob.map(|b| CredentialChallenge {
+                    secret: b.clone(),
+                    blob: b,
+                }),
+            })),
         (any::<u64>(), 1u16..5).prop_map(|(acked, version)| HubMessage::Welcome(Welcome {
             version,
             device: DeviceId::new("d").unwrap(),
@@ -254,6 +284,110 @@ fn hub_refuses_incompatible_versions_and_out_of_order_messages() {
     );
 }
 
+fn deliver_to_hub(agent: &mut AgentSession, hub: &mut HubSession, now: Instant) {
+    while let Some(b) = agent.poll_transmit() {
+        hub.handle_input(now, &b);
+    }
+}
+
+fn deliver_to_agent(hub: &mut HubSession, agent: &mut AgentSession, now: Instant) {
+    while let Some(b) = hub.poll_transmit() {
+        agent.handle_input(now, &b);
+    }
+}
+
+fn challenge(credential: bool) -> Challenge {
+    Challenge {
+        nonce: [9; 32],
+        pcrs: [0u8, 4, 7].into_iter().collect(),
+        log_held: 0,
+        log_held_sha256: [0; 32],
+        credential: credential.then(|| CredentialChallenge {
+            blob: vec![1, 2],
+            secret: vec![3],
+        }),
+    }
+}
+
+fn evidence() -> Evidence {
+    Evidence {
+        credential: Some(vec![5; 32]),
+        attest: vec![1],
+        signature: vec![2],
+        pcrs: [[0u8; 32]; 3].into_iter().collect(),
+        log_offset: 0,
+        log: vec![0; 100 * 1024],
+    }
+}
+
+/// Enrollment with attestation: hello, challenge (with the credential), evidence
+/// larger than a handshake frame (allowed once the hub challenged), then the answer.
+/// In a sync session a challenge may come at any time; unanswered, it fails the
+/// session; unasked-for evidence is a violation.
+#[test]
+fn challenges_and_evidence_flow_in_enrollment_and_sync() {
+    let now = Instant::now();
+    let cfg = SessionConfig::default();
+    let request = EnrollRequest {
+        token: Text::truncated("t"),
+        csr_der: vec![1],
+        hostname: Text::truncated("h"),
+        identity: None,
+    };
+    let mut agent = AgentSession::enroll(now, cfg.clone(), request, "test");
+    let mut hub = HubSession::new(now, &cfg);
+    deliver_to_hub(&mut agent, &mut hub, now);
+    assert!(matches!(hub.poll_event(), Some(HubEvent::EnrollRequested { .. })));
+    hub.challenge(now, challenge(true), Duration::from_secs(5));
+    assert!(hub.challenge_outstanding());
+    deliver_to_agent(&mut hub, &mut agent, now);
+    let Some(AgentEvent::Challenged(c)) = agent.poll_event() else {
+        panic!("the agent must be challenged");
+    };
+    assert_eq!(c, challenge(true));
+    agent.send_evidence(evidence());
+    deliver_to_hub(&mut agent, &mut hub, now);
+    assert_eq!(hub.poll_event(), Some(HubEvent::Evidence(evidence())));
+    assert!(!hub.is_done());
+
+    // Sync: welcome, then a challenge; evidence comes back as an event.
+    let mut agent = AgentSession::sync(now, cfg.clone(), 0, "test");
+    let mut hub = HubSession::new(now, &cfg);
+    deliver_to_hub(&mut agent, &mut hub, now);
+    assert!(matches!(hub.poll_event(), Some(HubEvent::SyncRequested { .. })));
+    hub.accept_sync(DeviceId::new("d").unwrap(), 0);
+    hub.challenge(now, challenge(false), Duration::from_secs(5));
+    assert_eq!(hub.poll_timeout(), Some(now + Duration::from_secs(5)));
+    deliver_to_agent(&mut hub, &mut agent, now);
+    assert!(matches!(agent.poll_event(), Some(AgentEvent::Welcomed { .. })));
+    let _ = agent.poll_event(); // ReportsAcked
+    assert!(matches!(agent.poll_event(), Some(AgentEvent::Challenged(_))));
+    agent.send_evidence(evidence());
+    deliver_to_hub(&mut agent, &mut hub, now);
+    assert!(matches!(hub.poll_event(), Some(HubEvent::Evidence(_))));
+    assert_eq!(hub.poll_timeout(), None);
+    // Evidence nobody asked for.
+    agent.send_evidence(evidence());
+    deliver_to_hub(&mut agent, &mut hub, now);
+    assert!(matches!(
+        hub.poll_event(),
+        Some(HubEvent::Failed(SessionError::Protocol(_)))
+    ));
+
+    // A challenge left unanswered fails the session.
+    let mut agent = AgentSession::sync(now, cfg.clone(), 0, "test");
+    let mut hub = HubSession::new(now, &cfg);
+    deliver_to_hub(&mut agent, &mut hub, now);
+    let _ = hub.poll_event();
+    hub.accept_sync(DeviceId::new("d").unwrap(), 0);
+    hub.challenge(now, challenge(false), Duration::from_secs(5));
+    hub.handle_timeout(now + Duration::from_secs(6));
+    assert_eq!(
+        hub.poll_event(),
+        Some(HubEvent::Failed(SessionError::EvidenceTimeout))
+    );
+}
+
 /// What a device and a hub hold durably in this model.
 #[derive(Default)]
 struct Durable {
@@ -348,7 +482,9 @@ fn run_disconnect_model(seed: u64) {
                     }
                     HubEvent::Reports(rs) => pending_durable.extend(rs),
                     HubEvent::StateAcked { .. } | HubEvent::ResyncRequested { .. } => {}
-                    HubEvent::EnrollRequested { .. } => panic!("no enrollment here"),
+                    HubEvent::EnrollRequested { .. } | HubEvent::Evidence(_) => {
+                        panic!("no enrollment or attestation here")
+                    }
                     HubEvent::ReportsLost { from, to } => {
                         panic!("seed {seed}: nothing is lost here, yet {from}..={to} declared lost")
                     }
@@ -396,7 +532,9 @@ fn run_disconnect_model(seed: u64) {
                         }
                     }
                     AgentEvent::Failed(e) => panic!("seed {seed}: agent failed: {e}"),
-                    AgentEvent::Enrolled(_) | AgentEvent::Refused(_) => unreachable!(),
+                    AgentEvent::Enrolled(_)
+                    | AgentEvent::Refused(_)
+                    | AgentEvent::Challenged(_) => unreachable!(),
                 }
             }
             if dropped || rng.gen_bool(0.05) {
@@ -521,8 +659,8 @@ fn a_gap_the_agent_cannot_fill_is_declared_not_stalled_on() {
     // A declared gap that does not start where the hub stands is a violation.
     let mut hub2 = HubSession::new(now, &cfg);
     let hello = AgentMessage::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
         agent_version: Text::truncated("t"),
         intent: Intent::Sync { state_revision: 0 },
     });

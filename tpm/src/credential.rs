@@ -8,10 +8,21 @@
 //! is KDFe(SHA-256, Z, "IDENTITY", ephemeral x, EK x); from the seed KDFa derives an
 //! AES-128 key ("STORAGE", bound to the AK's name) that encrypts the credential in CFB
 //! mode, and an HMAC key ("INTEGRITY") that seals it with the AK's name.
+//!
+//! For an RSA-2048 EK the seed is 32 random bytes encrypted to the EK with RSA-OAEP
+//! (SHA-256, label `"IDENTITY\0"`, the terminating zero included as the TPM does); the
+//! rest is the same.
+//!
+//! Both are the TCG default EK templates of the low range (RSA-2048 and ECC P-256, name
+//! algorithm SHA-256, AES-128-CFB): other EKs are refused, since their seed size and
+//! symmetric key differ and a credential made for them would silently not activate.
 
 use aes::cipher::{AsyncStreamCipher, KeyIvInit};
+use ring::rand::SecureRandom;
 use ring::{agreement, hmac, rand};
 use sha2::{Digest, Sha256};
+use tpm2_protocol::TpmUnmarshal;
+use tpm2_protocol::data::{TpmAlgId, TpmtPublic, TpmuPublicParms, TpmuSymKeyBits, TpmuSymMode};
 
 use crate::quote::{AkPublic, QuoteError};
 
@@ -22,8 +33,11 @@ const SHA256_ALG: [u8; 2] = [0x00, 0x0b];
 pub enum CredentialError {
     #[error("{0}")]
     Key(#[from] QuoteError),
-    #[error("only ECC P-256 endorsement keys are supported")]
-    UnsupportedEk,
+    #[error(
+        "only RSA-2048 and ECC P-256 endorsement keys from the TCG default templates \
+         (SHA-256, AES-128-CFB) are supported; this EK is {0}"
+    )]
+    UnsupportedEk(String),
     #[error("the credential must be 1 to 32 bytes")]
     BadSecret,
     #[error("key agreement with the endorsement key failed: {0}")]
@@ -35,7 +49,8 @@ pub enum CredentialError {
 pub struct Credential {
     /// `TPM2B_ID_OBJECT`: integrity HMAC and the encrypted credential.
     pub blob: Vec<u8>,
-    /// `TPM2B_ENCRYPTED_SECRET`: the ephemeral ECC point.
+    /// `TPM2B_ENCRYPTED_SECRET`: the ephemeral ECC point (ECC EK) or the OAEP-encrypted
+    /// seed (RSA EK).
     pub secret: Vec<u8>,
 }
 
@@ -94,7 +109,8 @@ fn tpm2b(data: &[u8]) -> Vec<u8> {
 }
 
 /// Makes a credential carrying `secret` for the AK `ak_public` in the TPM holding the
-/// EK `ek_public` (both `TPM2B_PUBLIC`).
+/// EK `ek_public` (both `TPM2B_PUBLIC`). The EK is RSA-2048 or ECC P-256 from the TCG
+/// default templates.
 pub fn make_credential(
     ek_public: &[u8],
     ak_public: &[u8],
@@ -103,28 +119,12 @@ pub fn make_credential(
     if secret.is_empty() || secret.len() > 32 {
         return Err(CredentialError::BadSecret);
     }
-    let AkPublic::EccP256 { point: ek_point } = AkPublic::from_tpm2b_public(ek_public)? else {
-        return Err(CredentialError::UnsupportedEk);
-    };
+    check_ek_template(ek_public)?;
     let name = object_name(ak_public)?;
-
-    let rng = rand::SystemRandom::new();
-    let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
-        .map_err(|_| CredentialError::Crypto("generating the ephemeral key"))?;
-    let eph_point = ephemeral
-        .compute_public_key()
-        .map_err(|_| CredentialError::Crypto("computing the ephemeral public key"))?;
-    let eph_point = eph_point.as_ref().to_vec();
-    let z = agreement::agree_ephemeral(
-        ephemeral,
-        &agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &ek_point),
-        |z| z.to_vec(),
-    )
-    .map_err(|_| CredentialError::Crypto("ECDH with the endorsement key"))?;
-    // Uncompressed points: 04 || x (32) || y (32).
-    let (eph_x, eph_y) = (&eph_point[1..33], &eph_point[33..65]);
-    let ek_x = &ek_point[1..33];
-    let seed = kdfe(&z, "IDENTITY", eph_x, ek_x, 256);
+    let (seed, encrypted_seed) = match AkPublic::from_tpm2b_public(ek_public)? {
+        AkPublic::EccP256 { point } => ecc_seed(&point)?,
+        AkPublic::Rsa { n, e } => rsa_seed(&n, &e)?,
+    };
 
     let sym_key = kdfa(&seed, "STORAGE", &name, &[], 128);
     let mut enc_identity = tpm2b(secret);
@@ -140,10 +140,98 @@ pub fn make_credential(
 
     let mut id_object = tpm2b(outer.as_ref());
     id_object.extend(enc_identity);
-    let mut point = tpm2b(eph_x);
-    point.extend(tpm2b(eph_y));
     Ok(Credential {
         blob: tpm2b(&id_object),
-        secret: tpm2b(&point),
+        secret: tpm2b(&encrypted_seed),
     })
+}
+
+/// Refuses EKs whose name algorithm or symmetric key is not the low-range default's
+/// (SHA-256, AES-128-CFB): the seed and the storage key depend on them.
+fn check_ek_template(ek_public: &[u8]) -> Result<(), CredentialError> {
+    let body = ek_public.get(2..).unwrap_or_default();
+    let (public, _) = TpmtPublic::unmarshal(body)
+        .map_err(|e| CredentialError::UnsupportedEk(format!("unreadable ({e:?})")))?;
+    let symmetric = match &public.parameters {
+        TpmuPublicParms::Rsa(p) => {
+            let bits = p.key_bits.value();
+            if bits != 2048 {
+                return Err(CredentialError::UnsupportedEk(format!("RSA-{bits}")));
+            }
+            p.symmetric
+        }
+        TpmuPublicParms::Ecc(p) => p.symmetric,
+        other => return Err(CredentialError::UnsupportedEk(format!("{other:?}"))),
+    };
+    if public.name_alg != TpmAlgId::Sha256 {
+        return Err(CredentialError::UnsupportedEk(format!(
+            "a key with name algorithm {:?}",
+            public.name_alg
+        )));
+    }
+    let aes128_cfb = symmetric.algorithm == TpmAlgId::Aes
+        && matches!(symmetric.key_bits, TpmuSymKeyBits::Aes(b) if b.value() == 128)
+        && matches!(symmetric.mode, TpmuSymMode::Aes(TpmAlgId::Cfb));
+    if !aes128_cfb {
+        return Err(CredentialError::UnsupportedEk(format!(
+            "a key protecting its children with {symmetric:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// ECC EK: an ephemeral ECDH with the EK; the seed is KDFe of the shared secret, the
+/// encrypted seed is the ephemeral point (`TPMS_ECC_POINT`).
+fn ecc_seed(ek_point: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CredentialError> {
+    let rng = rand::SystemRandom::new();
+    let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
+        .map_err(|_| CredentialError::Crypto("generating the ephemeral key"))?;
+    let eph_point = ephemeral
+        .compute_public_key()
+        .map_err(|_| CredentialError::Crypto("computing the ephemeral public key"))?;
+    let eph_point = eph_point.as_ref().to_vec();
+    let z = agreement::agree_ephemeral(
+        ephemeral,
+        &agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, ek_point),
+        |z| z.to_vec(),
+    )
+    .map_err(|_| CredentialError::Crypto("ECDH with the endorsement key"))?;
+    // Uncompressed points: 04 || x (32) || y (32).
+    let (eph_x, eph_y) = (&eph_point[1..33], &eph_point[33..65]);
+    let ek_x = ek_point
+        .get(1..33)
+        .ok_or(CredentialError::Crypto("EK point too short"))?;
+    let seed = kdfe(&z, "IDENTITY", eph_x, ek_x, 256);
+    let mut point = tpm2b(eph_x);
+    point.extend(tpm2b(eph_y));
+    Ok((seed, point))
+}
+
+/// RSA EK: 32 random bytes (the size of a SHA-256 digest, the EK's name algorithm),
+/// encrypted with RSA-OAEP SHA-256 and the label "IDENTITY\0".
+fn rsa_seed(n: &[u8], e: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CredentialError> {
+    use rsa::traits::PublicKeyParts;
+    let key = rsa::RsaPublicKey::new(
+        rsa::BigUint::from_bytes_be(n),
+        rsa::BigUint::from_bytes_be(e),
+    )
+    .map_err(|_| CredentialError::Crypto("the RSA endorsement key is not a valid key"))?;
+    if key.size() != 256 {
+        return Err(CredentialError::UnsupportedEk(format!(
+            "RSA-{}",
+            key.size() * 8
+        )));
+    }
+    let mut seed = vec![0u8; 32];
+    rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| CredentialError::Crypto("generating the seed"))?;
+    let encrypted = key
+        .encrypt(
+            &mut rsa::rand_core::OsRng,
+            rsa::Oaep::new_with_label::<Sha256, _>("IDENTITY\0"),
+            &seed,
+        )
+        .map_err(|_| CredentialError::Crypto("RSA-OAEP encryption of the seed"))?;
+    Ok((seed, encrypted))
 }

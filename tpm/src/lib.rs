@@ -11,5 +11,6 @@ pub mod attest;
 pub mod credential;
 #[cfg(feature = "agent")]
 pub mod device;
+pub mod ekcert;
 pub mod eventlog;
 pub mod quote;

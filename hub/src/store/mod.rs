@@ -14,8 +14,10 @@
 //! - reports are stored at most once per `(device, seq)`, in sequence order, and the
 //!   returned acknowledgement never covers a report that is not stored.
 
+mod attest_sql;
 pub mod sqlite;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -26,6 +28,7 @@ use ed25519_dalek::{Signature, SigningKey};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::attest::{AttestPolicy, MeasurementSet};
 use crate::desired::Target;
 
 /// Signs desired-state revisions. Held by the store so that a revision and its signature
@@ -94,6 +97,36 @@ pub struct Enrollment {
     pub hostname: String,
     pub agent_version: String,
     pub now_ms: u64,
+    /// The device's verified root of trust, if it has one.
+    pub attestation: Option<NewAttestation>,
+}
+
+/// A root of trust verified at enrollment (EK checked, credential activated, first
+/// evidence verified), with what policy made of the first evidence.
+#[derive(Debug, Clone)]
+pub struct NewAttestation {
+    /// [`crate::attest::kind`].
+    pub kind: String,
+    pub ek_public: Vec<u8>,
+    /// Issuer of the EK certificate, when it chained to a configured CA.
+    pub ek_issuer: Option<String>,
+    pub ak_public: Vec<u8>,
+    pub outcome: AttestOutcome,
+}
+
+/// The result of one verification of a device's evidence.
+#[derive(Debug, Clone)]
+pub struct AttestOutcome {
+    /// `None`: trusted; `Some(reason)`: quarantined.
+    pub quarantine: Option<String>,
+    /// Quoted PCR values (hex), when the evidence verified.
+    pub pcrs: Option<BTreeMap<u32, String>>,
+    /// The device's whole event log, when it verified.
+    pub log: Option<Vec<u8>>,
+    pub reset_count: Option<u32>,
+    /// A measurement set to add (first use).
+    pub record: Option<MeasurementSet>,
+    pub now_ms: u64,
 }
 
 /// Why an enrollment was refused.
@@ -103,6 +136,40 @@ pub enum EnrollRefusal {
     TokenExpired,
     TokenUsedUp,
     DeviceRevoked,
+    /// Another device that is not revoked holds this endorsement key.
+    EkInUse,
+}
+
+/// A device's root of trust and what the hub last saw of it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AttestRecord {
+    /// [`crate::attest::kind`].
+    pub kind: String,
+    /// SHA-256 of the EK's public area (hex): the TPM's identity.
+    pub ek_sha256: String,
+    pub ek_issuer: Option<String>,
+    /// `trusted`, `quarantined`, or `unverified` (not yet verified in any session).
+    pub status: String,
+    /// Why the device is quarantined.
+    pub reason: Option<String>,
+    pub verified_ms: Option<u64>,
+    /// The PCR values (hex) of the last evidence that verified.
+    pub pcrs: BTreeMap<u32, String>,
+    pub accepted: Vec<MeasurementSet>,
+    pub reset_count: Option<u32>,
+    /// Bytes of event log held.
+    pub log_len: usize,
+    #[serde(skip)]
+    pub ak_public: Vec<u8>,
+    #[serde(skip)]
+    pub log: Vec<u8>,
+}
+
+/// Attestation statuses.
+pub mod attest_status {
+    pub const TRUSTED: &str = "trusted";
+    pub const QUARANTINED: &str = "quarantined";
+    pub const UNVERIFIED: &str = "unverified";
 }
 
 /// Everything the hub knows about one device.
@@ -133,6 +200,18 @@ pub struct DeviceRecord {
     pub applied_ms: Option<u64>,
     /// When the current (or, if offline, the last) session began.
     pub online_since_ms: Option<u64>,
+    /// Identity kind ([`crate::attest::kind`]); `None` for an unattested device.
+    pub attestation: Option<String>,
+    /// [`attest_status`], for attested devices.
+    pub attest_status: Option<String>,
+    /// Why the device is quarantined.
+    pub quarantine: Option<String>,
+}
+
+impl DeviceRecord {
+    pub fn quarantined(&self) -> bool {
+        self.attest_status.as_deref() == Some(attest_status::QUARANTINED)
+    }
 }
 
 impl DeviceRecord {
@@ -193,6 +272,9 @@ pub mod hub_event {
     pub const REVOKED: &str = "hub.revoked";
     pub const LABELS_CHANGED: &str = "hub.labels-changed";
     pub const REPORTS_LOST: &str = "hub.reports-lost";
+    pub const QUARANTINED: &str = "hub.quarantined";
+    pub const ATTESTED: &str = "hub.attested";
+    pub const MEASUREMENTS_ACCEPTED: &str = "hub.measurements-accepted";
 }
 
 /// Label keys and values in use, with device counts.
@@ -212,6 +294,37 @@ pub trait Store: Send + Sync + 'static {
     /// atomically. An existing, not revoked device enrolling again with the same key (a
     /// retry after a lost answer) needs a valid token secret but consumes no use.
     async fn enroll(&self, e: Enrollment) -> Result<Result<DeviceRecord, EnrollRefusal>>;
+    /// Checks a token without using it: its labels if it could enroll a new device now.
+    async fn check_token(
+        &self,
+        token_id: &str,
+        secret_hash: [u8; 32],
+        now_ms: u64,
+    ) -> Result<Result<Labels, EnrollRefusal>>;
+    /// The device that is not revoked and holds the EK with this SHA-256 (hex).
+    async fn ek_owner(&self, ek_sha256: &str) -> Result<Option<DeviceId>>;
+
+    /// A device's root of trust; `None` for an unattested or unknown device.
+    async fn attestation(&self, id: &DeviceId) -> Result<Option<AttestRecord>>;
+    /// Records one verification; a change of status also records an event.
+    async fn record_attestation(&self, id: &DeviceId, outcome: AttestOutcome) -> Result<()>;
+    /// The operator accepts the device's last verified measurements: they replace the
+    /// first-seen and operator sets, and the quarantine ends. `Err(reason)` if there is
+    /// nothing verified to accept.
+    async fn accept_measurements(
+        &self,
+        id: &DeviceId,
+        now_ms: u64,
+    ) -> Result<Result<AttestRecord, String>>;
+    /// Adds (or replaces, by source) a set of values the device is expected to measure,
+    /// e.g. what a release predicts, before the device boots it. `false` if the device
+    /// is not attested.
+    async fn expect_measurements(&self, id: &DeviceId, set: MeasurementSet) -> Result<bool>;
+    /// Removes the sets with this source; how many were removed.
+    async fn retire_measurements(&self, id: &DeviceId, source: &str) -> Result<usize>;
+    async fn put_policy(&self, policy: AttestPolicy) -> Result<()>;
+    async fn delete_policy(&self, name: &str) -> Result<bool>;
+    async fn policies(&self) -> Result<Vec<AttestPolicy>>;
 
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
     async fn devices(&self) -> Result<Vec<DeviceRecord>>;

@@ -24,9 +24,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    AssignOutcome, Change, DeviceRecord, EnrollRefusal, Enrollment, EventFilter, EventRecord,
-    LabelCount, NewToken, Result, StateSigner, Store, StoreError, TokenInfo, hub_event,
+    AssignOutcome, AttestOutcome, AttestRecord, Change, DeviceRecord, EnrollRefusal, Enrollment,
+    EventFilter, EventRecord, LabelCount, NewToken, Result, StateSigner, Store, StoreError,
+    TokenInfo, hub_event,
 };
+use crate::attest::{AttestPolicy, MeasurementSet};
 use crate::desired::{self, Assignment, Target};
 
 /// Most jobs committed in one transaction.
@@ -125,7 +127,7 @@ pub struct SqliteStore {
     events: watch::Receiver<u64>,
 }
 
-fn backend(e: rusqlite::Error) -> StoreError {
+pub(super) fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
@@ -156,7 +158,11 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
 /// Brings a database made by an older hub up to [`SCHEMA`]: columns added since are
 /// added here (`CREATE TABLE IF NOT EXISTS` leaves existing tables alone).
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    for (column, decl) in [("applied_ms", "INTEGER"), ("online_since_ms", "INTEGER")] {
+    conn.execute_batch(super::attest_sql::SCHEMA)?;
+    for (column, decl) in [("applied_ms", "INTEGER"), ("online_since_ms", "INTEGER")]
+        .into_iter()
+        .chain(super::attest_sql::DEVICE_COLUMNS_ADDED)
+    {
         let present: bool = conn.query_row(
             "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name = ?1",
             [column],
@@ -347,7 +353,8 @@ fn device_id(s: String) -> Result<DeviceId> {
 }
 
 const DEVICE_COLUMNS: &str = "id, hostname, labels, agent_version, enrolled_ms, revoked_ms, online, \
-     last_seen_ms, revision, stored_revision, applied_revision, failing, reports_acked, applied_ms, online_since_ms";
+     last_seen_ms, revision, stored_revision, applied_revision, failing, reports_acked, applied_ms, online_since_ms, \
+     attest_kind, attest_status, attest_reason";
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDevice> {
     Ok(RawDevice {
@@ -366,6 +373,9 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDevice> {
         reports_acked: r.get(12)?,
         applied_ms: r.get(13)?,
         online_since_ms: r.get(14)?,
+        attest_kind: r.get(15)?,
+        attest_status: r.get(16)?,
+        attest_reason: r.get(17)?,
     })
 }
 
@@ -385,6 +395,9 @@ struct RawDevice {
     reports_acked: u64,
     applied_ms: Option<u64>,
     online_since_ms: Option<u64>,
+    attest_kind: Option<String>,
+    attest_status: Option<String>,
+    attest_reason: Option<String>,
 }
 
 impl RawDevice {
@@ -405,6 +418,9 @@ impl RawDevice {
             reports_acked: self.reports_acked,
             applied_ms: self.applied_ms,
             online_since_ms: self.online_since_ms,
+            attestation: self.attest_kind,
+            attest_status: self.attest_status,
+            quarantine: self.attest_reason,
         })
     }
 }
@@ -573,7 +589,7 @@ fn check_limits(device: &DeviceId, doc: &BTreeMap<ResourceName, Resource>) -> Re
     Ok(())
 }
 
-fn insert_hub_event(
+pub(super) fn insert_hub_event(
     conn: &Connection,
     device: &DeviceId,
     now_ms: u64,
@@ -789,6 +805,12 @@ impl Store for SqliteStore {
             if uses_left == 0 {
                 return Ok(Err(EnrollRefusal::TokenUsedUp));
             }
+            if let Some(a) = &e.attestation
+                && super::attest_sql::ek_owner(conn, &super::attest_sql::ek_sha256(&a.ek_public))?
+                    .is_some()
+            {
+                return Ok(Err(EnrollRefusal::EkInUse));
+            }
             let labels = parse_labels(&labels)?;
             conn.execute(
                 "INSERT INTO devices (id, hostname, labels, agent_version, enrolled_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -802,18 +824,118 @@ impl Store for SqliteStore {
             .map_err(backend)?;
             let assignments = load_assignments(conn)?;
             recompute(conn, &signer, &e.device, &labels, &assignments)?;
+            let how = match &e.attestation {
+                Some(a) => format!(" ({}-attested)", a.kind),
+                None => String::new(),
+            };
             insert_hub_event(
                 conn,
                 &e.device,
                 e.now_ms,
                 hub_event::ENROLLED,
-                &format!("enrolled {} with token {}", e.hostname, e.token_id),
+                &format!("enrolled {} with token {}{how}", e.hostname, e.token_id),
             )?;
+            if let Some(a) = &e.attestation {
+                super::attest_sql::insert(conn, &e.device, a)?;
+            }
             let rec = load_device(conn, &e.device)?
                 .ok_or_else(|| now_err("device vanished inside its own transaction"))?;
             Ok(Ok(rec))
         })
         .await
+    }
+
+    async fn check_token(
+        &self,
+        token_id: &str,
+        secret_hash: [u8; 32],
+        now_ms: u64,
+    ) -> Result<Result<Labels, EnrollRefusal>> {
+        let token_id = token_id.to_string();
+        self.read(move |conn| {
+            let token = conn
+                .query_row(
+                    "SELECT secret_hash, expires_ms, uses_left, labels FROM tokens WHERE id = ?1",
+                    [&token_id],
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, u64>(1)?,
+                            r.get::<_, u32>(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(backend)?;
+            let Some((hash, expires_ms, uses_left, labels)) = token else {
+                return Ok(Err(EnrollRefusal::UnknownToken));
+            };
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(&hash[..], &secret_hash[..])) {
+                return Ok(Err(EnrollRefusal::UnknownToken));
+            }
+            if now_ms >= expires_ms {
+                return Ok(Err(EnrollRefusal::TokenExpired));
+            }
+            if uses_left == 0 {
+                return Ok(Err(EnrollRefusal::TokenUsedUp));
+            }
+            Ok(Ok(parse_labels(&labels)?))
+        })
+        .await
+    }
+
+    async fn ek_owner(&self, ek_sha256: &str) -> Result<Option<DeviceId>> {
+        let ek = ek_sha256.to_string();
+        self.read(move |conn| super::attest_sql::ek_owner(conn, &ek)).await
+    }
+
+    async fn attestation(&self, id: &DeviceId) -> Result<Option<AttestRecord>> {
+        let id = id.clone();
+        self.read(move |conn| super::attest_sql::load(conn, &id)).await
+    }
+
+    async fn record_attestation(&self, id: &DeviceId, outcome: AttestOutcome) -> Result<()> {
+        let id = id.clone();
+        self.write(move |conn| super::attest_sql::record(conn, &id, &outcome))
+            .await
+    }
+
+    async fn accept_measurements(
+        &self,
+        id: &DeviceId,
+        now_ms: u64,
+    ) -> Result<Result<AttestRecord, String>> {
+        let id = id.clone();
+        self.write(move |conn| super::attest_sql::accept(conn, &id, now_ms))
+            .await
+    }
+
+    async fn expect_measurements(&self, id: &DeviceId, set: MeasurementSet) -> Result<bool> {
+        let id = id.clone();
+        self.write(move |conn| super::attest_sql::expect(conn, &id, set))
+            .await
+    }
+
+    async fn retire_measurements(&self, id: &DeviceId, source: &str) -> Result<usize> {
+        let (id, source) = (id.clone(), source.to_string());
+        self.write(move |conn| super::attest_sql::retire(conn, &id, &source))
+            .await
+    }
+
+    async fn put_policy(&self, policy: AttestPolicy) -> Result<()> {
+        self.write(move |conn| super::attest_sql::put_policy(conn, &policy))
+            .await
+    }
+
+    async fn delete_policy(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.write(move |conn| super::attest_sql::delete_policy(conn, &name))
+            .await
+    }
+
+    async fn policies(&self) -> Result<Vec<AttestPolicy>> {
+        self.read(super::attest_sql::policies).await
     }
 
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>> {
@@ -1205,6 +1327,7 @@ mod tests {
             hostname: "h".into(),
             agent_version: "v".into(),
             now_ms: 5,
+            attestation: None,
         })
         .await
         .unwrap()
@@ -1224,6 +1347,7 @@ mod tests {
             hostname: "h".into(),
             agent_version: "v".into(),
             now_ms: 6,
+            attestation: None,
         };
         assert_eq!(
             s.enroll(again.clone()).await.unwrap().unwrap_err(),
@@ -1418,6 +1542,7 @@ mod tests {
             hostname: "h".into(),
             agent_version: "v".into(),
             now_ms: 10,
+            attestation: None,
         };
         assert_eq!(
             s.enroll(e.clone()).await.unwrap().unwrap_err(),

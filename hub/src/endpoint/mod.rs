@@ -22,8 +22,12 @@ use rustls::server::WebPkiClientVerifier;
 use tokio::sync::Notify;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::attest::AttestConfig;
 use crate::pki::{self, HubKeys};
 use crate::store::{DynStore, EnrollRefusal, Enrollment};
+
+mod attest;
+use attest::{Gate, PendingChallenge, PendingEnroll};
 
 /// Transport knobs of the agent endpoint.
 #[derive(Debug, Clone)]
@@ -168,6 +172,7 @@ pub struct Shared {
     pub keys: Arc<HubKeys>,
     pub registry: Arc<Registry>,
     pub session: SessionConfig,
+    pub attest: AttestConfig,
 }
 
 /// Builds the QUIC endpoint: TLS 1.3 with the hub certificate, client certificates
@@ -345,6 +350,11 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         session_id: 0,
         agent_holds: 0,
         in_flight: None,
+        gate: Gate::Open,
+        challenge: None,
+        pending_enroll: None,
+        attest_rec: None,
+        next_challenge: None,
     };
     let result = conn_task.run().await;
     conn_task.finish(result).await;
@@ -388,6 +398,16 @@ struct Connection {
     agent_holds: u64,
     /// Revision sent and not yet acknowledged.
     in_flight: Option<u64>,
+    /// Whether desired state may flow (attested devices: only after evidence verified).
+    gate: Gate,
+    /// The challenge waiting for evidence.
+    challenge: Option<PendingChallenge>,
+    /// An enrollment waiting for its evidence.
+    pending_enroll: Option<PendingEnroll>,
+    /// The device's root of trust, for a sync session of an attested device.
+    attest_rec: Option<crate::store::AttestRecord>,
+    /// When to challenge the connected device again.
+    next_challenge: Option<Instant>,
 }
 
 impl Connection {
@@ -424,6 +444,12 @@ impl Connection {
                     }
                 }
                 () = sleep_until_opt(deadline) => self.session.handle_timeout(Instant::now()),
+                () = sleep_until_opt(self.next_challenge) => {
+                    self.next_challenge = None;
+                    if let Err(e) = self.challenge_sync().await {
+                        return End::Store(e);
+                    }
+                }
             }
         }
     }
@@ -504,6 +530,7 @@ impl Connection {
                 }
                 Ok(())
             }
+            HubEvent::Evidence(e) => self.evidence(e).await,
             HubEvent::Failed(e) => Err(End::Session(Some(e))),
         }
     }
@@ -536,26 +563,47 @@ impl Connection {
                 return self.refuse(RefusalCode::BadCsr, &e.to_string()).await;
             }
         };
+        let pending = PendingEnroll {
+            agent_version,
+            token_id,
+            secret_hash,
+            device,
+            cert,
+            hostname: req.hostname.as_str().to_string(),
+            identity: None,
+            claim: None,
+        };
+        match req.identity {
+            Some(identity) => self.challenge_enrollment(pending, identity).await,
+            None => self.complete_enrollment(pending).await,
+        }
+    }
+
+    /// Records the enrollment and answers with the certificate.
+    async fn complete_enrollment(&mut self, p: PendingEnroll) -> Result<(), End> {
+        let ek = p.identity.as_ref().map(|a| attest::ek_sha256(&a.ek_public));
         let outcome = self
             .shared
             .store
             .enroll(Enrollment {
-                token_id: token_id.clone(),
-                secret_hash,
-                device: device.clone(),
-                hostname: req.hostname.as_str().to_string(),
-                agent_version,
+                token_id: p.token_id.clone(),
+                secret_hash: p.secret_hash,
+                device: p.device.clone(),
+                hostname: p.hostname,
+                agent_version: p.agent_version,
                 now_ms: now_ms(),
+                attestation: p.identity,
             })
             .await
             .map_err(|e| End::Store(e.to_string()))?;
         match outcome {
             Ok(rec) => {
-                info!(%device, token = %token_id, hostname = %rec.hostname, "device enrolled");
+                let device = p.device;
+                info!(%device, token = %p.token_id, hostname = %rec.hostname, attestation = ?rec.attestation, "device enrolled");
                 let state_key = self.shared.keys.state_key.verifying_key();
                 self.session.accept_enroll(EnrollResponse {
                     device,
-                    certificate_der: cert,
+                    certificate_der: p.cert,
                     state_key,
                     labels: rec.labels,
                 });
@@ -564,37 +612,68 @@ impl Connection {
                 Ok(())
             }
             Err(r) => {
-                let (code, msg) = match r {
-                    EnrollRefusal::UnknownToken => (
-                        RefusalCode::UnknownToken,
-                        format!(
-                            "join token {token_id} is not known to this hub (wrong hub, or deleted); ask the operator for a new one"
-                        ),
-                    ),
-                    EnrollRefusal::TokenExpired => (
-                        RefusalCode::TokenExpired,
-                        format!(
-                            "join token {token_id} has expired; create a new one with `cairn-hub token create`"
-                        ),
-                    ),
-                    EnrollRefusal::TokenUsedUp => (
-                        RefusalCode::TokenUsedUp,
-                        format!(
-                            "join token {token_id} has no uses left; create a new one with `cairn-hub token create --uses N`"
-                        ),
-                    ),
-                    EnrollRefusal::DeviceRevoked => (
-                        RefusalCode::DeviceRevoked,
-                        format!(
-                            "device {device} was revoked; it cannot re-enroll with the same key"
-                        ),
-                    ),
+                let owner = match (&r, &ek) {
+                    (EnrollRefusal::EkInUse, Some(ek)) => self
+                        .shared
+                        .store
+                        .ek_owner(ek)
+                        .await
+                        .ok()
+                        .flatten(),
+                    _ => None,
                 };
+                let (code, msg) = enroll_refusal(r, &p.token_id, &p.device, owner.as_ref());
                 self.refuse(code, &msg).await
             }
         }
     }
+}
 
+fn enroll_refusal(
+    r: EnrollRefusal,
+    token_id: &str,
+    device: &DeviceId,
+    ek_owner: Option<&DeviceId>,
+) -> (RefusalCode, String) {
+    {
+        match r {
+            EnrollRefusal::UnknownToken => (
+                RefusalCode::UnknownToken,
+                format!(
+                    "join token {token_id} is not known to this hub (wrong hub, or deleted); ask the operator for a new one"
+                ),
+            ),
+            EnrollRefusal::TokenExpired => (
+                RefusalCode::TokenExpired,
+                format!(
+                    "join token {token_id} has expired; create a new one with `cairn-hub token create`"
+                ),
+            ),
+            EnrollRefusal::TokenUsedUp => (
+                RefusalCode::TokenUsedUp,
+                format!(
+                    "join token {token_id} has no uses left; create a new one with `cairn-hub token create --uses N`"
+                ),
+            ),
+            EnrollRefusal::DeviceRevoked => (
+                RefusalCode::DeviceRevoked,
+                format!("device {device} was revoked; it cannot re-enroll with the same key"),
+            ),
+            EnrollRefusal::EkInUse => (
+                RefusalCode::AttestationFailed,
+                format!(
+                    "this TPM's endorsement key already identifies an enrolled device{}; revoke that device first (`cairn-hub device revoke`) if the box was reinstalled",
+                    match ek_owner {
+                        Some(d) => format!(" ({d})"),
+                        None => String::new(),
+                    }
+                ),
+            ),
+        }
+    }
+}
+
+impl Connection {
     async fn start_sync(&mut self, state_revision: u64) -> Result<(), End> {
         let Some(device) = self.cert_device.clone() else {
             return self
@@ -637,7 +716,20 @@ impl Connection {
             .await
             .map_err(|e| End::Store(e.to_string()))?;
         info!(%device, state_revision, reports_acked = rec.reports_acked, "agent online");
-        self.session.accept_sync(device, rec.reports_acked);
+        self.session.accept_sync(device.clone(), rec.reports_acked);
+        if rec.attestation.is_some() {
+            self.attest_rec = self
+                .shared
+                .store
+                .attestation(&device)
+                .await
+                .map_err(|e| End::Store(e.to_string()))?;
+        }
+        if self.attest_rec.is_some() {
+            // Nothing flows to the device until this session's evidence verified.
+            self.gate = Gate::Evidence;
+            return self.challenge_sync().await.map_err(End::Store);
+        }
         self.push_state().await.map_err(End::Store)
     }
 
@@ -655,6 +747,9 @@ impl Connection {
         let Some(device) = self.device.clone() else {
             return Ok(());
         };
+        if !self.gate_open(&device).await? {
+            return Ok(());
+        }
         let update = self
             .shared
             .store

@@ -1,0 +1,158 @@
+//! The agent's root of trust: which [`Attester`] it uses, and answering the hub's
+//! challenges with it.
+//!
+//! A real TPM (feature `tpm`, through tss-esapi) on boxes; the software TPM for the
+//! fleet simulation and for boxes without a TPM whose hub policy allows it. TPM
+//! commands block for milliseconds to a few hundred; they run on a blocking thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, anyhow};
+use cairn_sync_protocol::attest::{log_delta, quote_nonce};
+use cairn_sync_protocol::message::{
+    AttestIdentity, Challenge, Evidence, IdentityKind as WireKind,
+};
+use cairn_tpm::attest::{Attester, IdentityKind};
+
+/// Where the agent's root of trust comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttestSource {
+    /// No attestation: the device enrolls unattested (hub policy may refuse it).
+    None,
+    /// A TPM 2.0 behind a TCTI (`device:/dev/tpmrm0`, `swtpm:host=…,port=…`), with the
+    /// firmware event log at `event_log`.
+    Tpm { tcti: String, event_log: PathBuf },
+    /// The software TPM, its keys kept in the data directory; `boot_image` names what
+    /// the simulated firmware measures as the booted OS.
+    Software { boot_image: String },
+}
+
+/// Where the kernel exposes the firmware's event log.
+pub const FIRMWARE_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
+
+impl AttestSource {
+    /// `auto` (the TPM at /dev/tpmrm0 if there is one, else none), `none`, `software`,
+    /// or a TCTI string.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "none" => Self::None,
+            "software" => Self::Software {
+                boot_image: format!("cairn-agent {}", crate::client::AGENT_VERSION),
+            },
+            "auto" => {
+                if Path::new("/dev/tpmrm0").exists() && cfg!(feature = "tpm") {
+                    Self::Tpm {
+                        tcti: "device:/dev/tpmrm0".into(),
+                        event_log: FIRMWARE_LOG.into(),
+                    }
+                } else {
+                    Self::None
+                }
+            }
+            tcti if tcti.contains(':') => Self::Tpm {
+                tcti: tcti.into(),
+                event_log: FIRMWARE_LOG.into(),
+            },
+            other => {
+                return Err(anyhow!(
+                    "--tpm {other:?}: use auto, none, software, or a TCTI such as device:/dev/tpmrm0"
+                ));
+            }
+        })
+    }
+}
+
+/// An attester shared by the link's sessions.
+pub type SharedAttester = Arc<Mutex<Box<dyn Attester>>>;
+
+/// Opens the attester `source` names; `None` for [`AttestSource::None`].
+pub fn open(source: &AttestSource, data_dir: &Path) -> Result<Option<SharedAttester>> {
+    let attester: Box<dyn Attester> = match source {
+        AttestSource::None => return Ok(None),
+        AttestSource::Software { boot_image } => Box::new(
+            cairn_tpm::soft::SoftTpm::load_or_create(&data_dir.join("soft-tpm"), boot_image)
+                .map_err(|e| anyhow!("software TPM: {e}"))?,
+        ),
+        AttestSource::Tpm { tcti, event_log } => open_tpm(tcti, event_log)?,
+    };
+    Ok(Some(Arc::new(Mutex::new(attester))))
+}
+
+#[cfg(feature = "tpm")]
+fn open_tpm(tcti: &str, event_log: &Path) -> Result<Box<dyn Attester>> {
+    let device = cairn_tpm::device::Device::open(tcti)
+        .with_context(|| format!("opening the TPM at {tcti}"))?
+        .with_event_log(event_log);
+    Ok(Box::new(device))
+}
+
+#[cfg(not(feature = "tpm"))]
+fn open_tpm(tcti: &str, _event_log: &Path) -> Result<Box<dyn Attester>> {
+    Err(anyhow!(
+        "--tpm {tcti}: this agent was built without TPM support (cargo feature `tpm`)"
+    ))
+}
+
+fn lock(a: &SharedAttester) -> Result<std::sync::MutexGuard<'_, Box<dyn Attester>>> {
+    a.lock().map_err(|_| anyhow!("attester lock poisoned"))
+}
+
+/// The identity to send at enrollment.
+pub fn identity(a: &SharedAttester) -> Result<AttestIdentity> {
+    let guard = lock(a)?;
+    let id = guard.identity();
+    Ok(AttestIdentity {
+        kind: match id.kind {
+            IdentityKind::Tpm => WireKind::Tpm,
+            IdentityKind::Software => WireKind::Software,
+        },
+        ek_public: id.ek_public.clone(),
+        ek_certificate: id.ek_certificate.clone(),
+        ak_public: id.ak_public.clone(),
+    })
+}
+
+/// Answers a challenge: activates the credential (at enrollment), quotes the asked
+/// PCRs over the nonce bound to this connection (`exporter`), and sends the part of
+/// the event log the hub does not hold.
+pub async fn answer(a: &SharedAttester, c: Challenge, exporter: [u8; 32]) -> Result<Evidence> {
+    let a = a.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = lock(&a)?;
+        let credential = match &c.credential {
+            Some(cc) => Some(
+                guard
+                    .activate_credential(&cc.blob, &cc.secret)
+                    .context("activating the hub's credential")?,
+            ),
+            None => None,
+        };
+        let pcrs: Vec<u32> = c.pcrs.iter().map(|p| u32::from(*p)).collect();
+        let nonce = quote_nonce(&c.nonce, &exporter);
+        let quoted = guard.quote(&nonce, &pcrs).context("quoting PCRs")?;
+        let log = guard.event_log().context("reading the event log")?;
+        drop(guard);
+        let (offset, delta) = log_delta(&log, c.log_held, &c.log_held_sha256);
+        let values = pcrs
+            .iter()
+            .map(|p| {
+                quoted
+                    .pcrs
+                    .get(p)
+                    .copied()
+                    .ok_or_else(|| anyhow!("the TPM did not return PCR {p}"))
+            })
+            .collect::<Result<heapless::Vec<[u8; 32], 24>>>()?;
+        Ok(Evidence {
+            credential,
+            attest: quoted.quote.attest,
+            signature: quoted.quote.signature,
+            pcrs: values,
+            log_offset: offset,
+            log: delta.to_vec(),
+        })
+    })
+    .await
+    .map_err(|e| anyhow!("attestation task: {e}"))?
+}

@@ -1,0 +1,412 @@
+//! The attestation half of a connection: the credential challenge at enrollment, the
+//! challenge at the start of every sync session and periodically after, and what the
+//! evidence means for the device (see [`crate::attest`] for the trust model).
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use cairn_sync_protocol::attest::{EXPORTER_LABEL, EXPORTER_LEN, log_join, log_sha256, quote_nonce};
+use cairn_sync_protocol::message::{
+    AttestIdentity, Challenge, CredentialChallenge, Evidence, MAX_PCRS, RefusalCode,
+};
+use cairn_sync_protocol::DeviceId;
+use cairn_tpm::attest::{QuoteBytes, verify_evidence};
+use cairn_tpm::quote::AkPublic;
+use rand::RngCore;
+use tracing::{info, warn};
+
+use super::{Connection, End, now_ms};
+use crate::attest::{self as policy, AttestPolicy, Verdict};
+use crate::store::{AttestOutcome, NewAttestation, attest_status};
+
+/// Whether desired state may flow on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gate {
+    Open,
+    /// Waiting for this session's first evidence.
+    Evidence,
+    Quarantined,
+}
+
+/// A challenge sent and not yet answered.
+pub(super) struct PendingChallenge {
+    nonce: [u8; 32],
+    pcrs: Vec<u32>,
+    /// The log the hub held when it asked (the agent sends what follows it).
+    held_log: Vec<u8>,
+    /// The credential's secret, at enrollment.
+    secret: Option<[u8; 32]>,
+}
+
+/// An enrollment between the hello and the evidence.
+pub(super) struct PendingEnroll {
+    pub agent_version: String,
+    pub token_id: String,
+    pub secret_hash: [u8; 32],
+    pub device: DeviceId,
+    pub cert: Vec<u8>,
+    pub hostname: String,
+    /// Filled once the evidence verified.
+    pub identity: Option<NewAttestation>,
+    pub claim: Option<Claim>,
+}
+
+/// What a device claims at enrollment, checked as far as possible before its evidence.
+pub(super) struct Claim {
+    identity: AttestIdentity,
+    kind: &'static str,
+    ek_issuer: Option<String>,
+    policy: Option<AttestPolicy>,
+}
+
+pub(super) fn ek_sha256(ek_public: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(ek_public))
+}
+
+fn pcr_list(policy: Option<&AttestPolicy>) -> Vec<u32> {
+    let mut pcrs = policy.map_or_else(policy::default_pcrs, |p| p.pcrs.clone());
+    pcrs.sort_unstable();
+    pcrs.dedup();
+    pcrs.truncate(MAX_PCRS);
+    pcrs
+}
+
+impl Connection {
+    fn exporter(&self) -> Result<[u8; EXPORTER_LEN], String> {
+        let mut out = [0u8; EXPORTER_LEN];
+        self.conn
+            .export_keying_material(&mut out, EXPORTER_LABEL, b"")
+            .map_err(|e| format!("exporting TLS keying material: {e:?}"))?;
+        Ok(out)
+    }
+
+    fn send_challenge(
+        &mut self,
+        pcrs: Vec<u32>,
+        held_log: Vec<u8>,
+        credential: Option<(CredentialChallenge, [u8; 32])>,
+    ) {
+        let mut nonce = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let challenge = Challenge {
+            nonce,
+            pcrs: pcrs.iter().filter_map(|p| u8::try_from(*p).ok()).collect(),
+            log_held: held_log.len() as u64,
+            log_held_sha256: if held_log.is_empty() {
+                [0; 32]
+            } else {
+                log_sha256(&held_log)
+            },
+            credential: credential.as_ref().map(|(c, _)| c.clone()),
+        };
+        self.challenge = Some(PendingChallenge {
+            nonce,
+            pcrs,
+            held_log,
+            secret: credential.map(|(_, s)| s),
+        });
+        let timeout = self.shared.attest.evidence_timeout;
+        self.session.challenge(Instant::now(), challenge, timeout);
+    }
+
+    /// Checks what an enrolling device claims, then sends it a credential only its TPM
+    /// can open, with a quote request.
+    pub(super) async fn challenge_enrollment(
+        &mut self,
+        mut p: PendingEnroll,
+        identity: AttestIdentity,
+    ) -> Result<(), End> {
+        let store = self.shared.store.clone();
+        // The token first: strangers get no cryptography done for them.
+        let labels = match store
+            .check_token(&p.token_id, p.secret_hash, now_ms())
+            .await
+            .map_err(|e| End::Store(e.to_string()))?
+        {
+            Ok(l) => l,
+            Err(r) => {
+                let (code, msg) = super::enroll_refusal(r, &p.token_id, &p.device, None);
+                return self.refuse(code, &msg).await;
+            }
+        };
+        let policies = store
+            .policies()
+            .await
+            .map_err(|e| End::Store(e.to_string()))?;
+        let policy = policy::policy_for(&policies, &labels).cloned();
+        let now_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (kind, ek_issuer) = match policy::check_identity(&self.shared.attest, &identity, now_secs)
+        {
+            Ok(x) => x,
+            Err(e) => {
+                let msg = format!(
+                    "{e}; this hub accepts only TPMs whose EK certificate chains to a configured manufacturer CA (`cairn-hub serve --ek-ca`)"
+                );
+                return self.refuse(RefusalCode::AttestationFailed, &msg).await;
+            }
+        };
+        if let Some(pol) = &policy
+            && policy::level(Some(kind)) < pol.require
+        {
+            let msg = format!(
+                "identity {kind} does not meet attestation policy {} (requires {:?}); enroll this box with a TPM the hub trusts, or change the policy",
+                pol.name, pol.require
+            );
+            return self.refuse(RefusalCode::AttestationFailed, &msg).await;
+        }
+        let ak_name = match cairn_tpm::credential::object_name(&identity.ak_public) {
+            Ok(n) => n,
+            Err(e) => {
+                let msg = format!("attestation key: {e}");
+                return self.refuse(RefusalCode::AttestationFailed, &msg).await;
+            }
+        };
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        let credential =
+            match cairn_tpm::credential::make_credential(&identity.ek_public, &ak_name, &secret) {
+                Ok(c) => c,
+                Err(e) => {
+                    let msg = format!("endorsement key: {e}");
+                    return self.refuse(RefusalCode::AttestationFailed, &msg).await;
+                }
+            };
+        let pcrs = pcr_list(policy.as_ref());
+        p.claim = Some(Claim {
+            identity,
+            kind,
+            ek_issuer,
+            policy,
+        });
+        self.pending_enroll = Some(p);
+        self.send_challenge(
+            pcrs,
+            Vec::new(),
+            Some((
+                CredentialChallenge {
+                    blob: credential.blob,
+                    secret: credential.secret,
+                },
+                secret,
+            )),
+        );
+        Ok(())
+    }
+
+    /// Challenges the connected, attested device (at session start and periodically).
+    pub(super) async fn challenge_sync(&mut self) -> Result<(), String> {
+        let (Some(device), Some(rec)) = (self.device.clone(), self.attest_rec.as_ref()) else {
+            return Ok(());
+        };
+        if self.session.challenge_outstanding() {
+            return Ok(());
+        }
+        let held_log = rec.log.clone();
+        let labels = self
+            .shared
+            .store
+            .device(&device)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|d| d.labels)
+            .unwrap_or_default();
+        let policies = self.shared.store.policies().await.map_err(|e| e.to_string())?;
+        let pcrs = pcr_list(policy::policy_for(&policies, &labels));
+        self.send_challenge(pcrs, held_log, None);
+        Ok(())
+    }
+
+    pub(super) async fn evidence(&mut self, ev: Evidence) -> Result<(), End> {
+        let Some(pc) = self.challenge.take() else {
+            return self
+                .refuse(RefusalCode::ProtocolViolation, "evidence without a challenge")
+                .await;
+        };
+        let exporter = self.exporter().map_err(End::Transport)?;
+        let nonce = quote_nonce(&pc.nonce, &exporter);
+        if let Some(p) = self.pending_enroll.take() {
+            return self.enrollment_evidence(p, pc, ev, &nonce).await;
+        }
+        let (Some(device), Some(rec)) = (self.device.clone(), self.attest_rec.clone()) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let checked = check(&rec.ak_public, &pc, &ev, &nonce);
+        let store = self.shared.store.clone();
+        let outcome = match checked {
+            Err(why) => AttestOutcome {
+                quarantine: Some(format!("evidence refused: {why}")),
+                pcrs: None,
+                log: None,
+                reset_count: None,
+                record: None,
+                now_ms: now,
+            },
+            Ok((verified, log)) => {
+                let labels = store
+                    .device(&device)
+                    .await
+                    .map_err(|e| End::Store(e.to_string()))?
+                    .map(|d| d.labels)
+                    .unwrap_or_default();
+                let policies = store.policies().await.map_err(|e| End::Store(e.to_string()))?;
+                let pol = policy::policy_for(&policies, &labels);
+                let verdict = policy::judge(pol, Some(&rec.kind), &rec.accepted, &verified.pcrs, now);
+                let (quarantine, record) = match verdict {
+                    Verdict::Trusted { record } => (None, record),
+                    Verdict::Quarantined(why) => (Some(why), None),
+                };
+                AttestOutcome {
+                    quarantine,
+                    pcrs: Some(policy::pcrs_hex(&verified.pcrs)),
+                    log: (log != rec.log).then_some(log),
+                    reset_count: Some(verified.quote.reset_count),
+                    record,
+                    now_ms: now,
+                }
+            }
+        };
+        let quarantined = outcome.quarantine.clone();
+        if let Some(log) = &outcome.log
+            && let Some(r) = self.attest_rec.as_mut()
+        {
+            r.log = log.clone();
+        }
+        if let Some(set) = &outcome.record
+            && let Some(r) = self.attest_rec.as_mut()
+        {
+            r.accepted.push(set.clone());
+        }
+        store
+            .record_attestation(&device, outcome)
+            .await
+            .map_err(|e| End::Store(e.to_string()))?;
+        match quarantined {
+            Some(why) => {
+                if self.gate != Gate::Quarantined {
+                    warn!(%device, reason = %why, "device quarantined: it keeps reporting but gets no new desired state");
+                }
+                self.gate = Gate::Quarantined;
+            }
+            None => {
+                if self.gate == Gate::Quarantined {
+                    info!(%device, "evidence matches again; quarantine lifted");
+                }
+                self.gate = Gate::Open;
+            }
+        }
+        self.next_challenge = Some(Instant::now() + self.shared.attest.interval);
+        self.push_state().await.map_err(End::Store)
+    }
+
+    async fn enrollment_evidence(
+        &mut self,
+        mut p: PendingEnroll,
+        pc: PendingChallenge,
+        ev: Evidence,
+        nonce: &[u8; 32],
+    ) -> Result<(), End> {
+        let Some(claim) = p.claim.take() else {
+            return self
+                .refuse(RefusalCode::ProtocolViolation, "evidence for an enrollment without a claim")
+                .await;
+        };
+        let activated = match (&pc.secret, &ev.credential) {
+            (Some(s), Some(got)) => bool::from(subtle::ConstantTimeEq::ct_eq(&s[..], &got[..])),
+            _ => false,
+        };
+        if !activated {
+            let msg = "credential activation failed: the attestation key is not in the TPM that holds this endorsement key (a copied or forged identity); re-provision the device's TPM keys";
+            return self.refuse(RefusalCode::AttestationFailed, msg).await;
+        }
+        let (verified, log) = match check(&claim.identity.ak_public, &pc, &ev, nonce) {
+            Ok(x) => x,
+            Err(why) => {
+                let msg = format!("evidence refused: {why}");
+                return self.refuse(RefusalCode::AttestationFailed, &msg).await;
+            }
+        };
+        let now = now_ms();
+        let (quarantine, record) =
+            match policy::judge(claim.policy.as_ref(), Some(claim.kind), &[], &verified.pcrs, now) {
+                Verdict::Trusted { record } => (None, record),
+                Verdict::Quarantined(why) => (Some(why), None),
+            };
+        p.identity = Some(NewAttestation {
+            kind: claim.kind.to_string(),
+            ek_public: claim.identity.ek_public,
+            ek_issuer: claim.ek_issuer,
+            ak_public: claim.identity.ak_public,
+            outcome: AttestOutcome {
+                quarantine,
+                pcrs: Some(policy::pcrs_hex(&verified.pcrs)),
+                log: Some(log),
+                reset_count: Some(verified.quote.reset_count),
+                record,
+                now_ms: now,
+            },
+        });
+        self.complete_enrollment(p).await
+    }
+
+    /// Whether state may be pushed now. A quarantined session re-reads the store, so an
+    /// operator's accept takes effect on the next notification.
+    pub(super) async fn gate_open(&mut self, device: &DeviceId) -> Result<bool, String> {
+        match self.gate {
+            Gate::Open => Ok(true),
+            Gate::Evidence => Ok(false),
+            Gate::Quarantined => {
+                let rec = self
+                    .shared
+                    .store
+                    .attestation(device)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(rec) = rec
+                    && rec.status == attest_status::TRUSTED
+                {
+                    info!(%device, "quarantine lifted by the operator");
+                    self.attest_rec = Some(rec);
+                    self.gate = Gate::Open;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Verifies evidence against a pending challenge; the device's whole log on success.
+fn check(
+    ak_public: &[u8],
+    pc: &PendingChallenge,
+    ev: &Evidence,
+    nonce: &[u8; 32],
+) -> Result<(cairn_tpm::attest::Verified, Vec<u8>), String> {
+    let ak = AkPublic::from_tpm2b_public(ak_public).map_err(|e| format!("stored AK: {e}"))?;
+    if ev.pcrs.len() != pc.pcrs.len() {
+        return Err(format!(
+            "{} PCR values for {} PCRs asked",
+            ev.pcrs.len(),
+            pc.pcrs.len()
+        ));
+    }
+    let pcrs: BTreeMap<u32, [u8; 32]> = pc.pcrs.iter().copied().zip(ev.pcrs.iter().copied()).collect();
+    let log = log_join(&pc.held_log, ev.log_offset, &ev.log).ok_or_else(|| {
+        format!(
+            "event log delta at offset {} does not continue the {} bytes the hub holds",
+            ev.log_offset,
+            pc.held_log.len()
+        )
+    })?;
+    let quote = QuoteBytes {
+        attest: ev.attest.clone(),
+        signature: ev.signature.clone(),
+    };
+    let verified =
+        verify_evidence(&ak, &quote, &pcrs, nonce, &pc.pcrs, &log).map_err(|e| e.to_string())?;
+    Ok((verified, log))
+}

@@ -1,0 +1,319 @@
+//! The attestation tables of [`super::sqlite::SqliteStore`]: one row per attested device
+//! (root of trust, last verified evidence, accepted measurement sets as JSON) and the
+//! operators' policies. The device row mirrors kind, status and reason so that device
+//! listings need no join.
+
+use cairn_sync_protocol::DeviceId;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::sqlite::{backend, insert_hub_event};
+use super::{AttestOutcome, AttestRecord, NewAttestation, Result, StoreError, attest_status, hub_event};
+use crate::attest::{AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR};
+
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS attestations (
+    device TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    ek_sha256 TEXT NOT NULL,
+    ek_issuer TEXT,
+    ak_public BLOB NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    verified_ms INTEGER,
+    pcrs TEXT NOT NULL DEFAULT '{}',
+    accepted TEXT NOT NULL DEFAULT '[]',
+    reset_count INTEGER,
+    log BLOB NOT NULL DEFAULT x''
+);
+CREATE INDEX IF NOT EXISTS attestations_ek ON attestations(ek_sha256);
+CREATE TABLE IF NOT EXISTS attest_policies (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+"#;
+
+/// Columns added to `devices` after the first schema.
+pub(super) const DEVICE_COLUMNS_ADDED: [(&str, &str); 3] = [
+    ("attest_kind", "TEXT"),
+    ("attest_status", "TEXT"),
+    ("attest_reason", "TEXT"),
+];
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+pub(super) fn ek_sha256(ek_public: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(ek_public))
+}
+
+pub(super) fn ek_owner(conn: &Connection, ek: &str) -> Result<Option<DeviceId>> {
+    let id: Option<String> = conn
+        .query_row(
+            "SELECT a.device FROM attestations a JOIN devices d ON d.id = a.device \
+             WHERE a.ek_sha256 = ?1 AND d.revoked_ms IS NULL LIMIT 1",
+            [ek],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    id.map(|i| DeviceId::new(&i).map_err(|e| corrupt("device id", e)))
+        .transpose()
+}
+
+/// Inserts the attestation row of a device being enrolled.
+pub(super) fn insert(conn: &Connection, device: &DeviceId, a: &NewAttestation) -> Result<()> {
+    let o = &a.outcome;
+    let status = if o.quarantine.is_some() {
+        attest_status::QUARANTINED
+    } else {
+        attest_status::TRUSTED
+    };
+    let accepted: Vec<MeasurementSet> = o.record.iter().cloned().collect();
+    conn.execute(
+        "INSERT OR REPLACE INTO attestations (device, kind, ek_sha256, ek_issuer, ak_public, status, reason, \
+         verified_ms, pcrs, accepted, reset_count, log) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            device.as_str(),
+            a.kind,
+            ek_sha256(&a.ek_public),
+            a.ek_issuer,
+            a.ak_public,
+            status,
+            o.quarantine,
+            o.now_ms,
+            json(&o.pcrs.clone().unwrap_or_default())?,
+            json(&accepted)?,
+            o.reset_count,
+            o.log.clone().unwrap_or_default(),
+        ],
+    )
+    .map_err(backend)?;
+    mirror(conn, device, Some(&a.kind), status, o.quarantine.as_deref())?;
+    if let Some(why) = &o.quarantine {
+        insert_hub_event(conn, device, o.now_ms, hub_event::QUARANTINED, why)?;
+    }
+    Ok(())
+}
+
+fn mirror(
+    conn: &Connection,
+    device: &DeviceId,
+    kind: Option<&str>,
+    status: &str,
+    reason: Option<&str>,
+) -> Result<()> {
+    conn.execute(
+        "UPDATE devices SET attest_kind = COALESCE(?2, attest_kind), attest_status = ?3, attest_reason = ?4 WHERE id = ?1",
+        params![device.as_str(), kind, status, reason],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+pub(super) fn load(conn: &Connection, device: &DeviceId) -> Result<Option<AttestRecord>> {
+    let row = conn
+        .query_row(
+            "SELECT kind, ek_sha256, ek_issuer, ak_public, status, reason, verified_ms, pcrs, accepted, \
+             reset_count, log FROM attestations WHERE device = ?1",
+            [device.as_str()],
+            |r| {
+                Ok((
+                    (
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                    ),
+                    (
+                        r.get::<_, Option<u64>>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, String>(8)?,
+                        r.get::<_, Option<u32>>(9)?,
+                        r.get::<_, Vec<u8>>(10)?,
+                    ),
+                ))
+            },
+        )
+        .optional()
+        .map_err(backend)?;
+    let Some(((kind, ek_sha256, ek_issuer, ak_public, status, reason), (verified_ms, pcrs, accepted, reset_count, log))) =
+        row
+    else {
+        return Ok(None);
+    };
+    Ok(Some(AttestRecord {
+        kind,
+        ek_sha256,
+        ek_issuer,
+        status,
+        reason,
+        verified_ms,
+        pcrs: serde_json::from_str(&pcrs).map_err(|e| corrupt("attested PCRs", e))?,
+        accepted: serde_json::from_str(&accepted).map_err(|e| corrupt("accepted sets", e))?,
+        reset_count,
+        log_len: log.len(),
+        ak_public,
+        log,
+    }))
+}
+
+pub(super) fn record(conn: &Connection, device: &DeviceId, o: &AttestOutcome) -> Result<()> {
+    let Some(mut rec) = load(conn, device)? else {
+        return Err(StoreError::Invalid(format!("device {device} is not attested")));
+    };
+    let status = if o.quarantine.is_some() {
+        attest_status::QUARANTINED
+    } else {
+        attest_status::TRUSTED
+    };
+    if let Some(set) = &o.record {
+        rec.accepted.retain(|s| s.source != set.source);
+        rec.accepted.push(set.clone());
+    }
+    let changed = rec.status != status || rec.reason != o.quarantine;
+    conn.execute(
+        "UPDATE attestations SET status = ?2, reason = ?3, verified_ms = COALESCE(?4, verified_ms), \
+         pcrs = COALESCE(?5, pcrs), accepted = ?6, reset_count = COALESCE(?7, reset_count), \
+         log = COALESCE(?8, log) WHERE device = ?1",
+        params![
+            device.as_str(),
+            status,
+            o.quarantine,
+            o.pcrs.as_ref().map(|_| o.now_ms),
+            o.pcrs.as_ref().map(json).transpose()?,
+            json(&rec.accepted)?,
+            o.reset_count,
+            o.log,
+        ],
+    )
+    .map_err(backend)?;
+    if changed {
+        mirror(conn, device, None, status, o.quarantine.as_deref())?;
+        match &o.quarantine {
+            Some(why) => insert_hub_event(conn, device, o.now_ms, hub_event::QUARANTINED, why)?,
+            None => insert_hub_event(
+                conn,
+                device,
+                o.now_ms,
+                hub_event::ATTESTED,
+                "evidence verified and matches policy; quarantine lifted",
+            )?,
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn accept(
+    conn: &Connection,
+    device: &DeviceId,
+    now_ms: u64,
+) -> Result<Result<AttestRecord, String>> {
+    let Some(mut rec) = load(conn, device)? else {
+        return Ok(Err(format!(
+            "device {device} is not attested; there are no measurements to accept"
+        )));
+    };
+    if rec.pcrs.is_empty() {
+        return Ok(Err(format!(
+            "device {device} has no verified measurements yet (its evidence never verified: {}); \
+             fix the device or revoke it",
+            rec.reason.as_deref().unwrap_or("none received")
+        )));
+    }
+    rec.accepted
+        .retain(|s| s.source != SOURCE_FIRST_SEEN && s.source != SOURCE_OPERATOR);
+    rec.accepted.push(MeasurementSet {
+        source: SOURCE_OPERATOR.into(),
+        added_ms: now_ms,
+        pcrs: rec.pcrs.clone(),
+    });
+    conn.execute(
+        "UPDATE attestations SET status = ?2, reason = NULL, accepted = ?3 WHERE device = ?1",
+        params![device.as_str(), attest_status::TRUSTED, json(&rec.accepted)?],
+    )
+    .map_err(backend)?;
+    mirror(conn, device, None, attest_status::TRUSTED, None)?;
+    let pcrs: Vec<String> = rec.pcrs.keys().map(u32::to_string).collect();
+    insert_hub_event(
+        conn,
+        device,
+        now_ms,
+        hub_event::MEASUREMENTS_ACCEPTED,
+        &format!(
+            "operator accepted the measurements of PCRs {} (quarantine lifted{})",
+            pcrs.join(","),
+            rec.reason
+                .as_deref()
+                .map(|r| format!("; was: {r}"))
+                .unwrap_or_default()
+        ),
+    )?;
+    rec.status = attest_status::TRUSTED.into();
+    rec.reason = None;
+    Ok(Ok(rec))
+}
+
+pub(super) fn expect(conn: &Connection, device: &DeviceId, set: MeasurementSet) -> Result<bool> {
+    let Some(mut rec) = load(conn, device)? else {
+        return Ok(false);
+    };
+    rec.accepted.retain(|s| s.source != set.source);
+    rec.accepted.push(set);
+    conn.execute(
+        "UPDATE attestations SET accepted = ?2 WHERE device = ?1",
+        params![device.as_str(), json(&rec.accepted)?],
+    )
+    .map_err(backend)?;
+    Ok(true)
+}
+
+pub(super) fn retire(conn: &Connection, device: &DeviceId, source: &str) -> Result<usize> {
+    let Some(mut rec) = load(conn, device)? else {
+        return Ok(0);
+    };
+    let before = rec.accepted.len();
+    rec.accepted.retain(|s| s.source != source);
+    conn.execute(
+        "UPDATE attestations SET accepted = ?2 WHERE device = ?1",
+        params![device.as_str(), json(&rec.accepted)?],
+    )
+    .map_err(backend)?;
+    Ok(before - rec.accepted.len())
+}
+
+pub(super) fn put_policy(conn: &Connection, p: &AttestPolicy) -> Result<()> {
+    p.validate().map_err(StoreError::Invalid)?;
+    conn.execute(
+        "INSERT OR REPLACE INTO attest_policies (name, body) VALUES (?1, ?2)",
+        params![p.name, json(p)?],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+pub(super) fn delete_policy(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn
+        .execute("DELETE FROM attest_policies WHERE name = ?1", [name])
+        .map_err(backend)?
+        > 0)
+}
+
+pub(super) fn policies(conn: &Connection) -> Result<Vec<AttestPolicy>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT body FROM attest_policies ORDER BY name")
+        .map_err(backend)?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let body = row.map_err(backend)?;
+        out.push(serde_json::from_str(&body).map_err(|e| corrupt("policy", e))?);
+    }
+    Ok(out)
+}
