@@ -20,7 +20,7 @@ fi
 export TSS2_LOG=all+NONE
 # Features beyond the defaults that the tests cover (the fleet simulation and the hub
 # build without them).
-features=(--features cairn-tpm/agent)
+features=(--features cairn-tpm/testkit)
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt || true
 

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
 use cairn_sync_protocol::attest::{log_delta, quote_nonce};
-use cairn_sync_protocol::message::{
-    AttestIdentity, Challenge, Evidence, IdentityKind as WireKind,
-};
+use cairn_sync_protocol::message::{AttestIdentity, Challenge, Evidence, IdentityKind as WireKind};
 use cairn_tpm::attest::{Attester, IdentityKind};
 
 /// Where the agent's root of trust comes from.
@@ -120,12 +118,17 @@ pub async fn answer(a: &SharedAttester, c: Challenge, exporter: [u8; 32]) -> Res
     let a = a.clone();
     tokio::task::spawn_blocking(move || {
         let mut guard = lock(&a)?;
+        // A credential this TPM cannot open is answered without the secret: the hub
+        // then refuses with its reason instead of waiting for an answer that never
+        // comes.
         let credential = match &c.credential {
-            Some(cc) => Some(
-                guard
-                    .activate_credential(&cc.blob, &cc.secret)
-                    .context("activating the hub's credential")?,
-            ),
+            Some(cc) => match guard.activate_credential(&cc.blob, &cc.secret) {
+                Ok(secret) => Some(secret),
+                Err(e) => {
+                    tracing::warn!(error = %e, "this TPM cannot activate the hub's credential");
+                    None
+                }
+            },
             None => None,
         };
         let pcrs: Vec<u32> = c.pcrs.iter().map(|p| u32::from(*p)).collect();

@@ -211,9 +211,9 @@ async fn enroll(
         .and_then(|chain| tls::find_pinned(&chain, &token.ca_fingerprint).map(|c| c.to_vec()))
         .ok_or_else(|| End::Lost("hub presented no CA matching the join token".into()))?;
     let identity = match &shared.attester {
-        Some(a) => Some(
-            crate::attest::identity(a).map_err(|e| End::Lost(format!("attester: {e:#}")))?,
-        ),
+        Some(a) => {
+            Some(crate::attest::identity(a).map_err(|e| End::Lost(format!("attester: {e:#}")))?)
+        }
         None => None,
     };
     let request = EnrollRequest {
@@ -265,8 +265,12 @@ async fn answer_challenge(
         ));
     };
     let mut exporter = [0u8; cairn_sync_protocol::attest::EXPORTER_LEN];
-    conn.export_keying_material(&mut exporter, cairn_sync_protocol::attest::EXPORTER_LABEL, b"")
-        .map_err(|e| End::Lost(format!("exporting TLS keying material: {e:?}")))?;
+    conn.export_keying_material(
+        &mut exporter,
+        cairn_sync_protocol::attest::EXPORTER_LABEL,
+        b"",
+    )
+    .map_err(|e| End::Lost(format!("exporting TLS keying material: {e:?}")))?;
     let started = Instant::now();
     let evidence = crate::attest::answer(attester, c, exporter)
         .await
@@ -505,7 +509,9 @@ fn handle_event(
         AgentEvent::Failed(e) => return Err(End::Lost(e.to_string())),
         AgentEvent::Enrolled(_) => return Err(End::Lost("unexpected enrollment answer".into())),
         AgentEvent::Challenged(_) => {
-            return Err(End::Lost("challenge not answered by the session loop".into()));
+            return Err(End::Lost(
+                "challenge not answered by the session loop".into(),
+            ));
         }
     }
     Ok(())

@@ -110,6 +110,22 @@ pub async fn run(
 ) -> Result<(), RunError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let (source, dir) = (cfg.attest.clone(), cfg.data_dir.clone());
+    let attester = tokio::task::spawn_blocking(move || attest::open(&source, &dir))
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the attester: {e}"))??;
+    run_with_attester(cfg, attester, shutdown).await
+}
+
+/// [`run`] with an attester the caller opened (`cfg.attest` is not used): for
+/// embedding, and for tests that need an attester of their own.
+pub async fn run_with_attester(
+    cfg: AgentConfig,
+    attester: Option<attest::SharedAttester>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let mut store = Store::open(&cfg.db_path()).map_err(anyhow::Error::from)?;
     if store.identity().map_err(anyhow::Error::from)?.is_none() {
         match cfg.join_token.as_deref() {
@@ -133,10 +149,6 @@ pub async fn run(
         )])
         .map_err(anyhow::Error::from)?;
     let (tail_tx, _) = watch::channel(tail);
-    let (source, dir) = (cfg.attest.clone(), cfg.data_dir.clone());
-    let attester = tokio::task::spawn_blocking(move || attest::open(&source, &dir))
-        .await
-        .map_err(|e| anyhow::anyhow!("opening the attester: {e}"))??;
     let shared = Arc::new(Shared {
         store: Mutex::new(store),
         state_changed: Notify::new(),

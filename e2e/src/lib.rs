@@ -64,16 +64,24 @@ pub struct Hub {
     pub quic: String,
     child: Option<Child>,
     port: u16,
+    /// Extra `serve` arguments.
+    args: Vec<String>,
 }
 
 impl Hub {
     /// Starts a hub in `dir` on a free loopback port.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts a hub with extra `serve` arguments (e.g. `--ek-ca FILE`).
+    pub fn start_with(dir: &Path, args: &[&str]) -> Self {
         let mut hub = Self {
             dir: dir.to_path_buf(),
             quic: String::new(),
             child: None,
             port: 0,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         hub.spawn();
         hub
@@ -88,6 +96,7 @@ impl Hub {
             .arg(&self.dir)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--admin-listen", "127.0.0.1:0", "--idle-timeout", "10s"])
+            .args(&self.args)
             .env("RUST_LOG", "cairn_hub=debug,info")
             .stdout(Stdio::null())
             .stderr(log_file(&self.dir.join("hub.log")))
@@ -228,19 +237,33 @@ pub struct Agent {
     hub: String,
     token: Option<String>,
     child: Option<Child>,
+    /// Extra `run` arguments; change them between restarts with [`Agent::set_args`].
+    args: Vec<String>,
 }
 
 impl Agent {
     /// Starts an agent enrolling with `token` (if given).
     pub fn start(dir: &Path, hub: &str, token: Option<&str>) -> Self {
+        Self::start_with(dir, hub, token, &[])
+    }
+
+    /// Starts an agent with extra `run` arguments (e.g. `--tpm TCTI`).
+    pub fn start_with(dir: &Path, hub: &str, token: Option<&str>, args: &[&str]) -> Self {
         let mut a = Self {
             dir: dir.to_path_buf(),
             hub: hub.to_string(),
             token: token.map(str::to_string),
             child: None,
+            args: Vec::new(),
         };
+        a.set_args(args);
         a.spawn();
         a
+    }
+
+    /// The extra arguments of the next (re)start.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
     }
 
     pub fn command(&self) -> Command {
@@ -259,7 +282,13 @@ impl Agent {
         if let Some(t) = &self.token {
             cmd.args(["--join-token", t]);
         }
+        cmd.args(&self.args);
         cmd
+    }
+
+    /// Starts a killed (or exited) agent again.
+    pub fn start_again(&mut self) {
+        self.spawn();
     }
 
     fn spawn(&mut self) {

@@ -278,7 +278,9 @@ async fn show_attestation(
         Some(rec) => Ok(Json(rec)),
         None if api.store.device(&d).await?.is_some() => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("device {id} enrolled without a TPM or software attester; it has no attestation"),
+            format!(
+                "device {id} enrolled without a TPM or software attester; it has no attestation"
+            ),
         )),
         None => Err(ApiError::not_found(&id)),
     }

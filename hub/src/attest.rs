@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::desired::Selector;
 
 /// How strong an identity a policy requires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Require {
     /// Any device, attested or not.
@@ -188,7 +189,9 @@ pub fn pcrs_hex(pcrs: &BTreeMap<u32, [u8; 32]>) -> BTreeMap<u32, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Good; `record` is a set to add (first use).
-    Trusted { record: Option<MeasurementSet> },
+    Trusted {
+        record: Option<MeasurementSet>,
+    },
     Quarantined(String),
 }
 
@@ -410,9 +413,15 @@ mod tests {
             Verdict::Quarantined(w) if w.contains("golden")
         ));
         p.golden.insert(4, vec![hex::encode([2u8; 32])]);
-        assert!(matches!(judge(Some(&p), None, &[], &v, 0), Verdict::Trusted { .. }));
+        assert!(matches!(
+            judge(Some(&p), None, &[], &v, 0),
+            Verdict::Trusted { .. }
+        ));
         // No policy: recorded, never quarantined.
-        assert_eq!(judge(None, None, &[], &v, 0), Verdict::Trusted { record: None });
+        assert_eq!(
+            judge(None, None, &[], &v, 0),
+            Verdict::Trusted { record: None }
+        );
     }
 
     #[test]

@@ -318,7 +318,14 @@ pub fn device_row(d: &Value) -> Vec<String> {
 }
 
 pub const DEVICE_HEADER: [&str; 8] = [
-    "ID", "HOSTNAME", "LABELS", "STATUS", "DESIRED", "APPLIED", "DRIFT", "ATTESTATION",
+    "ID",
+    "HOSTNAME",
+    "LABELS",
+    "STATUS",
+    "DESIRED",
+    "APPLIED",
+    "DRIFT",
+    "ATTESTATION",
 ];
 
 /// One attestation policy as a table row.
@@ -349,7 +356,12 @@ pub fn policy_row(p: &Value) -> Vec<String> {
 /// A device's attestation, for `device show`.
 pub fn print_attestation(a: &Value) {
     let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    println!("{:<10} {} (EK sha256:{})", "identity:", s("kind"), &s("ek_sha256")[..16.min(s("ek_sha256").len())]);
+    println!(
+        "{:<10} {} (EK sha256:{})",
+        "identity:",
+        s("kind"),
+        &s("ek_sha256")[..16.min(s("ek_sha256").len())]
+    );
     if let Some(issuer) = a.get("ek_issuer").and_then(Value::as_str) {
         println!("{:<10} {issuer}", "ek ca:");
     }

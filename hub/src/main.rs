@@ -460,7 +460,9 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 ps.sort_by_key(|p| (p["priority"].as_i64().unwrap_or(0), p["name"].to_string()));
                 let rows: Vec<Vec<String>> = ps.iter().map(cli::policy_row).collect();
                 cli::print_table(
-                    &["NAME", "PRIORITY", "SELECTOR", "REQUIRE", "PCRS", "TOFU", "GOLDEN"],
+                    &[
+                        "NAME", "PRIORITY", "SELECTOR", "REQUIRE", "PCRS", "TOFU", "GOLDEN",
+                    ],
                     &rows,
                 );
             }

@@ -83,12 +83,19 @@ async fn quarantine_accept_expectations_and_ek_uniqueness() {
         EnrollRefusal::UnknownToken
     );
     let d = DeviceId::new("dev-a").unwrap();
-    let rec = s.enroll(enrollment("dev-a", b"ek-a")).await.unwrap().unwrap();
+    let rec = s
+        .enroll(enrollment("dev-a", b"ek-a"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.attestation.as_deref(), Some("tpm"));
     assert_eq!(rec.attest_status.as_deref(), Some(attest_status::TRUSTED));
     // Another device with the same EK is refused while the first is not revoked.
     assert_eq!(
-        s.enroll(enrollment("dev-b", b"ek-a")).await.unwrap().unwrap_err(),
+        s.enroll(enrollment("dev-b", b"ek-a"))
+            .await
+            .unwrap()
+            .unwrap_err(),
         EnrollRefusal::EkInUse
     );
     let a = s.attestation(&d).await.unwrap().unwrap();
@@ -140,7 +147,10 @@ async fn quarantine_accept_expectations_and_ek_uniqueness() {
 
     // Revoked, its EK is free for a re-installed box.
     s.revoke(&d, 40).await.unwrap();
-    s.enroll(enrollment("dev-b", b"ek-a")).await.unwrap().unwrap();
+    s.enroll(enrollment("dev-b", b"ek-a"))
+        .await
+        .unwrap()
+        .unwrap();
 
     // Policies are validated and listed.
     let mut p = AttestPolicy {
@@ -155,10 +165,7 @@ async fn quarantine_accept_expectations_and_ek_uniqueness() {
     s.put_policy(p.clone()).await.unwrap();
     assert_eq!(s.policies().await.unwrap(), vec![p.clone()]);
     p.selector = String::new();
-    assert!(matches!(
-        s.put_policy(p).await,
-        Err(StoreError::Invalid(_))
-    ));
+    assert!(matches!(s.put_policy(p).await, Err(StoreError::Invalid(_))));
     assert!(s.delete_policy("kiosks").await.unwrap());
     assert!(!s.delete_policy("kiosks").await.unwrap());
 }

@@ -80,14 +80,16 @@ fn arb_agent_message() -> impl Strategy<Value = AgentMessage> {
             any::<u64>(),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
         )
-            .prop_map(|(bytes, pcrs, off, credential)| AgentMessage::Evidence(Evidence {
-                credential,
-                attest: bytes.clone(),
-                signature: bytes.iter().rev().copied().collect(),
-                pcrs: pcrs.into_iter().collect(),
-                log_offset: off,
-                log: bytes,
-            })),
+            .prop_map(
+                |(bytes, pcrs, off, credential)| AgentMessage::Evidence(Evidence {
+                    credential,
+                    attest: bytes.clone(),
+                    signature: bytes.iter().rev().copied().collect(),
+                    pcrs: pcrs.into_iter().collect(),
+                    log_offset: off,
+                    log: bytes,
+                })
+            ),
         (any::<u16>(), any::<u16>(), any::<u64>()).prop_map(|(a, b, r)| AgentMessage::Hello(
             Hello {
                 min_version: a,
@@ -126,16 +128,18 @@ fn arb_hub_message() -> impl Strategy<Value = HubMessage> {
             any::<u64>(),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..80)),
         )
-            .prop_map(|(nonce, pcrs, held, blob)| HubMessage::Challenge(Challenge {
-                nonce,
-                pcrs: pcrs.into_iter().collect(),
-                log_held: held,
-                log_held_sha256: nonce,
-                credential: blob.map(|b| CredentialChallenge {
-                    secret: b.clone(),
-                    blob: b,
-                }),
-            })),
+            .prop_map(
+                |(nonce, pcrs, held, blob)| HubMessage::Challenge(Challenge {
+                    nonce,
+                    pcrs: pcrs.into_iter().collect(),
+                    log_held: held,
+                    log_held_sha256: nonce,
+                    credential: blob.map(|b| CredentialChallenge {
+                        secret: b.clone(),
+                        blob: b,
+                    }),
+                })
+            ),
         (any::<u64>(), 1u16..5).prop_map(|(acked, version)| HubMessage::Welcome(Welcome {
             version,
             device: DeviceId::new("d").unwrap(),
@@ -337,7 +341,10 @@ fn challenges_and_evidence_flow_in_enrollment_and_sync() {
     let mut agent = AgentSession::enroll(now, cfg.clone(), request, "test");
     let mut hub = HubSession::new(now, &cfg);
     deliver_to_hub(&mut agent, &mut hub, now);
-    assert!(matches!(hub.poll_event(), Some(HubEvent::EnrollRequested { .. })));
+    assert!(matches!(
+        hub.poll_event(),
+        Some(HubEvent::EnrollRequested { .. })
+    ));
     hub.challenge(now, challenge(true), Duration::from_secs(5));
     assert!(hub.challenge_outstanding());
     deliver_to_agent(&mut hub, &mut agent, now);
@@ -354,14 +361,23 @@ fn challenges_and_evidence_flow_in_enrollment_and_sync() {
     let mut agent = AgentSession::sync(now, cfg.clone(), 0, "test");
     let mut hub = HubSession::new(now, &cfg);
     deliver_to_hub(&mut agent, &mut hub, now);
-    assert!(matches!(hub.poll_event(), Some(HubEvent::SyncRequested { .. })));
+    assert!(matches!(
+        hub.poll_event(),
+        Some(HubEvent::SyncRequested { .. })
+    ));
     hub.accept_sync(DeviceId::new("d").unwrap(), 0);
     hub.challenge(now, challenge(false), Duration::from_secs(5));
     assert_eq!(hub.poll_timeout(), Some(now + Duration::from_secs(5)));
     deliver_to_agent(&mut hub, &mut agent, now);
-    assert!(matches!(agent.poll_event(), Some(AgentEvent::Welcomed { .. })));
+    assert!(matches!(
+        agent.poll_event(),
+        Some(AgentEvent::Welcomed { .. })
+    ));
     let _ = agent.poll_event(); // ReportsAcked
-    assert!(matches!(agent.poll_event(), Some(AgentEvent::Challenged(_))));
+    assert!(matches!(
+        agent.poll_event(),
+        Some(AgentEvent::Challenged(_))
+    ));
     agent.send_evidence(evidence());
     deliver_to_hub(&mut agent, &mut hub, now);
     assert!(matches!(hub.poll_event(), Some(HubEvent::Evidence(_))));

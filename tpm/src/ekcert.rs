@@ -61,7 +61,9 @@ pub enum EkCertError {
         not_after: String,
         not_after_unix: i64,
     },
-    #[error("{subject} is not valid before {not_before} (unix {not_before_unix}); check the hub's clock")]
+    #[error(
+        "{subject} is not valid before {not_before} (unix {not_before_unix}); check the hub's clock"
+    )]
     NotYetValid {
         subject: String,
         not_before: String,
@@ -327,13 +329,13 @@ fn check_ca(ca: &X509Certificate<'_>, below: usize) -> Result<(), EkCertError> {
     };
     match ca.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => {
-            if let Some(max) = bc.value.path_len_constraint {
-                if usize::try_from(max).is_ok_and(|max| below > max) {
-                    return Err(not_ca(format!(
-                        "its path length constraint allows {max} CA certificates below it, \
-                         the chain has {below}"
-                    )));
-                }
+            if let Some(max) = bc.value.path_len_constraint
+                && usize::try_from(max).is_ok_and(|max| below > max)
+            {
+                return Err(not_ca(format!(
+                    "its path length constraint allows {max} CA certificates below it, \
+                     the chain has {below}"
+                )));
             }
         }
         Ok(_) => return Err(not_ca("it is not marked as a CA (basicConstraints)".into())),
@@ -442,8 +444,7 @@ fn check_key(cert: &X509Certificate<'_>, ek_public: &[u8]) -> Result<(), EkCertE
                 Some(c) => (format!("ECC curve {c}"), false),
                 None => ("ECC, no curve".to_owned(), false),
             };
-            let same =
-                p256 && matches!(&ek, AkPublic::EccP256 { point: ep } if ep == point.data());
+            let same = p256 && matches!(&ek, AkPublic::EccP256 { point: ep } if ep == point.data());
             (key_label(&name, &[point.data()]), same)
         }
         (other, _) => (format!("{} key", key_kind(other)), false),

@@ -14,3 +14,6 @@ pub mod device;
 pub mod ekcert;
 pub mod eventlog;
 pub mod quote;
+pub mod soft;
+#[cfg(feature = "testkit")]
+pub mod testkit;

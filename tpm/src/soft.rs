@@ -424,9 +424,8 @@ const TPM_RH_ENDORSEMENT: u32 = 0x4000_000b;
 const EK_ATTRIBUTES: u32 = 0x0003_00b2;
 /// The default EK's authPolicy: PolicySecret(TPM_RH_ENDORSEMENT).
 const EK_AUTH_POLICY: [u8; 32] = [
-    0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7,
-    0x24, 0xfd, 0x52, 0xd7, 0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14,
-    0x69, 0xaa,
+    0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7, 0x24,
+    0xfd, 0x52, 0xd7, 0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14, 0x69, 0xaa,
 ];
 /// TPMA_OBJECT of the AK: fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth,
 /// restricted, sign.
@@ -447,9 +446,10 @@ const FIRMWARE_BLOB: &[u8] = b"Cairn soft TPM firmware 1.0 image";
 impl Keys {
     fn derive(ek_seed: &[u8; 32], ak_seed: &[u8; 32]) -> Self {
         let ek = secret_key(b"EK", ek_seed);
-        let ak = secret_key(b"AK", ak_seed);
+        // One scalar multiplication each: the signing key computes its public key.
+        let ak = SigningKey::from(secret_key(b"AK", ak_seed));
         let ek_point = ek.public_key().to_encoded_point(false);
-        let ak_point = ak.public_key().to_encoded_point(false);
+        let ak_point = ak.verifying_key().to_encoded_point(false);
         let (ek_x, ek_y) = coordinates(&ek_point);
         let (ak_x, ak_y) = coordinates(&ak_point);
 
@@ -494,7 +494,7 @@ impl Keys {
         Keys {
             ek,
             ek_x,
-            ak: SigningKey::from(ak),
+            ak,
             ak_name,
             ak_qualified_name,
             identity: Identity {
@@ -533,7 +533,13 @@ impl Keys {
             )
         })?;
         let z = p256::ecdh::diffie_hellman(self.ek.to_nonzero_scalar(), ephemeral.as_affine());
-        let seed = kdfe(z.raw_secret_bytes(), "IDENTITY", &sec1[1..33], &self.ek_x, 256);
+        let seed = kdfe(
+            z.raw_secret_bytes(),
+            "IDENTITY",
+            &sec1[1..33],
+            &self.ek_x,
+            256,
+        );
 
         // TPM2B_ID_OBJECT: TPM2B integrityHMAC, then encIdentity (rest).
         let id_object = tpm2b_body(blob).ok_or_else(|| malformed("credential blob"))?;
@@ -573,12 +579,8 @@ impl Keys {
 fn secret_key(label: &[u8], seed: &[u8; 32]) -> p256::SecretKey {
     let mut counter = 0u32;
     loop {
-        let candidate = sha256_parts(&[
-            b"cairn soft TPM key\0",
-            label,
-            seed,
-            &counter.to_be_bytes(),
-        ]);
+        let candidate =
+            sha256_parts(&[b"cairn soft TPM key\0", label, seed, &counter.to_be_bytes()]);
         if let Ok(key) = p256::SecretKey::from_slice(&candidate) {
             return key;
         }

@@ -189,6 +189,11 @@ pub fn sim_agent_config(hub: &str, dir: &Path, index: usize) -> AgentConfig {
     cfg.backoff_min = Duration::from_millis(200);
     cfg.backoff_max = Duration::from_secs(5);
     cfg.keep_alive = Duration::from_secs(2);
+    // Simulated boxes attest with the software TPM: the hub verifies every session's
+    // quote and event log as it would a real TPM's, and lists them as `software`.
+    cfg.attest = cairn_agent::attest::AttestSource::Software {
+        boot_image: "cairn-sim 1.0".into(),
+    };
     cfg
 }
 

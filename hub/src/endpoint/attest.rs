@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use cairn_sync_protocol::attest::{EXPORTER_LABEL, EXPORTER_LEN, log_join, log_sha256, quote_nonce};
+use cairn_sync_protocol::DeviceId;
+use cairn_sync_protocol::attest::{
+    EXPORTER_LABEL, EXPORTER_LEN, log_join, log_sha256, quote_nonce,
+};
 use cairn_sync_protocol::message::{
     AttestIdentity, Challenge, CredentialChallenge, Evidence, MAX_PCRS, RefusalCode,
 };
-use cairn_sync_protocol::DeviceId;
 use cairn_tpm::attest::{QuoteBytes, verify_evidence};
 use cairn_tpm::quote::AkPublic;
 use rand::RngCore;
@@ -18,6 +20,19 @@ use tracing::{info, warn};
 use super::{Connection, End, now_ms};
 use crate::attest::{self as policy, AttestPolicy, Verdict};
 use crate::store::{AttestOutcome, NewAttestation, attest_status};
+
+/// PCRs every challenge covers.
+const QUOTED_ALWAYS: std::ops::RangeInclusive<u32> = 0..=15;
+
+/// The values policy judges: those of the policy's PCRs (the rest are quoted so that
+/// the log is verified, not compared).
+fn judged(pol: Option<&AttestPolicy>, pcrs: &BTreeMap<u32, [u8; 32]>) -> BTreeMap<u32, [u8; 32]> {
+    let wanted = pol.map_or_else(policy::default_pcrs, |p| p.pcrs.clone());
+    pcrs.iter()
+        .filter(|(k, _)| wanted.contains(k))
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
 
 /// Whether desired state may flow on this connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +79,12 @@ pub(super) fn ek_sha256(ek_public: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(ek_public))
 }
 
+/// The PCRs a challenge asks for: the policy's, and always 0–15 (firmware, boot
+/// loader, kernel, OS), so that every event a boot log normally holds is covered by
+/// the TPM's signature: the log's events for unquoted PCRs would be unverified claims.
 fn pcr_list(policy: Option<&AttestPolicy>) -> Vec<u32> {
     let mut pcrs = policy.map_or_else(policy::default_pcrs, |p| p.pcrs.clone());
+    pcrs.extend(QUOTED_ALWAYS);
     pcrs.sort_unstable();
     pcrs.dedup();
     pcrs.truncate(MAX_PCRS);
@@ -138,8 +157,11 @@ impl Connection {
         let now_secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let (kind, ek_issuer) = match policy::check_identity(&self.shared.attest, &identity, now_secs)
-        {
+        let (kind, ek_issuer) = match policy::check_identity(
+            &self.shared.attest,
+            &identity,
+            now_secs,
+        ) {
             Ok(x) => x,
             Err(e) => {
                 let msg = format!(
@@ -157,23 +179,19 @@ impl Connection {
             );
             return self.refuse(RefusalCode::AttestationFailed, &msg).await;
         }
-        let ak_name = match cairn_tpm::credential::object_name(&identity.ak_public) {
-            Ok(n) => n,
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        let credential = match cairn_tpm::credential::make_credential(
+            &identity.ek_public,
+            &identity.ak_public,
+            &secret,
+        ) {
+            Ok(c) => c,
             Err(e) => {
-                let msg = format!("attestation key: {e}");
+                let msg = format!("endorsement key: {e}");
                 return self.refuse(RefusalCode::AttestationFailed, &msg).await;
             }
         };
-        let mut secret = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut secret);
-        let credential =
-            match cairn_tpm::credential::make_credential(&identity.ek_public, &ak_name, &secret) {
-                Ok(c) => c,
-                Err(e) => {
-                    let msg = format!("endorsement key: {e}");
-                    return self.refuse(RefusalCode::AttestationFailed, &msg).await;
-                }
-            };
         let pcrs = pcr_list(policy.as_ref());
         p.claim = Some(Claim {
             identity,
@@ -213,7 +231,12 @@ impl Connection {
             .map_err(|e| e.to_string())?
             .map(|d| d.labels)
             .unwrap_or_default();
-        let policies = self.shared.store.policies().await.map_err(|e| e.to_string())?;
+        let policies = self
+            .shared
+            .store
+            .policies()
+            .await
+            .map_err(|e| e.to_string())?;
         let pcrs = pcr_list(policy::policy_for(&policies, &labels));
         self.send_challenge(pcrs, held_log, None);
         Ok(())
@@ -222,7 +245,10 @@ impl Connection {
     pub(super) async fn evidence(&mut self, ev: Evidence) -> Result<(), End> {
         let Some(pc) = self.challenge.take() else {
             return self
-                .refuse(RefusalCode::ProtocolViolation, "evidence without a challenge")
+                .refuse(
+                    RefusalCode::ProtocolViolation,
+                    "evidence without a challenge",
+                )
                 .await;
         };
         let exporter = self.exporter().map_err(End::Transport)?;
@@ -252,9 +278,18 @@ impl Connection {
                     .map_err(|e| End::Store(e.to_string()))?
                     .map(|d| d.labels)
                     .unwrap_or_default();
-                let policies = store.policies().await.map_err(|e| End::Store(e.to_string()))?;
+                let policies = store
+                    .policies()
+                    .await
+                    .map_err(|e| End::Store(e.to_string()))?;
                 let pol = policy::policy_for(&policies, &labels);
-                let verdict = policy::judge(pol, Some(&rec.kind), &rec.accepted, &verified.pcrs, now);
+                let verdict = policy::judge(
+                    pol,
+                    Some(&rec.kind),
+                    &rec.accepted,
+                    &judged(pol, &verified.pcrs),
+                    now,
+                );
                 let (quarantine, record) = match verdict {
                     Verdict::Trusted { record } => (None, record),
                     Verdict::Quarantined(why) => (Some(why), None),
@@ -311,7 +346,10 @@ impl Connection {
     ) -> Result<(), End> {
         let Some(claim) = p.claim.take() else {
             return self
-                .refuse(RefusalCode::ProtocolViolation, "evidence for an enrollment without a claim")
+                .refuse(
+                    RefusalCode::ProtocolViolation,
+                    "evidence for an enrollment without a claim",
+                )
                 .await;
         };
         let activated = match (&pc.secret, &ev.credential) {
@@ -330,11 +368,17 @@ impl Connection {
             }
         };
         let now = now_ms();
-        let (quarantine, record) =
-            match policy::judge(claim.policy.as_ref(), Some(claim.kind), &[], &verified.pcrs, now) {
-                Verdict::Trusted { record } => (None, record),
-                Verdict::Quarantined(why) => (Some(why), None),
-            };
+        let pol = claim.policy.as_ref();
+        let (quarantine, record) = match policy::judge(
+            pol,
+            Some(claim.kind),
+            &[],
+            &judged(pol, &verified.pcrs),
+            now,
+        ) {
+            Verdict::Trusted { record } => (None, record),
+            Verdict::Quarantined(why) => (Some(why), None),
+        };
         p.identity = Some(NewAttestation {
             kind: claim.kind.to_string(),
             ek_public: claim.identity.ek_public,
@@ -394,7 +438,12 @@ fn check(
             pc.pcrs.len()
         ));
     }
-    let pcrs: BTreeMap<u32, [u8; 32]> = pc.pcrs.iter().copied().zip(ev.pcrs.iter().copied()).collect();
+    let pcrs: BTreeMap<u32, [u8; 32]> = pc
+        .pcrs
+        .iter()
+        .copied()
+        .zip(ev.pcrs.iter().copied())
+        .collect();
     let log = log_join(&pc.held_log, ev.log_offset, &ev.log).ok_or_else(|| {
         format!(
             "event log delta at offset {} does not continue the {} bytes the hub holds",

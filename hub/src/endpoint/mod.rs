@@ -613,13 +613,9 @@ impl Connection {
             }
             Err(r) => {
                 let owner = match (&r, &ek) {
-                    (EnrollRefusal::EkInUse, Some(ek)) => self
-                        .shared
-                        .store
-                        .ek_owner(ek)
-                        .await
-                        .ok()
-                        .flatten(),
+                    (EnrollRefusal::EkInUse, Some(ek)) => {
+                        self.shared.store.ek_owner(ek).await.ok().flatten()
+                    }
                     _ => None,
                 };
                 let (code, msg) = enroll_refusal(r, &p.token_id, &p.device, owner.as_ref());

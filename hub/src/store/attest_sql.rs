@@ -7,7 +7,9 @@ use cairn_sync_protocol::DeviceId;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::sqlite::{backend, insert_hub_event};
-use super::{AttestOutcome, AttestRecord, NewAttestation, Result, StoreError, attest_status, hub_event};
+use super::{
+    AttestOutcome, AttestRecord, NewAttestation, Result, StoreError, attest_status, hub_event,
+};
 use crate::attest::{AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR};
 
 pub(super) const SCHEMA: &str = r#"
@@ -141,8 +143,10 @@ pub(super) fn load(conn: &Connection, device: &DeviceId) -> Result<Option<Attest
         )
         .optional()
         .map_err(backend)?;
-    let Some(((kind, ek_sha256, ek_issuer, ak_public, status, reason), (verified_ms, pcrs, accepted, reset_count, log))) =
-        row
+    let Some((
+        (kind, ek_sha256, ek_issuer, ak_public, status, reason),
+        (verified_ms, pcrs, accepted, reset_count, log),
+    )) = row
     else {
         return Ok(None);
     };
@@ -164,7 +168,9 @@ pub(super) fn load(conn: &Connection, device: &DeviceId) -> Result<Option<Attest
 
 pub(super) fn record(conn: &Connection, device: &DeviceId, o: &AttestOutcome) -> Result<()> {
     let Some(mut rec) = load(conn, device)? else {
-        return Err(StoreError::Invalid(format!("device {device} is not attested")));
+        return Err(StoreError::Invalid(format!(
+            "device {device} is not attested"
+        )));
     };
     let status = if o.quarantine.is_some() {
         attest_status::QUARANTINED
@@ -178,7 +184,7 @@ pub(super) fn record(conn: &Connection, device: &DeviceId, o: &AttestOutcome) ->
     let changed = rec.status != status || rec.reason != o.quarantine;
     conn.execute(
         "UPDATE attestations SET status = ?2, reason = ?3, verified_ms = COALESCE(?4, verified_ms), \
-         pcrs = COALESCE(?5, pcrs), accepted = ?6, reset_count = COALESCE(?7, reset_count), \
+         pcrs = COALESCE(?5, '{}'), accepted = ?6, reset_count = COALESCE(?7, reset_count), \
          log = COALESCE(?8, log) WHERE device = ?1",
         params![
             device.as_str(),
@@ -234,7 +240,11 @@ pub(super) fn accept(
     });
     conn.execute(
         "UPDATE attestations SET status = ?2, reason = NULL, accepted = ?3 WHERE device = ?1",
-        params![device.as_str(), attest_status::TRUSTED, json(&rec.accepted)?],
+        params![
+            device.as_str(),
+            attest_status::TRUSTED,
+            json(&rec.accepted)?
+        ],
     )
     .map_err(backend)?;
     mirror(conn, device, None, attest_status::TRUSTED, None)?;

@@ -153,7 +153,7 @@ pub struct AttestRecord {
     /// Why the device is quarantined.
     pub reason: Option<String>,
     pub verified_ms: Option<u64>,
-    /// The PCR values (hex) of the last evidence that verified.
+    /// The PCR values (hex) of the last evidence, if it verified (empty if it did not).
     pub pcrs: BTreeMap<u32, String>,
     pub accepted: Vec<MeasurementSet>,
     pub reset_count: Option<u32>,

@@ -887,12 +887,14 @@ impl Store for SqliteStore {
 
     async fn ek_owner(&self, ek_sha256: &str) -> Result<Option<DeviceId>> {
         let ek = ek_sha256.to_string();
-        self.read(move |conn| super::attest_sql::ek_owner(conn, &ek)).await
+        self.read(move |conn| super::attest_sql::ek_owner(conn, &ek))
+            .await
     }
 
     async fn attestation(&self, id: &DeviceId) -> Result<Option<AttestRecord>> {
         let id = id.clone();
-        self.read(move |conn| super::attest_sql::load(conn, &id)).await
+        self.read(move |conn| super::attest_sql::load(conn, &id))
+            .await
     }
 
     async fn record_attestation(&self, id: &DeviceId, outcome: AttestOutcome) -> Result<()> {

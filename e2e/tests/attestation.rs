@@ -1,0 +1,456 @@
+//! Attestation end to end: a real hub process that trusts a per-test EK CA, agents on
+//! real swtpm TPMs (provisioned with EK certificates by that CA, "booted" by playing a
+//! real OVMF event log into their PCRs), over QUIC on loopback.
+//!
+//! - A TPM device enrolls (EK chain, credential activation, first quote), gets state,
+//!   is quarantined when it reboots into a different boot chain (state withheld,
+//!   reports still flowing), and the operator's accept lets state flow again; a PCR
+//!   extended behind the log's back is refused evidence that cannot be accepted.
+//! - An EK from a CA the hub does not trust is refused, and so is a software TPM where
+//!   policy requires a TPM.
+//! - Malicious agents (the real agent library with attesters that cheat): a cloned
+//!   identity (another TPM's EK certificate), a replayed quote, an event log that does
+//!   not replay to the PCRs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_agent::AgentConfig;
+use cairn_agent::attest::SharedAttester;
+use cairn_e2e::{Agent, Hub, wait_for};
+use cairn_sync_protocol::message::RefusalCode;
+use cairn_tpm::attest::{AttestError, Attester, Identity, Quoted};
+use cairn_tpm::device::Device;
+use cairn_tpm::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa, measure_boot};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures/ovmf-swtpm")
+        .join(name)
+}
+
+fn fixture_pcrs(name: &str) -> Vec<(u32, String)> {
+    std::fs::read_to_string(fixture(&format!("{name}.pcrs-sha256")))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (i, v) = l.split_once(' ')?;
+            Some((i.parse().ok()?, v.trim().to_lowercase()))
+        })
+        .collect()
+}
+
+/// A swtpm signed by `ca` that booted `log`.
+fn booted_tpm(ca: &TestCa, log: &str) -> Swtpm {
+    let tpm = Swtpm::start(SwtpmOptions {
+        ek_cert: EkCert::Ecc,
+        ca: Some(ca.clone()),
+    })
+    .unwrap();
+    measure_boot(&tpm.tcti(), &std::fs::read(fixture(log)).unwrap()).unwrap();
+    tpm
+}
+
+fn write_ca(ca: &TestCa, dir: &Path) -> String {
+    let path = dir.join("ek-ca.pem");
+    std::fs::write(&path, ca.ca_cert_pem().unwrap()).unwrap();
+    path.display().to_string()
+}
+
+fn tpm_args(tpm: &Swtpm, log: &str) -> Vec<String> {
+    vec![
+        "--tpm".into(),
+        tpm.tcti(),
+        "--event-log".into(),
+        fixture(log).display().to_string(),
+    ]
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn only_device(hub: &Hub) -> Option<Value> {
+    hub.devices().into_iter().next()
+}
+
+fn attest_status(hub: &Hub) -> Option<String> {
+    only_device(hub)?["attest_status"]
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new().unwrap();
+    let mut tpm = booted_tpm(&ca, "boot-a.eventlog");
+    let ca_file = write_ca(&ca, tmp.path());
+    let hub = Hub::start_with(
+        &tmp.path().join("hub"),
+        &["--ek-ca", &ca_file, "--attest-interval", "2s"],
+    );
+    hub.cli_ok(&[
+        "policy",
+        "set",
+        "kiosks",
+        "--selector",
+        "site=a",
+        "--require",
+        "tpm",
+        "--tofu",
+        "--pcrs",
+        "0-9",
+    ]);
+    let token = hub.token(1, "site=a");
+    let mut agent = Agent::start_with(
+        &tmp.path().join("agent"),
+        &hub.quic,
+        Some(&token),
+        &refs(&tpm_args(&tpm, "boot-a.eventlog")),
+    );
+    let timeout = Duration::from_secs(60);
+    wait_for("the TPM device enrolls, trusted", timeout, || {
+        attest_status(&hub).as_deref() == Some("trusted")
+    });
+    let id = agent.device_id().unwrap();
+    hub.set_file("--selector", "site=a", "motd", "etc/motd", "one");
+    wait_for("state reaches the trusted device", timeout, || {
+        agent.file("etc/motd").exists()
+    });
+    let shown = hub.device(&id);
+    let a = &shown["attestation"];
+    assert_eq!(a["kind"], "tpm", "{shown}");
+    assert!(
+        a["ek_issuer"].as_str().unwrap().contains("swtpm-localca"),
+        "{a}"
+    );
+    assert_eq!(a["accepted"][0]["source"], "first-seen");
+    // The hub holds the PCRs of the real boot, replayed from its log and quoted.
+    for (i, v) in fixture_pcrs("boot-a").into_iter().filter(|(i, _)| *i <= 9) {
+        assert_eq!(a["pcrs"][i.to_string()].as_str().unwrap(), v, "PCR {i}");
+    }
+    let table = hub.cli_ok(&["devices"]);
+    assert!(table.contains("tpm trusted"), "{table}");
+
+    // Reboot into another kernel command line (boot-b: PCR 9 differs). The evidence
+    // verifies, but it is not what was accepted: quarantine.
+    agent.kill();
+    tpm.restart().unwrap();
+    measure_boot(
+        &tpm.tcti(),
+        &std::fs::read(fixture("boot-b.eventlog")).unwrap(),
+    )
+    .unwrap();
+    agent.set_args(&refs(&tpm_args(&tpm, "boot-b.eventlog")));
+    agent.start_again();
+    wait_for("the rebooted device is quarantined", timeout, || {
+        attest_status(&hub).as_deref() == Some("quarantined")
+    });
+    let d = only_device(&hub).unwrap();
+    let why = d["quarantine"].as_str().unwrap();
+    assert!(why.contains("PCR 9") && !why.contains("PCR 4"), "{why}");
+    assert!(hub.cli_ok(&["devices"]).contains("QUARANTINED"));
+    let events = hub.events(&id, Some("hub.quarantined"));
+    assert_eq!(events.len(), 1, "{events:?}");
+    // Quarantined: no new state, but reports still arrive.
+    let reports_before = cairn_e2e::num(&d, "reports_acked");
+    hub.set_file("--selector", "site=a", "banner", "etc/banner", "two");
+    agent.restart();
+    wait_for(
+        "reports still arrive from the quarantined device",
+        timeout,
+        || only_device(&hub).is_some_and(|d| cairn_e2e::num(&d, "reports_acked") > reports_before),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !agent.file("etc/banner").exists(),
+        "a quarantined device must get no new state"
+    );
+
+    // The operator accepts the new measurements: trusted again, state flows.
+    let out = hub.cli_ok(&["device", "accept", &id]);
+    assert!(out.contains("accepted"), "{out}");
+    wait_for("state flows after the accept", timeout, || {
+        agent.file("etc/banner").exists()
+    });
+    assert_eq!(attest_status(&hub).as_deref(), Some("trusted"));
+    let a = &hub.device(&id)["attestation"];
+    assert_eq!(a["accepted"][0]["source"], "accepted by operator", "{a}");
+
+    // A PCR extended behind the log's back: the evidence itself is refused, and there
+    // is nothing the operator could accept.
+    agent.kill();
+    {
+        let mut dev = Device::open(&tpm.tcti()).unwrap();
+        dev.extend_pcr(9, [7; 32]).unwrap();
+    }
+    agent.start_again();
+    wait_for("unexplained PCRs quarantine the device", timeout, || {
+        only_device(&hub).is_some_and(|d| {
+            d["quarantine"]
+                .as_str()
+                .is_some_and(|w| w.contains("does not replay"))
+        })
+    });
+    let out = hub.cli(&["device", "accept", &id]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no verified measurements"), "{err}");
+}
+
+#[test]
+fn an_ek_from_an_untrusted_ca_and_a_software_tpm_are_refused_where_policy_requires_a_tpm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trusted = TestCa::new().unwrap();
+    let ca_file = write_ca(&trusted, tmp.path());
+    let hub = Hub::start_with(&tmp.path().join("hub"), &["--ek-ca", &ca_file]);
+    hub.cli_ok(&[
+        "policy",
+        "set",
+        "all",
+        "--selector",
+        "site",
+        "--require",
+        "tpm",
+    ]);
+    let token = hub.token(5, "site=a");
+
+    // A TPM whose EK certificate comes from another CA (same names, other key).
+    let impostor = booted_tpm(&TestCa::new().unwrap(), "boot-a.eventlog");
+    let mut agent = Agent::start_with(
+        &tmp.path().join("a1"),
+        &hub.quic,
+        Some(&token),
+        &refs(&tpm_args(&impostor, "boot-a.eventlog")),
+    );
+    wait_for("the agent gives up", Duration::from_secs(60), || {
+        agent.exited().is_some()
+    });
+    assert_eq!(agent.exited(), Some(3), "{}", agent.log_tail());
+    assert!(
+        agent.log_tail().contains("EK certificate"),
+        "{}",
+        agent.log_tail()
+    );
+
+    // A software TPM where policy requires a real one.
+    let mut soft = Agent::start_with(
+        &tmp.path().join("a2"),
+        &hub.quic,
+        Some(&token),
+        &["--tpm", "software"],
+    );
+    wait_for(
+        "the software agent gives up",
+        Duration::from_secs(60),
+        || soft.exited().is_some(),
+    );
+    assert!(
+        soft.log_tail().contains("does not meet"),
+        "{}",
+        soft.log_tail()
+    );
+    assert!(hub.devices().is_empty(), "{:?}", hub.devices());
+
+    // Policy relaxed to software: it enrolls and is listed as software-attested.
+    hub.cli_ok(&[
+        "policy",
+        "set",
+        "all",
+        "--selector",
+        "site",
+        "--require",
+        "software",
+    ]);
+    soft.start_again();
+    wait_for(
+        "the software agent enrolls",
+        Duration::from_secs(60),
+        || only_device(&hub).is_some_and(|d| d["attestation"] == "software"),
+    );
+    assert_eq!(attest_status(&hub).as_deref(), Some("trusted"));
+}
+
+/// An attester that lies: identity from one place, work done by another TPM, quotes
+/// replayed, logs swapped.
+struct Cheat {
+    identity: Identity,
+    tpm: Device,
+    replay: bool,
+    first_quote: Option<Quoted>,
+    log: Option<Vec<u8>>,
+}
+
+impl Attester for Cheat {
+    fn identity(&self) -> &Identity {
+        &self.identity
+    }
+    fn activate_credential(&mut self, blob: &[u8], secret: &[u8]) -> Result<Vec<u8>, AttestError> {
+        self.tpm.activate_credential(blob, secret)
+    }
+    fn quote(&mut self, nonce: &[u8], pcrs: &[u32]) -> Result<Quoted, AttestError> {
+        if self.replay
+            && let Some(q) = &self.first_quote
+        {
+            return Ok(q.clone());
+        }
+        let q = self.tpm.quote(nonce, pcrs)?;
+        self.first_quote.get_or_insert(q.clone());
+        Ok(q)
+    }
+    fn event_log(&mut self) -> Result<Vec<u8>, AttestError> {
+        match &self.log {
+            Some(l) => Ok(l.clone()),
+            None => self.tpm.event_log(),
+        }
+    }
+}
+
+fn open(tpm: &Swtpm, log: &str) -> Device {
+    Device::open(&tpm.tcti())
+        .unwrap()
+        .with_event_log(fixture(log))
+}
+
+/// Runs the agent library with `attester` until `stop` says so; the result if it ended.
+fn run_agent(
+    hub: &Hub,
+    dir: &Path,
+    token: &str,
+    attester: Cheat,
+    until: impl FnMut() -> bool,
+) -> Option<Result<(), cairn_agent::RunError>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = AgentConfig::new(hub.quic.clone(), dir);
+    cfg.join_token = Some(token.to_string());
+    cfg.backoff_max = Duration::from_secs(1);
+    let shared: SharedAttester = Arc::new(Mutex::new(Box::new(attester)));
+    let until = Arc::new(Mutex::new(until));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    rt.block_on(async move {
+        let stop = async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the agent neither stopped nor reached the expected state in 60 s; hub log:\n{}",
+                    hub.log_tail()
+                );
+                let done = tokio::task::block_in_place(|| (until.lock().unwrap())());
+                if done {
+                    return;
+                }
+            }
+        };
+        let run = cairn_agent::run_with_attester(cfg, Some(shared), std::future::pending());
+        tokio::select! {
+            r = run => Some(r),
+            () = stop => None,
+        }
+    })
+}
+
+#[test]
+fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new().unwrap();
+    let ca_file = write_ca(&ca, tmp.path());
+    let hub = Hub::start_with(
+        &tmp.path().join("hub"),
+        &["--ek-ca", &ca_file, "--attest-interval", "1s"],
+    );
+    let token = hub.token(10, "site=a");
+    let a = booted_tpm(&ca, "boot-a.eventlog");
+    let b = booted_tpm(&ca, "boot-a.eventlog");
+    let refused = |r: Option<Result<(), cairn_agent::RunError>>, what: &str| -> String {
+        match r {
+            Some(Err(cairn_agent::RunError::EnrollRefused { code, message })) => {
+                assert_eq!(code, RefusalCode::AttestationFailed, "{what}: {message}");
+                message
+            }
+            other => panic!("{what}: expected a refused enrollment, got {other:?}"),
+        }
+    };
+
+    // TPM A's EK certificate and EK, but the AK (and the work) of TPM B: B cannot open
+    // a credential made for A's EK.
+    let dev_a = open(&a, "boot-a.eventlog");
+    let dev_b = open(&b, "boot-a.eventlog");
+    let mut cloned = dev_b.identity().clone();
+    cloned.ek_public = dev_a.identity().ek_public.clone();
+    cloned.ek_certificate = dev_a.identity().ek_certificate.clone();
+    drop(dev_a);
+    let cheat = Cheat {
+        identity: cloned,
+        tpm: dev_b,
+        replay: false,
+        first_quote: None,
+        log: None,
+    };
+    let msg = refused(
+        run_agent(&hub, &tmp.path().join("c1"), &token, cheat, || false),
+        "cloned EK",
+    );
+    assert!(msg.contains("credential activation failed"), "{msg}");
+
+    // A's certificate with B's own EK: the certificate is not for this key.
+    let dev_a = open(&a, "boot-a.eventlog");
+    let dev_b = open(&b, "boot-a.eventlog");
+    let mut cloned = dev_b.identity().clone();
+    cloned.ek_certificate = dev_a.identity().ek_certificate.clone();
+    drop(dev_a);
+    let cheat = Cheat {
+        identity: cloned,
+        tpm: dev_b,
+        replay: false,
+        first_quote: None,
+        log: None,
+    };
+    let msg = refused(
+        run_agent(&hub, &tmp.path().join("c2"), &token, cheat, || false),
+        "copied certificate",
+    );
+    assert!(msg.contains("EK certificate"), "{msg}");
+
+    // A log that does not replay to the TPM's PCRs (boot-b's log on a boot-a TPM).
+    let dev_b = open(&b, "boot-a.eventlog");
+    let cheat = Cheat {
+        identity: dev_b.identity().clone(),
+        tpm: dev_b,
+        replay: false,
+        first_quote: None,
+        log: Some(std::fs::read(fixture("boot-b.eventlog")).unwrap()),
+    };
+    let msg = refused(
+        run_agent(&hub, &tmp.path().join("c3"), &token, cheat, || false),
+        "foreign log",
+    );
+    assert!(msg.contains("does not replay to the quoted PCR"), "{msg}");
+    assert!(hub.devices().is_empty());
+
+    // An honest enrollment, then quotes replayed from it: the next challenge's nonce
+    // (bound to a new TLS session) does not match, and the device is quarantined.
+    let dev_a = open(&a, "boot-a.eventlog");
+    let cheat = Cheat {
+        identity: dev_a.identity().clone(),
+        tpm: dev_a,
+        replay: true,
+        first_quote: None,
+        log: None,
+    };
+    let r = run_agent(&hub, &tmp.path().join("c4"), &token, cheat, || {
+        attest_status(&hub).as_deref() == Some("quarantined")
+    });
+    assert!(r.is_none(), "the agent stopped: {r:?}");
+    let d = only_device(&hub).unwrap();
+    let why = d["quarantine"].as_str().unwrap();
+    assert!(why.contains("nonce"), "{why}");
+}
