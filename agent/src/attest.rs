@@ -159,3 +159,50 @@ pub async fn answer(a: &SharedAttester, c: Challenge, exporter: [u8; 32]) -> Res
     .await
     .map_err(|e| anyhow!("attestation task: {e}"))?
 }
+
+/// How a sealed key starts (the TPM backend's blob format); a PKCS#8 key starts with
+/// a DER SEQUENCE (0x30), so the two cannot be confused.
+const SEALED_PREFIX: &[u8] = b"CSL";
+
+/// The bytes to store for the device's TLS private key: sealed to the TPM when the
+/// attester can seal (a copied disk then holds a key no other TPM can open), else the
+/// key itself.
+///
+/// Why sealed rather than created in the TPM: every TLS handshake signs with this key,
+/// and a TPM signs a few to a few tens of times per second, serialised with quotes;
+/// a key that only the TPM can unseal, kept in the agent's memory while it runs, costs
+/// one TPM command per agent start and none per connection. The key is bound to the
+/// TPM, not to PCR values, so an upgrade (new PCRs) does not lock the device out; what
+/// it booted is the quotes' business. The cost: root on a running box can read the key
+/// from memory. It still cannot answer a challenge without the TPM's AK, so a stolen
+/// key gets a quarantined session, never desired state.
+pub async fn protect_key(a: Option<&SharedAttester>, key_der: Vec<u8>) -> Result<Vec<u8>> {
+    let Some(a) = a.cloned() else {
+        return Ok(key_der);
+    };
+    tokio::task::spawn_blocking(move || {
+        let sealed = lock(&a)?.seal(&key_der).context("sealing the TLS key to the TPM")?;
+        Ok(sealed.unwrap_or(key_der))
+    })
+    .await
+    .map_err(|e| anyhow!("sealing task: {e}"))?
+}
+
+/// The TLS private key from what [`protect_key`] stored.
+pub async fn recover_key(a: Option<&SharedAttester>, stored: Vec<u8>) -> Result<Vec<u8>> {
+    if !stored.starts_with(SEALED_PREFIX) {
+        return Ok(stored);
+    }
+    let Some(a) = a.cloned() else {
+        return Err(anyhow!(
+            "the device key is sealed to a TPM, but the agent runs without one (--tpm none); start it with the TPM it enrolled with"
+        ));
+    };
+    tokio::task::spawn_blocking(move || {
+        lock(&a)?.unseal(&stored).context(
+            "unsealing the device key (a data directory copied from another box cannot be used: its key is sealed to that box's TPM)",
+        )
+    })
+    .await
+    .map_err(|e| anyhow!("unsealing task: {e}"))?
+}

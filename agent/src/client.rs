@@ -75,6 +75,8 @@ impl Backoff {
 enum End {
     Refused(RefusalCode, String),
     Lost(String),
+    /// Nothing a retry can fix (e.g. a key sealed to another TPM): the agent stops.
+    Fatal(String),
 }
 
 /// Shared between the link task and the reconciler.
@@ -182,16 +184,26 @@ async fn enroll(
 ) -> Result<Identity, End> {
     // The key is stored before it is used: a retry after a lost answer (or a crash)
     // presents the same key, which the hub recognises without using up the token.
-    let key_der = shared
-        .with_store(|s| match s.meta("pending_key_der")? {
-            Some(k) => Ok::<_, anyhow::Error>(k),
-            None => {
-                let k = tls::new_key()?;
-                s.set_meta("pending_key_der", &k)?;
-                Ok(k)
-            }
-        })
-        .map_err(|e| End::Lost(format!("making a key: {e:#}")))?;
+    // With a TPM, what is stored is the key sealed to it.
+    let stored = shared
+        .with_store(|s| s.meta("pending_key_der"))
+        .map_err(|e| End::Lost(format!("reading the pending key: {e:#}")))?;
+    let attester = shared.attester.as_ref();
+    let key_der = match stored {
+        Some(k) => crate::attest::recover_key(attester, k)
+            .await
+            .map_err(|e| End::Lost(format!("{e:#}")))?,
+        None => {
+            let k = tls::new_key().map_err(|e| End::Lost(format!("making a key: {e:#}")))?;
+            let stored = crate::attest::protect_key(attester, k.clone())
+                .await
+                .map_err(|e| End::Lost(format!("{e:#}")))?;
+            shared
+                .with_store(|s| s.set_meta("pending_key_der", &stored))
+                .map_err(|e| End::Lost(format!("storing the new key: {e:#}")))?;
+            k
+        }
+    };
     let csr_der = tls::csr(&key_der, &cfg.hostname).map_err(|e| End::Lost(format!("{e:#}")))?;
     let client = tls::enroll_config(token.ca_fingerprint, cfg.keep_alive, cfg.idle_timeout)
         .map_err(|e| End::Lost(e.to_string()))?;
@@ -527,6 +539,8 @@ pub async fn run_link(
     tokio::pin!(shutdown);
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
+    // The identity with its key unsealed, once loaded.
+    let mut cached: Option<Identity> = None;
     loop {
         let attempt = async {
             let addr = resolve(&cfg.hub)
@@ -544,11 +558,23 @@ pub async fn run_link(
             let Some((_, ep)) = endpoint.as_ref() else {
                 return Err(End::Lost("no endpoint".into()));
             };
-            let identity = shared
-                .with_store(|s| s.identity())
-                .map_err(|e| End::Lost(format!("{e:#}")))?;
+            let identity = match &cached {
+                Some(id) => Some(id.clone()),
+                None => shared
+                    .with_store(|s| s.identity())
+                    .map_err(|e| End::Lost(format!("{e:#}")))?,
+            };
             let identity = match identity {
-                Some(id) => id,
+                Some(mut id) => {
+                    if cached.is_none() {
+                        id.key_der =
+                            crate::attest::recover_key(shared.attester.as_ref(), id.key_der)
+                                .await
+                                .map_err(|e| End::Fatal(format!("{e:#}")))?;
+                        cached = Some(id.clone());
+                    }
+                    id
+                }
                 None => {
                     let Some(token) = join_token.as_deref() else {
                         return Err(End::Refused(
@@ -562,10 +588,16 @@ pub async fn run_link(
                     let id = enroll(&cfg, &shared, ep, addr, &token).await?;
                     shared
                         .with_store(|s| {
-                            s.save_identity(&id)?;
+                            // The key as stored at enrollment (sealed, with a TPM).
+                            let mut stored = id.clone();
+                            if let Some(k) = s.meta("pending_key_der")? {
+                                stored.key_der = k;
+                            }
+                            s.save_identity(&stored)?;
                             s.set_meta("hub", cfg.hub.as_bytes())
                         })
                         .map_err(|e| End::Lost(format!("{e:#}")))?;
+                    cached = Some(id.clone());
                     info!(device = %id.device, "enrolled");
                     id
                 }
@@ -612,6 +644,10 @@ pub async fn run_link(
             End::Lost(reason) => {
                 debug!(%reason, "link down");
                 shared.set_conn_state(&format!("disconnected: {reason}"));
+            }
+            End::Fatal(reason) => {
+                shared.set_conn_state(&format!("stopped: {reason}"));
+                return Err(LinkError::Other(anyhow!(reason)));
             }
         }
         let delay = backoff.next_delay();

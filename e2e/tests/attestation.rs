@@ -454,3 +454,53 @@ fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
     let why = d["quarantine"].as_str().unwrap();
     assert!(why.contains("nonce"), "{why}");
 }
+
+/// The TLS key is stored sealed to the TPM: a data directory copied to another box (or
+/// restored onto another TPM) cannot be used to impersonate the device.
+#[test]
+fn a_data_directory_copied_to_another_box_is_useless() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new().unwrap();
+    let ca_file = write_ca(&ca, tmp.path());
+    let hub = Hub::start_with(&tmp.path().join("hub"), &["--ek-ca", &ca_file]);
+    let token = hub.token(1, "site=a");
+    let tpm = booted_tpm(&ca, "boot-a.eventlog");
+    let mut agent = Agent::start_with(
+        &tmp.path().join("agent"),
+        &hub.quic,
+        Some(&token),
+        &refs(&tpm_args(&tpm, "boot-a.eventlog")),
+    );
+    wait_for("the device enrolls", Duration::from_secs(60), || {
+        attest_status(&hub).as_deref() == Some("trusted")
+    });
+    agent.kill();
+    let db = rusqlite::Connection::open(agent.dir.join("agent.db")).unwrap();
+    let key: Vec<u8> = db
+        .query_row("SELECT value FROM meta WHERE key = 'key_der'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(key.starts_with(b"CSL"), "the stored key must be sealed");
+    drop(db);
+
+    let other = booted_tpm(&ca, "boot-a.eventlog");
+    let copy = tmp.path().join("copy");
+    cairn_e2e::copy_dir(&agent.dir, &copy);
+    let mut thief = Agent::start_with(
+        &copy,
+        &hub.quic,
+        None,
+        &refs(&tpm_args(&other, "boot-a.eventlog")),
+    );
+    wait_for("the copy gives up", Duration::from_secs(60), || {
+        thief.exited().is_some()
+    });
+    assert_eq!(thief.exited(), Some(1), "{}", thief.log_tail());
+    assert!(thief.log_tail().contains("sealed"), "{}", thief.log_tail());
+    // The original, on its own TPM, still works.
+    agent.start_again();
+    wait_for("the original reconnects", Duration::from_secs(60), || {
+        only_device(&hub).is_some_and(|d| d["connected"] == true)
+    });
+}

@@ -64,7 +64,13 @@ pub fn object_name(tpm2b_public: &[u8]) -> Result<Vec<u8>, CredentialError> {
 }
 
 /// SP 800-108 counter-mode KDF with HMAC-SHA256, as the TPM defines KDFa.
-fn kdfa(key: &[u8], label: &str, context_u: &[u8], context_v: &[u8], bits: u32) -> Vec<u8> {
+pub(crate) fn kdfa(
+    key: &[u8],
+    label: &str,
+    context_u: &[u8],
+    context_v: &[u8],
+    bits: u32,
+) -> Vec<u8> {
     let key = hmac::Key::new(hmac::HMAC_SHA256, key);
     let mut out = Vec::new();
     let mut counter = 1u32;
@@ -84,7 +90,13 @@ fn kdfa(key: &[u8], label: &str, context_u: &[u8], context_v: &[u8], bits: u32) 
 }
 
 /// The TPM's KDFe (SP 800-56A concatenation KDF with SHA-256).
-fn kdfe(z: &[u8], label: &str, party_u: &[u8], party_v: &[u8], bits: u32) -> Vec<u8> {
+pub(crate) fn kdfe(
+    z: &[u8],
+    label: &str,
+    party_u: &[u8],
+    party_v: &[u8],
+    bits: u32,
+) -> Vec<u8> {
     let mut out = Vec::new();
     let mut counter = 1u32;
     while out.len() * 8 < bits as usize {

@@ -42,6 +42,7 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest, Sha256};
 
+use crate::credential::{kdfa, kdfe};
 use crate::attest::{AttestError, Attester, Identity, IdentityKind, QuoteBytes, Quoted};
 
 /// PCRs in the simulated sha256 bank (PC Client: 24).
@@ -639,46 +640,6 @@ fn split_tpm2b(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let (size, rest) = bytes.split_first_chunk::<2>()?;
     let size = usize::from(u16::from_be_bytes(*size));
     (size <= rest.len()).then(|| rest.split_at(size))
-}
-
-/// KDFa (Part 1, 11.4.10.2): SP 800-108 counter mode with HMAC-SHA256. Same as in
-/// [`crate::credential`], which keeps it private.
-fn kdfa(key: &[u8], label: &str, context_u: &[u8], context_v: &[u8], bits: u32) -> Vec<u8> {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
-    let mut out = Vec::new();
-    let mut counter = 1u32;
-    while out.len() * 8 < bits as usize {
-        let mut ctx = hmac::Context::with_key(&key);
-        ctx.update(&counter.to_be_bytes());
-        ctx.update(label.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(context_u);
-        ctx.update(context_v);
-        ctx.update(&bits.to_be_bytes());
-        out.extend_from_slice(ctx.sign().as_ref());
-        counter += 1;
-    }
-    out.truncate(bits as usize / 8);
-    out
-}
-
-/// KDFe (Part 1, 11.4.10.3): SP 800-56A concatenation KDF with SHA-256.
-fn kdfe(z: &[u8], label: &str, party_u: &[u8], party_v: &[u8], bits: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut counter = 1u32;
-    while out.len() * 8 < bits as usize {
-        out.extend(sha256_parts(&[
-            &counter.to_be_bytes(),
-            z,
-            label.as_bytes(),
-            &[0],
-            party_u,
-            party_v,
-        ]));
-        counter += 1;
-    }
-    out.truncate(bits as usize / 8);
-    out
 }
 
 /// The log's first event: a legacy `TCG_PCR_EVENT` (EV_NO_ACTION, PCR 0, zero SHA-1)
