@@ -307,6 +307,64 @@ async fn accept_measurements(
     }
 }
 
+#[utoipa::path(post, path = "/v1/devices/{id}/attestation/expected", params(("id" = String, Path)),
+    request_body = MeasurementSet,
+    responses((status = 200, body = AttestRecord), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+async fn expect_measurements(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Json(mut set): Json<MeasurementSet>,
+) -> ApiResult<AttestRecord> {
+    let d = parse_device(&id)?;
+    if set.source.trim().is_empty() || set.pcrs.is_empty() {
+        return Err(ApiError::bad_request(
+            "an expected measurement set needs a source (what it is, e.g. `release 2.0`) and PCR values",
+        ));
+    }
+    for (pcr, v) in &mut set.pcrs {
+        *v = v.to_lowercase();
+        if *pcr > 23 || crate::attest::parse_pcr(v).is_none() {
+            return Err(ApiError::bad_request(format!(
+                "PCR {pcr} = {v:?}: PCRs are 0-23 with 64 hex digits (sha256)"
+            )));
+        }
+    }
+    set.added_ms = now_ms();
+    if !api.store.expect_measurements(&d, set).await? {
+        return Err(ApiError::not_found(&id));
+    }
+    match api.store.attestation(&d).await? {
+        Some(rec) => Ok(Json(rec)),
+        None => Err(ApiError::not_found(&id)),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema, IntoParams)]
+pub struct SourceQuery {
+    /// The source of the sets to remove.
+    pub source: String,
+}
+
+#[utoipa::path(delete, path = "/v1/devices/{id}/attestation/expected", params(("id" = String, Path), SourceQuery),
+    responses((status = 200, body = AttestRecord), (status = 404, body = ApiError)))]
+async fn retire_measurements(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    Query(q): Query<SourceQuery>,
+) -> ApiResult<AttestRecord> {
+    let d = parse_device(&id)?;
+    if api.store.retire_measurements(&d, &q.source).await? == 0 {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("device {id} has no expected measurements from {:?}", q.source),
+        ));
+    }
+    match api.store.attestation(&d).await? {
+        Some(rec) => Ok(Json(rec)),
+        None => Err(ApiError::not_found(&id)),
+    }
+}
+
 #[utoipa::path(get, path = "/v1/attestation/policies",
     responses((status = 200, body = Vec<AttestPolicy>)))]
 async fn list_policies(State(api): State<Api>) -> ApiResult<Vec<AttestPolicy>> {
@@ -573,6 +631,8 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         revoke_device,
         show_attestation,
         accept_measurements,
+        expect_measurements,
+        retire_measurements,
         list_policies,
         put_policy,
         delete_policy,
@@ -650,6 +710,10 @@ pub fn router(api: Api) -> Router {
         .route(
             "/v1/attestation/policies",
             get(list_policies).put(put_policy),
+        )
+        .route(
+            "/v1/devices/{id}/attestation/expected",
+            post(expect_measurements).delete(retire_measurements),
         )
         .route("/v1/attestation/policies/{name}", delete(delete_policy))
         .route("/v1/state", post(change_state))

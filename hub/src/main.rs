@@ -192,6 +192,24 @@ enum DeviceCmd {
     /// Accept a quarantined device's current measurements (e.g. after a firmware update
     /// you made on purpose): they become its accepted set and desired state flows again.
     Accept { id: String },
+    /// Pre-approve measurements a device is about to take (a planned firmware update, a
+    /// new boot chain): a quote matching them is trusted, with no quarantine window.
+    /// Releases whose manifests predict PCRs add these by themselves.
+    Expect {
+        id: String,
+        /// What they are, e.g. "bios 1.2"; expecting the same source again replaces it.
+        #[arg(long)]
+        source: String,
+        /// INDEX=HEX (sha256 bank), repeatable: e.g. --pcr 0=3d45… --pcr 4=9a1c…
+        #[arg(long = "pcr", required = true)]
+        pcrs: Vec<String>,
+    },
+    /// Remove the expected measurements of a source.
+    Unexpect {
+        id: String,
+        #[arg(long)]
+        source: String,
+    },
 }
 
 #[derive(Args)]
@@ -451,6 +469,47 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 );
             }
         }
+        Cmd::Device {
+            cmd: DeviceCmd::Expect { id, source, pcrs },
+        } => {
+            let mut map = serde_json::Map::new();
+            for p in &pcrs {
+                let Some((i, v)) = p.split_once('=') else {
+                    return Err(CliError {
+                        code: exit::USAGE,
+                        error: anyhow::anyhow!("--pcr {p:?}: write INDEX=HEX, e.g. 4=9a1c…"),
+                    });
+                };
+                map.insert(i.trim().to_string(), json!(v.trim()));
+            }
+            let body = json!({ "source": source, "added_ms": 0, "pcrs": map });
+            let a: Value = client
+                .post(&format!("/v1/devices/{id}/attestation/expected"), &body)
+                .await?;
+            if json {
+                cli::print_json(&a)?;
+            } else {
+                println!(
+                    "{id} may now also measure {source:?} ({} PCRs) without quarantine",
+                    pcrs.len()
+                );
+            }
+        }
+        Cmd::Device {
+            cmd: DeviceCmd::Unexpect { id, source },
+        } => {
+            let a: Value = client
+                .delete(&format!(
+                    "/v1/devices/{id}/attestation/expected?source={}",
+                    url_escape(&source)
+                ))
+                .await?;
+            if json {
+                cli::print_json(&a)?;
+            } else {
+                println!("removed the expected measurements {source:?} of {id}");
+            }
+        }
         Cmd::Policy(PolicyCmd::Ls) => {
             let ps: Vec<Value> = client.get("/v1/attestation/policies").await?;
             if json {
@@ -611,6 +670,18 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
         }
     }
     Ok(())
+}
+
+/// Percent-encodes a query value.
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn print_outcome(out: Value, json: bool) -> CliResult<()> {
