@@ -282,6 +282,10 @@ pub enum Invariant {
     /// Every device holds a state document whose signature verifies with the hub's key,
     /// and what it applied is exactly that document.
     SignedStateOnly,
+    /// Every device enrolled with its (software) TPM and its last evidence verified:
+    /// none quarantined, none unattested. Checked in real mode; the deterministic mode
+    /// runs the protocol cores without attestation.
+    AllAttested,
 }
 
 impl Invariant {
@@ -290,6 +294,7 @@ impl Invariant {
             Invariant::AllConverged,
             Invariant::ReportsExactlyOnce,
             Invariant::SignedStateOnly,
+            Invariant::AllAttested,
         ]
     }
 
@@ -298,6 +303,7 @@ impl Invariant {
             Invariant::AllConverged => "every device converged on its newest desired state",
             Invariant::ReportsExactlyOnce => "no report lost or duplicated",
             Invariant::SignedStateOnly => "no device runs unsigned state",
+            Invariant::AllAttested => "every device attested, its evidence verified",
         }
     }
 }

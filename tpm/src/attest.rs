@@ -82,6 +82,15 @@ pub trait Attester: Send {
     /// platform keeps none.
     fn event_log(&mut self) -> Result<Vec<u8>, AttestError>;
 
+    /// The Linux IMA runtime measurement list as of now, in the sha256 per-bank binary
+    /// format (`binary_runtime_measurements_sha256`, which [`crate::ima::verify_ima`]
+    /// checks against the quoted PCR 10); `None` if the box keeps none: IMA off, or a
+    /// kernel without per-bank lists (before 6.10), whose PCR 10 the hub cannot check in
+    /// the sha256 bank. Read it after quoting: the hub accepts entries added since.
+    fn ima_log(&mut self) -> Result<Option<Vec<u8>>, AttestError> {
+        Ok(None)
+    }
+
     /// Seals `data` to this device (only this TPM can unseal it); `None` if the
     /// attester cannot seal.
     fn seal(&mut self, data: &[u8]) -> Result<Option<Vec<u8>>, AttestError> {

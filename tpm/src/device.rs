@@ -61,6 +61,9 @@ pub use crate::attest::QuoteBytes;
 pub const DEFAULT_AK_HANDLE: u32 = 0x8101_0002;
 /// The firmware event log as Linux exposes it (securityfs).
 pub const DEFAULT_EVENT_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
+/// The IMA measurement list with sha256 template digests (Linux 6.10+; see
+/// [`crate::ima`]).
+pub const DEFAULT_IMA_LOG: &str = "/sys/kernel/security/ima/binary_runtime_measurements_sha256";
 /// TCG EK Credential Profile, low range: RSA-2048 and ECC P-256 EK certificates.
 pub const RSA_EK_CERT_INDEX: u32 = 0x01c0_0002;
 pub const ECC_EK_CERT_INDEX: u32 = 0x01c0_000a;
@@ -175,6 +178,9 @@ impl EkAlgorithm {
 pub struct DeviceConfig {
     /// The firmware event log [`Attester::event_log`] reads ([`DEFAULT_EVENT_LOG`]).
     pub event_log_path: PathBuf,
+    /// The IMA list (sha256 per-bank format) [`Attester::ima_log`] reads
+    /// ([`DEFAULT_IMA_LOG`]); `None`: never report one.
+    pub ima_log_path: Option<PathBuf>,
     /// Persistent handle of the AK ([`DEFAULT_AK_HANDLE`]).
     pub ak_handle: u32,
     pub ek: EkChoice,
@@ -184,6 +190,7 @@ impl Default for DeviceConfig {
     fn default() -> Self {
         Self {
             event_log_path: PathBuf::from(DEFAULT_EVENT_LOG),
+            ima_log_path: Some(PathBuf::from(DEFAULT_IMA_LOG)),
             ak_handle: DEFAULT_AK_HANDLE,
             ek: EkChoice::Auto,
         }
@@ -199,6 +206,7 @@ pub struct Device {
     ak_key: AkPublic,
     identity: Identity,
     event_log_path: PathBuf,
+    ima_log_path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Device {
@@ -280,6 +288,7 @@ impl Device {
                 ak_public,
             },
             event_log_path: config.event_log_path.clone(),
+            ima_log_path: config.ima_log_path.clone(),
         })
     }
 
@@ -682,6 +691,22 @@ impl Attester for Device {
     /// no log (empty), any other failure is an error.
     fn event_log(&mut self) -> Result<Vec<u8>, AttestError> {
         read_event_log(&self.event_log_path)
+    }
+
+    /// Reads [`DeviceConfig::ima_log_path`]; a missing file (IMA off, or a kernel
+    /// without per-bank lists) means none, any other failure is an error.
+    fn ima_log(&mut self) -> Result<Option<Vec<u8>>, AttestError> {
+        let Some(path) = &self.ima_log_path else {
+            return Ok(None);
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(AttestError::Log {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
     }
 
     /// Seals `data` (at most [`MAX_SEALED_DATA`] bytes) under the storage root key:

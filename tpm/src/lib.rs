@@ -13,6 +13,7 @@ pub mod credential;
 pub mod device;
 pub mod ekcert;
 pub mod eventlog;
+pub mod ima;
 pub mod quote;
 pub mod soft;
 #[cfg(feature = "testkit")]

@@ -67,6 +67,12 @@ struct HubDevice {
     reports_acked: u64,
     applied_ms: Option<u64>,
     online_since_ms: Option<u64>,
+    #[serde(default)]
+    attestation: Option<String>,
+    #[serde(default)]
+    attest_status: Option<String>,
+    #[serde(default)]
+    quarantine: Option<String>,
 }
 
 impl HubDevice {
@@ -940,6 +946,33 @@ fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut
             ),
             Invariant::SignedStateOnly => {
                 InvariantResult::new(*inv, signed == n, format!("{signed} of {n} devices"))
+            }
+            Invariant::AllAttested => {
+                let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+                let mut trusted = 0;
+                for d in fleet.devices.iter().flatten() {
+                    *kinds
+                        .entry(d.attestation.clone().unwrap_or_else(|| "none".into()))
+                        .or_default() += 1;
+                    if d.attestation.is_some() && d.attest_status.as_deref() == Some("trusted") {
+                        trusted += 1;
+                    } else if report.problems.len() < 300 {
+                        report.problems.push(format!(
+                            "{} ({}): attestation {:?}, status {:?}: {}",
+                            d.id,
+                            d.hostname,
+                            d.attestation,
+                            d.attest_status,
+                            d.quarantine.as_deref().unwrap_or("")
+                        ));
+                    }
+                }
+                let kinds: Vec<String> = kinds.iter().map(|(k, v)| format!("{v} {k}")).collect();
+                InvariantResult::new(
+                    *inv,
+                    trusted == n,
+                    format!("{trusted} of {n} devices trusted ({})", kinds.join(", ")),
+                )
             }
         };
         report.invariants.push(r);
