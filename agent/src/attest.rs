@@ -181,7 +181,9 @@ pub async fn protect_key(a: Option<&SharedAttester>, key_der: Vec<u8>) -> Result
         return Ok(key_der);
     };
     tokio::task::spawn_blocking(move || {
-        let sealed = lock(&a)?.seal(&key_der).context("sealing the TLS key to the TPM")?;
+        let sealed = lock(&a)?
+            .seal(&key_der)
+            .context("sealing the TLS key to the TPM")?;
         Ok(sealed.unwrap_or(key_der))
     })
     .await

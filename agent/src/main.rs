@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print identity, hub, connection, revisions and outbox depth.
     Status {
         #[arg(long, default_value = "/var/lib/cairn")]
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
         .init();
     match cli.cmd {
         Cmd::Status { data_dir, json } => status(&data_dir, json),
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
     }
 }
 

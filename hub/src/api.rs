@@ -356,7 +356,10 @@ async fn retire_measurements(
     if api.store.retire_measurements(&d, &q.source).await? == 0 {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("device {id} has no expected measurements from {:?}", q.source),
+            format!(
+                "device {id} has no expected measurements from {:?}",
+                q.source
+            ),
         ));
     }
     match api.store.attestation(&d).await? {

@@ -308,7 +308,7 @@ impl AgentSession {
     /// The answer to [`AgentEvent::Challenged`].
     pub fn send_evidence(&mut self, evidence: Evidence) {
         if matches!(self.phase, Phase::AwaitingEnrolled { .. } | Phase::Synced) {
-            self.send(&AgentMessage::Evidence(evidence));
+            self.send(&AgentMessage::Evidence(Box::new(evidence)));
         }
     }
 

@@ -56,7 +56,7 @@ pub enum HubEvent {
     ResyncRequested { state_revision: u64 },
     /// The agent's answer to the outstanding [`HubSession::challenge`]. During
     /// enrollment, answer with `accept_enroll` or `refuse` afterwards.
-    Evidence(Evidence),
+    Evidence(Box<Evidence>),
     /// The session failed; close the connection.
     Failed(SessionError),
 }

@@ -311,8 +311,8 @@ pub enum AgentMessage {
         after: u64,
         up_to: u64,
     },
-    /// Answer to a [`HubMessage::Challenge`].
-    Evidence(Evidence),
+    /// Answer to a [`HubMessage::Challenge`] (boxed: its PCR values are inline).
+    Evidence(Box<Evidence>),
 }
 
 /// Every message a hub sends.
@@ -345,14 +345,14 @@ mod tests {
     /// `KINDS` must follow the enums: encoding the last variant gives index KINDS - 1.
     #[test]
     fn kinds_match_the_enums() {
-        let last = postcard::to_allocvec(&AgentMessage::Evidence(Evidence {
+        let last = postcard::to_allocvec(&AgentMessage::Evidence(Box::new(Evidence {
             credential: None,
             attest: vec![],
             signature: vec![],
             pcrs: heapless::Vec::new(),
             log_offset: 0,
             log: vec![],
-        }))
+        })))
         .unwrap();
         assert_eq!(
             u32::from(last[0]) + 1,

@@ -81,14 +81,14 @@ fn arb_agent_message() -> impl Strategy<Value = AgentMessage> {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
         )
             .prop_map(
-                |(bytes, pcrs, off, credential)| AgentMessage::Evidence(Evidence {
+                |(bytes, pcrs, off, credential)| AgentMessage::Evidence(Box::new(Evidence {
                     credential,
                     attest: bytes.clone(),
                     signature: bytes.iter().rev().copied().collect(),
                     pcrs: pcrs.into_iter().collect(),
                     log_offset: off,
                     log: bytes,
-                })
+                }))
             ),
         (any::<u16>(), any::<u16>(), any::<u64>()).prop_map(|(a, b, r)| AgentMessage::Hello(
             Hello {
@@ -354,7 +354,10 @@ fn challenges_and_evidence_flow_in_enrollment_and_sync() {
     assert_eq!(c, challenge(true));
     agent.send_evidence(evidence());
     deliver_to_hub(&mut agent, &mut hub, now);
-    assert_eq!(hub.poll_event(), Some(HubEvent::Evidence(evidence())));
+    assert_eq!(
+        hub.poll_event(),
+        Some(HubEvent::Evidence(Box::new(evidence())))
+    );
     assert!(!hub.is_done());
 
     // Sync: welcome, then a challenge; evidence comes back as an event.

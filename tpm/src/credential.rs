@@ -90,13 +90,7 @@ pub(crate) fn kdfa(
 }
 
 /// The TPM's KDFe (SP 800-56A concatenation KDF with SHA-256).
-pub(crate) fn kdfe(
-    z: &[u8],
-    label: &str,
-    party_u: &[u8],
-    party_v: &[u8],
-    bits: u32,
-) -> Vec<u8> {
+pub(crate) fn kdfe(z: &[u8], label: &str, party_u: &[u8], party_v: &[u8], bits: u32) -> Vec<u8> {
     let mut out = Vec::new();
     let mut counter = 1u32;
     while out.len() * 8 < bits as usize {

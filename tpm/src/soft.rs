@@ -42,8 +42,8 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use sha2::{Digest, Sha256};
 
-use crate::credential::{kdfa, kdfe};
 use crate::attest::{AttestError, Attester, Identity, IdentityKind, QuoteBytes, Quoted};
+use crate::credential::{kdfa, kdfe};
 
 /// PCRs in the simulated sha256 bank (PC Client: 24).
 pub const PCR_COUNT: usize = 24;

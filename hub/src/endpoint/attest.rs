@@ -242,7 +242,7 @@ impl Connection {
         Ok(())
     }
 
-    pub(super) async fn evidence(&mut self, ev: Evidence) -> Result<(), End> {
+    pub(super) async fn evidence(&mut self, ev: Box<Evidence>) -> Result<(), End> {
         let Some(pc) = self.challenge.take() else {
             return self
                 .refuse(
@@ -254,7 +254,7 @@ impl Connection {
         let exporter = self.exporter().map_err(End::Transport)?;
         let nonce = quote_nonce(&pc.nonce, &exporter);
         if let Some(p) = self.pending_enroll.take() {
-            return self.enrollment_evidence(p, pc, ev, &nonce).await;
+            return self.enrollment_evidence(p, pc, *ev, &nonce).await;
         }
         let (Some(device), Some(rec)) = (self.device.clone(), self.attest_rec.clone()) else {
             return Ok(());
