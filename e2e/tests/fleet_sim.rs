@@ -28,7 +28,7 @@ fn ci_scenario_with_200_real_agents_holds_every_invariant() {
     assert_eq!(report["mode"], "real");
     assert_eq!(report["devices"], 200);
     let invariants = report["invariants"].as_array().unwrap();
-    assert_eq!(invariants.len(), 3, "{report}");
+    assert_eq!(invariants.len(), 4, "{report}");
     assert!(invariants.iter().all(|i| i["ok"] == true), "{report}");
     for p in report["phases"].as_array().unwrap() {
         assert_eq!(p["converged"], p["devices"], "{p}");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cairn_e2e::{Agent, Hub, converged, wait_for};
 use cairn_sync_protocol::Text;
 use cairn_sync_protocol::frame;
-use cairn_sync_protocol::message::{AgentMessage, Hello, Intent, RefusalCode};
+use cairn_sync_protocol::message::{AgentMessage, Hello, Intent, PROTOCOL_VERSION, RefusalCode};
 use cairn_sync_protocol::token::JoinToken;
 
 const T: Duration = Duration::from_secs(60);
@@ -219,8 +219,8 @@ async fn garbage_frames_are_refused_and_the_hub_keeps_serving() {
 
     // Sync without a certificate: told to enroll.
     let hello = AgentMessage::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
         agent_version: Text::truncated("test"),
         intent: Intent::Sync { state_revision: 0 },
     });
