@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow};
 use cairn_sync_protocol::attest::{log_delta, quote_nonce};
-use cairn_sync_protocol::message::{AttestIdentity, Challenge, Evidence, IdentityKind as WireKind};
+use cairn_sync_protocol::message::{
+    AttestIdentity, Challenge, Evidence, IdentityKind as WireKind, ImaTail,
+};
 use cairn_tpm::attest::{Attester, IdentityKind};
 
 /// Where the agent's root of trust comes from.
@@ -19,8 +21,13 @@ pub enum AttestSource {
     /// No attestation: the device enrolls unattested (hub policy may refuse it).
     None,
     /// A TPM 2.0 behind a TCTI (`device:/dev/tpmrm0`, `swtpm:host=…,port=…`), with the
-    /// firmware event log at `event_log`.
-    Tpm { tcti: String, event_log: PathBuf },
+    /// firmware event log at `event_log` and the IMA measurement list (sha256 per-bank
+    /// format) at `ima_log`, if the box keeps one.
+    Tpm {
+        tcti: String,
+        event_log: PathBuf,
+        ima_log: PathBuf,
+    },
     /// The software TPM, its keys kept in the data directory; `boot_image` names what
     /// the simulated firmware measures as the booted OS.
     Software { boot_image: String },
@@ -28,6 +35,8 @@ pub enum AttestSource {
 
 /// Where the kernel exposes the firmware's event log.
 pub const FIRMWARE_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
+/// Where the kernel exposes IMA's measurement list for the sha256 bank (Linux 6.10+).
+pub const IMA_LOG: &str = "/sys/kernel/security/ima/binary_runtime_measurements_sha256";
 
 impl AttestSource {
     /// `auto` (the TPM at /dev/tpmrm0 if there is one, else none), `none`, `software`,
@@ -43,6 +52,7 @@ impl AttestSource {
                     Self::Tpm {
                         tcti: "device:/dev/tpmrm0".into(),
                         event_log: FIRMWARE_LOG.into(),
+                        ima_log: IMA_LOG.into(),
                     }
                 } else {
                     Self::None
@@ -51,6 +61,7 @@ impl AttestSource {
             tcti if tcti.contains(':') => Self::Tpm {
                 tcti: tcti.into(),
                 event_log: FIRMWARE_LOG.into(),
+                ima_log: IMA_LOG.into(),
             },
             other => {
                 return Err(anyhow!(
@@ -72,21 +83,26 @@ pub fn open(source: &AttestSource, data_dir: &Path) -> Result<Option<SharedAttes
             cairn_tpm::soft::SoftTpm::load_or_create(&data_dir.join("soft-tpm"), boot_image)
                 .map_err(|e| anyhow!("software TPM: {e}"))?,
         ),
-        AttestSource::Tpm { tcti, event_log } => open_tpm(tcti, event_log)?,
+        AttestSource::Tpm {
+            tcti,
+            event_log,
+            ima_log,
+        } => open_tpm(tcti, event_log, ima_log)?,
     };
     Ok(Some(Arc::new(Mutex::new(attester))))
 }
 
 #[cfg(feature = "tpm")]
-fn open_tpm(tcti: &str, event_log: &Path) -> Result<Box<dyn Attester>> {
+fn open_tpm(tcti: &str, event_log: &Path, ima_log: &Path) -> Result<Box<dyn Attester>> {
     let device = cairn_tpm::device::Device::open(tcti)
         .with_context(|| format!("opening the TPM at {tcti}"))?
-        .with_event_log(event_log);
+        .with_event_log(event_log)
+        .with_ima_log(ima_log);
     Ok(Box::new(device))
 }
 
 #[cfg(not(feature = "tpm"))]
-fn open_tpm(tcti: &str, _event_log: &Path) -> Result<Box<dyn Attester>> {
+fn open_tpm(tcti: &str, _event_log: &Path, _ima_log: &Path) -> Result<Box<dyn Attester>> {
     Err(anyhow!(
         "--tpm {tcti}: this agent was built without TPM support (cargo feature `tpm`)"
     ))
@@ -135,8 +151,14 @@ pub async fn answer(a: &SharedAttester, c: Challenge, exporter: [u8; 32]) -> Res
         let nonce = quote_nonce(&c.nonce, &exporter);
         let quoted = guard.quote(&nonce, &pcrs).context("quoting PCRs")?;
         let log = guard.event_log().context("reading the event log")?;
+        // After the quote: IMA lists an entry before extending PCR 10, so a list read
+        // now covers the quoted value (the hub ignores entries past it).
+        let ima = guard
+            .ima_log()
+            .context("reading the IMA measurement list")?;
         drop(guard);
         let (offset, delta) = log_delta(&log, c.log_held, &c.log_held_sha256);
+        let ima = ima.map(|list| ima_tail(list, c.ima_held, &c.ima_held_pcr10));
         let values = pcrs
             .iter()
             .map(|p| {
@@ -154,10 +176,36 @@ pub async fn answer(a: &SharedAttester, c: Challenge, exporter: [u8; 32]) -> Res
             pcrs: values,
             log_offset: offset,
             log: delta.to_vec(),
+            ima,
         })
     })
     .await
     .map_err(|e| anyhow!("attestation task: {e}"))?
+}
+
+/// What of the IMA list to send: the part after `held` bytes if the list's head
+/// replays to the PCR 10 value the hub verified (a hash chain, so the same head), else
+/// all of it (a new boot).
+fn ima_tail(list: Vec<u8>, held: u64, held_pcr10: &[u8; 32]) -> ImaTail {
+    use cairn_tpm::ima::{Bank, IMA_PCR, parse};
+    let n = usize::try_from(held).unwrap_or(usize::MAX);
+    let continues = n > 0
+        && n <= list.len()
+        && parse(&list[..n], Bank::Sha256)
+            .ok()
+            .and_then(|head| head.replay_pcr(Bank::Sha256, IMA_PCR).ok().flatten())
+            .is_some_and(|v| v.as_slice() == held_pcr10);
+    if continues {
+        ImaTail {
+            offset: held,
+            bytes: list[n..].to_vec(),
+        }
+    } else {
+        ImaTail {
+            offset: 0,
+            bytes: list,
+        }
+    }
 }
 
 /// How a sealed key starts (the TPM backend's blob format); a PKCS#8 key starts with

@@ -290,6 +290,8 @@ async fn answer_challenge(
     debug!(
         ms = started.elapsed().as_millis() as u64,
         log_bytes = evidence.log.len(),
+        ima_offset = evidence.ima.as_ref().map(|i| i.offset),
+        ima_bytes = evidence.ima.as_ref().map(|i| i.bytes.len()),
         "answered the hub's attestation challenge"
     );
     Ok(evidence)

@@ -49,7 +49,7 @@ enum Cmd {
 #[derive(Args)]
 struct RunArgs {
     /// TOML file with any of: hub, data_dir, files_root, join_token, reconcile_interval,
-    /// tpm, event_log.
+    /// tpm, event_log, ima_log.
     /// Flags override it.
     #[arg(long, env = "CAIRN_AGENT_CONFIG")]
     config: Option<PathBuf>,
@@ -87,6 +87,10 @@ struct RunArgs {
     /// The firmware's TPM event log [default: /sys/kernel/security/tpm0/binary_bios_measurements].
     #[arg(long)]
     event_log: Option<PathBuf>,
+    /// IMA's measurement list for the sha256 bank, if the kernel keeps one [default:
+    /// /sys/kernel/security/ima/binary_runtime_measurements_sha256].
+    #[arg(long)]
+    ima_log: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -100,6 +104,7 @@ struct FileConfig {
     reconcile_interval: Option<Duration>,
     tpm: Option<String>,
     event_log: Option<PathBuf>,
+    ima_log: Option<PathBuf>,
 }
 
 mod humantime_serde_opt {
@@ -225,7 +230,15 @@ fn run(args: RunArgs) -> ExitCode {
                 .event_log
                 .or(file.event_log)
                 .unwrap_or_else(|| cairn_agent::attest::FIRMWARE_LOG.into());
-            cfg.attest = cairn_agent::attest::AttestSource::Tpm { tcti, event_log };
+            let ima_log = args
+                .ima_log
+                .or(file.ima_log)
+                .unwrap_or_else(|| cairn_agent::attest::IMA_LOG.into());
+            cfg.attest = cairn_agent::attest::AttestSource::Tpm {
+                tcti,
+                event_log,
+                ima_log,
+            };
         }
         Ok(source) => cfg.attest = source,
         Err(e) => {

@@ -83,6 +83,24 @@ fn reboot(agent: &mut Agent, tpm: &mut Swtpm, log: &str) {
     agent.start_again();
 }
 
+/// Log text without terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn only_device(hub: &Hub) -> Option<Value> {
     hub.devices().into_iter().next()
 }
@@ -535,4 +553,86 @@ fn a_data_directory_copied_to_another_box_is_useless() {
     wait_for("the original reconnects", Duration::from_secs(60), || {
         only_device(&hub).is_some_and(|d| d["connected"] == true)
     });
+}
+
+/// IMA: the hub verifies the measurement list against the quoted PCR 10, then only
+/// the entries added since; an entry whose data does not match its digest quarantines.
+#[test]
+fn the_ima_list_is_verified_incrementally_and_a_forged_entry_quarantines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = TestCa::new().unwrap();
+    let ca_file = write_ca(&ca, tmp.path());
+    let hub = Hub::start_with(&tmp.path().join("hub"), &["--ek-ca", &ca_file]);
+    let token = hub.token(1, "site=a");
+    let tpm = booted_tpm(&ca, "boot-a.eventlog");
+    let list = tmp.path().join("ima.bin");
+    cairn_tpm::testkit::measure_files(
+        &tpm.tcti(),
+        &list,
+        &[
+            ("/usr/bin/init", b"init"),
+            ("/usr/bin/cairn-agent", b"agent"),
+        ],
+    )
+    .unwrap();
+    let mut args = tpm_args(&tpm, "boot-a.eventlog");
+    args.extend(["--ima-log".to_string(), list.display().to_string()]);
+    let mut agent = Agent::start_with(
+        &tmp.path().join("agent"),
+        &hub.quic,
+        Some(&token),
+        &refs(&args),
+    );
+    let ima_entries = |hub: &Hub| -> u64 {
+        only_device(hub)
+            .and_then(|d| d["id"].as_str().map(str::to_string))
+            .map(|id| cairn_e2e::num(&hub.device(&id)["attestation"], "ima_entries"))
+            .unwrap_or(0)
+    };
+    wait_for(
+        "the first two entries verify",
+        Duration::from_secs(60),
+        || ima_entries(&hub) == 2,
+    );
+    let held = std::fs::metadata(&list).unwrap().len();
+
+    // Three more files measured; the next session sends only them.
+    agent.kill();
+    cairn_tpm::testkit::measure_files(
+        &tpm.tcti(),
+        &list,
+        &[("/etc/a", b"1"), ("/etc/b", b"2"), ("/etc/c", b"3")],
+    )
+    .unwrap();
+    agent.start_again();
+    wait_for("the new entries verify", Duration::from_secs(60), || {
+        ima_entries(&hub) == 5
+    });
+    let tail = std::fs::metadata(&list).unwrap().len() - held;
+    let log = strip_ansi(&agent.log_tail());
+    assert!(
+        log.contains(&format!("ima_offset={held} ima_bytes={tail}")),
+        "the agent should have sent only the {tail} bytes after byte {held}:\n{log}"
+    );
+    assert_eq!(attest_status(&hub).as_deref(), Some("trusted"));
+
+    // One more measured file whose listed path is then altered.
+    agent.kill();
+    cairn_tpm::testkit::measure_files(&tpm.tcti(), &list, &[("/etc/shadow", b"x")]).unwrap();
+    let mut bytes = std::fs::read(&list).unwrap();
+    let at = bytes.len() - 3; // inside "/etc/shadow\0"
+    bytes[at] ^= 0x20;
+    std::fs::write(&list, bytes).unwrap();
+    agent.start_again();
+    wait_for(
+        "the forged entry quarantines",
+        Duration::from_secs(60),
+        || {
+            only_device(&hub).is_some_and(|d| {
+                d["quarantine"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("IMA measurement list"))
+            })
+        },
+    );
 }

@@ -380,6 +380,12 @@ pub fn print_attestation(a: &Value) {
         ago(a.get("verified_ms").and_then(Value::as_u64)),
         a["log_len"]
     );
+    if a["ima_len"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "{:<10} {} entries verified against PCR 10 ({} bytes of the list)",
+            "ima:", a["ima_entries"], a["ima_len"]
+        );
+    }
     if let Some(pcrs) = a["pcrs"].as_object() {
         for (i, v) in pcrs {
             println!("  PCR {i:>2}  {}", v.as_str().unwrap_or(""));

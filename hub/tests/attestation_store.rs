@@ -26,6 +26,7 @@ fn outcome(quarantine: Option<&str>, b: u8, now_ms: u64) -> AttestOutcome {
         log: Some(vec![b; 10]),
         reset_count: Some(1),
         record: None,
+        ima: None,
         now_ms,
     }
 }

@@ -106,6 +106,11 @@ pub struct Challenge {
     pub log_held_sha256: [u8; 32],
     /// At enrollment: a credential for the claimed EK and AK (`TPM2_MakeCredential`).
     pub credential: Option<CredentialChallenge>,
+    /// How many bytes of the device's IMA measurement list (sha256 per-bank format)
+    /// the hub verified, and PCR 10 after replaying them: the agent sends only the rest
+    /// if its list starts with a head that replays to that value.
+    pub ima_held: u64,
+    pub ima_held_pcr10: [u8; 32],
 }
 
 /// A credential only the TPM holding both the EK and the AK can open.
@@ -132,6 +137,18 @@ pub struct Evidence {
     /// agent's log starts with the hub's bytes, else 0 (the whole log).
     pub log_offset: u64,
     pub log: Vec<u8>,
+    /// The IMA measurement list from `ima_offset` on, read after the quote; `None` if
+    /// the box keeps no sha256 IMA list.
+    pub ima: Option<ImaTail>,
+}
+
+/// The part of an IMA measurement list the hub has not verified yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImaTail {
+    /// The challenge's `ima_held` if the agent's list continues what the hub verified,
+    /// else 0 (the whole list: a new boot).
+    pub offset: u64,
+    pub bytes: Vec<u8>,
 }
 
 /// The hub's answer to a successful enrollment.
@@ -352,6 +369,7 @@ mod tests {
             pcrs: heapless::Vec::new(),
             log_offset: 0,
             log: vec![],
+            ima: None,
         })))
         .unwrap();
         assert_eq!(
@@ -364,6 +382,8 @@ mod tests {
             log_held: 0,
             log_held_sha256: [0; 32],
             credential: None,
+            ima_held: 0,
+            ima_held_pcr10: [0; 32],
         }))
         .unwrap();
         assert_eq!(

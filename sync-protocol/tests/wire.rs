@@ -87,7 +87,8 @@ fn arb_agent_message() -> impl Strategy<Value = AgentMessage> {
                     signature: bytes.iter().rev().copied().collect(),
                     pcrs: pcrs.into_iter().collect(),
                     log_offset: off,
-                    log: bytes,
+                    log: bytes.clone(),
+                    ima: (off % 2 == 0).then_some(ImaTail { offset: off, bytes }),
                 }))
             ),
         (any::<u16>(), any::<u16>(), any::<u64>()).prop_map(|(a, b, r)| AgentMessage::Hello(
@@ -138,6 +139,8 @@ fn arb_hub_message() -> impl Strategy<Value = HubMessage> {
                         secret: b.clone(),
                         blob: b,
                     }),
+                    ima_held: held / 2,
+                    ima_held_pcr10: nonce,
                 })
             ),
         (any::<u64>(), 1u16..5).prop_map(|(acked, version)| HubMessage::Welcome(Welcome {
@@ -310,6 +313,8 @@ fn challenge(credential: bool) -> Challenge {
             blob: vec![1, 2],
             secret: vec![3],
         }),
+        ima_held: 0,
+        ima_held_pcr10: [0; 32],
     }
 }
 
@@ -321,6 +326,7 @@ fn evidence() -> Evidence {
         pcrs: [[0u8; 32]; 3].into_iter().collect(),
         log_offset: 0,
         log: vec![0; 100 * 1024],
+        ima: None,
     }
 }
 

@@ -299,6 +299,13 @@ impl Device {
         self
     }
 
+    /// Reads the IMA measurement list (sha256 per-bank format) from `path` instead
+    /// (same as [`DeviceConfig::ima_log_path`]).
+    pub fn with_ima_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ima_log_path = Some(path.into());
+        self
+    }
+
     /// The EK's public area (`TPM2B_PUBLIC`), for the hub's MakeCredential.
     pub fn ek_public(&self) -> &[u8] {
         &self.identity.ek_public

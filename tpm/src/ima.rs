@@ -669,6 +669,20 @@ pub struct ImaSummary {
 /// This needs the per-bank list (Linux 6.10+); see the module docs for why the sha1
 /// list cannot stand in for it.
 pub fn verify_ima(log: &[u8], quoted_pcr10_sha256: &[u8; 32]) -> Result<ImaSummary, ImaError> {
+    verify_ima_from(&[0; 32], log, quoted_pcr10_sha256).map(|(summary, _)| summary)
+}
+
+/// [`verify_ima`] for the tail of a list whose head the verifier already checked:
+/// `start` is PCR 10 after the head (the replay of the head is a hash chain over it, so
+/// the verifier need not keep the head's bytes). Also returns how many bytes of `tail`
+/// the quote covers; the head for the next check is `tail[..that]`, and PCR 10 after it
+/// is the quoted value.
+pub fn verify_ima_from(
+    start: &[u8; 32],
+    tail: &[u8],
+    quoted_pcr10_sha256: &[u8; 32],
+) -> Result<(ImaSummary, usize), ImaError> {
+    let log = tail;
     let list = parse(log, Bank::Sha256)?;
     if let Some((i, e)) = list
         .entries
@@ -683,7 +697,7 @@ pub fn verify_ima(log: &[u8], quoted_pcr10_sha256: &[u8; 32]) -> Result<ImaSumma
     }
     list.check_template_digests()?;
 
-    let mut pcr = vec![0u8; 32];
+    let mut pcr = start.to_vec();
     let mut covered = (pcr == quoted_pcr10_sha256[..]).then_some(0);
     if covered.is_none() {
         for (i, e) in list.entries.iter().enumerate() {
@@ -728,7 +742,8 @@ pub fn verify_ima(log: &[u8], quoted_pcr10_sha256: &[u8; 32]) -> Result<ImaSumma
             algo: d.algo.unwrap_or("sha1").to_string(),
             digest: d.digest.to_vec(),
         });
-    Ok(summary)
+    let consumed = list.entries.get(n).map_or(log.len(), |e| e.offset);
+    Ok((summary, consumed))
 }
 
 fn hex(b: &[u8]) -> String {

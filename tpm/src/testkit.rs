@@ -538,3 +538,39 @@ pub fn measure_boot(tcti: &str, eventlog: &[u8]) -> Result<(), TestkitError> {
     }
     Ok(())
 }
+
+/// Plays IMA for `files` (path, content): appends one `ima-ng` entry per file to the
+/// sha256 per-bank measurement list at `list` (created if missing) and extends PCR 10
+/// of the TPM at `tcti` with the entry's template digest, as the kernel does (entry
+/// listed first, PCR extended after).
+pub fn measure_files(tcti: &str, list: &Path, files: &[(&str, &[u8])]) -> Result<(), TestkitError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    fn field(out: &mut Vec<u8>, v: &[u8]) {
+        out.extend((v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    let mut ctx = context(tcti)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(list)
+        .map_err(io("opening the IMA list"))?;
+    for (path, content) in files {
+        let mut d_ng = b"sha256:\0".to_vec();
+        d_ng.extend(Sha256::digest(content));
+        let mut n_ng = path.as_bytes().to_vec();
+        n_ng.push(0);
+        let mut data = Vec::new();
+        field(&mut data, &d_ng);
+        field(&mut data, &n_ng);
+        let digest: [u8; 32] = Sha256::digest(&data).into();
+        let mut entry = crate::ima::IMA_PCR.to_le_bytes().to_vec();
+        entry.extend(digest);
+        field(&mut entry, b"ima-ng");
+        field(&mut entry, &data);
+        file.write_all(&entry).map_err(io("writing the IMA list"))?;
+        device::extend_pcr(&mut ctx, crate::ima::IMA_PCR, digest)?;
+    }
+    file.sync_all().map_err(io("syncing the IMA list"))
+}

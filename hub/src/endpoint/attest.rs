@@ -19,7 +19,13 @@ use tracing::{info, warn};
 
 use super::{Connection, End, now_ms};
 use crate::attest::{self as policy, AttestPolicy, Verdict};
-use crate::store::{AttestOutcome, NewAttestation, attest_status};
+use crate::store::{AttestOutcome, ImaState, NewAttestation, attest_status};
+
+const NO_IMA: ImaState = ImaState {
+    len: 0,
+    pcr10: [0; 32],
+    entries: 0,
+};
 
 /// PCRs every challenge covers.
 const QUOTED_ALWAYS: std::ops::RangeInclusive<u32> = 0..=15;
@@ -51,6 +57,8 @@ pub(super) struct PendingChallenge {
     held_log: Vec<u8>,
     /// The credential's secret, at enrollment.
     secret: Option<[u8; 32]>,
+    /// The IMA list the hub verified when it asked.
+    ima_held: ImaState,
 }
 
 /// An enrollment between the hello and the evidence.
@@ -104,6 +112,7 @@ impl Connection {
         &mut self,
         pcrs: Vec<u32>,
         held_log: Vec<u8>,
+        ima_held: ImaState,
         credential: Option<(CredentialChallenge, [u8; 32])>,
     ) {
         let mut nonce = [0u8; 32];
@@ -118,12 +127,15 @@ impl Connection {
                 log_sha256(&held_log)
             },
             credential: credential.as_ref().map(|(c, _)| c.clone()),
+            ima_held: ima_held.len,
+            ima_held_pcr10: ima_held.pcr10,
         };
         self.challenge = Some(PendingChallenge {
             nonce,
             pcrs,
             held_log,
             secret: credential.map(|(_, s)| s),
+            ima_held,
         });
         let timeout = self.shared.attest.evidence_timeout;
         self.session.challenge(Instant::now(), challenge, timeout);
@@ -203,6 +215,7 @@ impl Connection {
         self.send_challenge(
             pcrs,
             Vec::new(),
+            NO_IMA,
             Some((
                 CredentialChallenge {
                     blob: credential.blob,
@@ -223,6 +236,11 @@ impl Connection {
             return Ok(());
         }
         let held_log = rec.log.clone();
+        let ima_held = ImaState {
+            len: rec.ima_len,
+            pcr10: rec.ima_pcr10,
+            entries: rec.ima_entries,
+        };
         let labels = self
             .shared
             .store
@@ -238,7 +256,7 @@ impl Connection {
             .await
             .map_err(|e| e.to_string())?;
         let pcrs = pcr_list(policy::policy_for(&policies, &labels));
-        self.send_challenge(pcrs, held_log, None);
+        self.send_challenge(pcrs, held_log, ima_held, None);
         Ok(())
     }
 
@@ -269,9 +287,10 @@ impl Connection {
                 log: None,
                 reset_count: None,
                 record: None,
+                ima: None,
                 now_ms: now,
             },
-            Ok((verified, log)) => {
+            Ok((verified, log, ima)) => {
                 let labels = store
                     .device(&device)
                     .await
@@ -300,6 +319,7 @@ impl Connection {
                     log: (log != rec.log).then_some(log),
                     reset_count: Some(verified.quote.reset_count),
                     record,
+                    ima,
                     now_ms: now,
                 }
             }
@@ -309,6 +329,11 @@ impl Connection {
             && let Some(r) = self.attest_rec.as_mut()
         {
             r.log = log.clone();
+        }
+        if let Some(ima) = outcome.ima
+            && let Some(r) = self.attest_rec.as_mut()
+        {
+            (r.ima_len, r.ima_pcr10, r.ima_entries) = (ima.len, ima.pcr10, ima.entries);
         }
         if let Some(set) = &outcome.record
             && let Some(r) = self.attest_rec.as_mut()
@@ -360,7 +385,7 @@ impl Connection {
             let msg = "credential activation failed: the attestation key is not in the TPM that holds this endorsement key (a copied or forged identity); re-provision the device's TPM keys";
             return self.refuse(RefusalCode::AttestationFailed, msg).await;
         }
-        let (verified, log) = match check(&claim.identity.ak_public, &pc, &ev, nonce) {
+        let (verified, log, ima) = match check(&claim.identity.ak_public, &pc, &ev, nonce) {
             Ok(x) => x,
             Err(why) => {
                 let msg = format!("evidence refused: {why}");
@@ -390,6 +415,7 @@ impl Connection {
                 log: Some(log),
                 reset_count: Some(verified.quote.reset_count),
                 record,
+                ima,
                 now_ms: now,
             },
         });
@@ -423,13 +449,14 @@ impl Connection {
     }
 }
 
-/// Verifies evidence against a pending challenge; the device's whole log on success.
+/// Verifies evidence against a pending challenge; on success the device's whole event
+/// log and, if it sent one, how much of its IMA list is now verified.
 fn check(
     ak_public: &[u8],
     pc: &PendingChallenge,
     ev: &Evidence,
     nonce: &[u8; 32],
-) -> Result<(cairn_tpm::attest::Verified, Vec<u8>), String> {
+) -> Result<(cairn_tpm::attest::Verified, Vec<u8>, Option<ImaState>), String> {
     let ak = AkPublic::from_tpm2b_public(ak_public).map_err(|e| format!("stored AK: {e}"))?;
     if ev.pcrs.len() != pc.pcrs.len() {
         return Err(format!(
@@ -457,5 +484,39 @@ fn check(
     };
     let verified =
         verify_evidence(&ak, &quote, &pcrs, nonce, &pc.pcrs, &log).map_err(|e| e.to_string())?;
-    Ok((verified, log))
+    let ima = match &ev.ima {
+        None => None,
+        Some(tail) => Some(check_ima(&pc.ima_held, tail, &verified.pcrs)?),
+    };
+    Ok((verified, log, ima))
+}
+
+/// Verifies an IMA list tail: it continues what the hub verified (or starts over),
+/// every entry's template digest matches its data, and it replays to the quoted PCR 10.
+fn check_ima(
+    held: &ImaState,
+    tail: &cairn_sync_protocol::message::ImaTail,
+    pcrs: &BTreeMap<u32, [u8; 32]>,
+) -> Result<ImaState, String> {
+    use cairn_tpm::ima::{IMA_PCR, verify_ima_from};
+    let quoted = pcrs
+        .get(&IMA_PCR)
+        .ok_or("an IMA list came with a quote that does not cover PCR 10")?;
+    let (start, base) = match tail.offset {
+        0 => (NO_IMA.pcr10, NO_IMA),
+        n if n == held.len => (held.pcr10, *held),
+        n => {
+            return Err(format!(
+                "IMA list tail at byte {n} does not continue the {} bytes the hub verified",
+                held.len
+            ));
+        }
+    };
+    let (summary, consumed) = verify_ima_from(&start, &tail.bytes, quoted)
+        .map_err(|e| format!("IMA measurement list: {e}"))?;
+    Ok(ImaState {
+        len: base.len + consumed as u64,
+        pcr10: *quoted,
+        entries: base.entries + summary.entries as u64,
+    })
 }

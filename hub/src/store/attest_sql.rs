@@ -25,7 +25,10 @@ CREATE TABLE IF NOT EXISTS attestations (
     pcrs TEXT NOT NULL DEFAULT '{}',
     accepted TEXT NOT NULL DEFAULT '[]',
     reset_count INTEGER,
-    log BLOB NOT NULL DEFAULT x''
+    log BLOB NOT NULL DEFAULT x'',
+    ima_len INTEGER NOT NULL DEFAULT 0,
+    ima_pcr10 BLOB,
+    ima_entries INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS attestations_ek ON attestations(ek_sha256);
 CREATE TABLE IF NOT EXISTS attest_policies (name TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -76,7 +79,8 @@ pub(super) fn insert(conn: &Connection, device: &DeviceId, a: &NewAttestation) -
     let accepted: Vec<MeasurementSet> = o.record.iter().cloned().collect();
     conn.execute(
         "INSERT OR REPLACE INTO attestations (device, kind, ek_sha256, ek_issuer, ak_public, status, reason, \
-         verified_ms, pcrs, accepted, reset_count, log) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         verified_ms, pcrs, accepted, reset_count, log, ima_len, ima_pcr10, ima_entries) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             device.as_str(),
             a.kind,
@@ -90,6 +94,9 @@ pub(super) fn insert(conn: &Connection, device: &DeviceId, a: &NewAttestation) -
             json(&accepted)?,
             o.reset_count,
             o.log.clone().unwrap_or_default(),
+            o.ima.map_or(0, |i| i.len),
+            o.ima.map(|i| i.pcr10.to_vec()),
+            o.ima.map_or(0, |i| i.entries),
         ],
     )
     .map_err(backend)?;
@@ -119,7 +126,7 @@ pub(super) fn load(conn: &Connection, device: &DeviceId) -> Result<Option<Attest
     let row = conn
         .query_row(
             "SELECT kind, ek_sha256, ek_issuer, ak_public, status, reason, verified_ms, pcrs, accepted, \
-             reset_count, log FROM attestations WHERE device = ?1",
+             reset_count, log, ima_len, ima_pcr10, ima_entries FROM attestations WHERE device = ?1",
             [device.as_str()],
             |r| {
                 Ok((
@@ -138,6 +145,11 @@ pub(super) fn load(conn: &Connection, device: &DeviceId) -> Result<Option<Attest
                         r.get::<_, Option<u32>>(9)?,
                         r.get::<_, Vec<u8>>(10)?,
                     ),
+                    (
+                        r.get::<_, u64>(11)?,
+                        r.get::<_, Option<Vec<u8>>>(12)?,
+                        r.get::<_, u64>(13)?,
+                    ),
                 ))
             },
         )
@@ -146,9 +158,16 @@ pub(super) fn load(conn: &Connection, device: &DeviceId) -> Result<Option<Attest
     let Some((
         (kind, ek_sha256, ek_issuer, ak_public, status, reason),
         (verified_ms, pcrs, accepted, reset_count, log),
+        (ima_len, ima_pcr10, ima_entries),
     )) = row
     else {
         return Ok(None);
+    };
+    let ima_pcr10: [u8; 32] = match ima_pcr10 {
+        None => [0; 32],
+        Some(v) => v
+            .try_into()
+            .map_err(|_| corrupt("IMA PCR 10", "not 32 bytes"))?,
     };
     Ok(Some(AttestRecord {
         kind,
@@ -161,6 +180,9 @@ pub(super) fn load(conn: &Connection, device: &DeviceId) -> Result<Option<Attest
         accepted: serde_json::from_str(&accepted).map_err(|e| corrupt("accepted sets", e))?,
         reset_count,
         log_len: log.len(),
+        ima_len,
+        ima_entries,
+        ima_pcr10,
         ak_public,
         log,
     }))
@@ -185,7 +207,8 @@ pub(super) fn record(conn: &Connection, device: &DeviceId, o: &AttestOutcome) ->
     conn.execute(
         "UPDATE attestations SET status = ?2, reason = ?3, verified_ms = COALESCE(?4, verified_ms), \
          pcrs = COALESCE(?5, '{}'), accepted = ?6, reset_count = COALESCE(?7, reset_count), \
-         log = COALESCE(?8, log) WHERE device = ?1",
+         log = COALESCE(?8, log), ima_len = COALESCE(?9, ima_len), ima_pcr10 = COALESCE(?10, ima_pcr10), \
+         ima_entries = COALESCE(?11, ima_entries) WHERE device = ?1",
         params![
             device.as_str(),
             status,
@@ -195,6 +218,9 @@ pub(super) fn record(conn: &Connection, device: &DeviceId, o: &AttestOutcome) ->
             json(&rec.accepted)?,
             o.reset_count,
             o.log,
+            o.ima.map(|i| i.len),
+            o.ima.map(|i| i.pcr10.to_vec()),
+            o.ima.map(|i| i.entries),
         ],
     )
     .map_err(backend)?;

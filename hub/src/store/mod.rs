@@ -126,7 +126,18 @@ pub struct AttestOutcome {
     pub reset_count: Option<u32>,
     /// A measurement set to add (first use).
     pub record: Option<MeasurementSet>,
+    /// The IMA measurement list verified so far, when the device sent one.
+    pub ima: Option<ImaState>,
     pub now_ms: u64,
+}
+
+/// How much of a device's IMA measurement list the hub verified: the bytes, PCR 10
+/// after them (the next tail continues from there), and the entries they hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImaState {
+    pub len: u64,
+    pub pcr10: [u8; 32],
+    pub entries: u64,
 }
 
 /// Why an enrollment was refused.
@@ -159,6 +170,11 @@ pub struct AttestRecord {
     pub reset_count: Option<u32>,
     /// Bytes of event log held.
     pub log_len: usize,
+    /// Bytes and entries of the IMA measurement list verified (0: none sent).
+    pub ima_len: u64,
+    pub ima_entries: u64,
+    #[serde(skip)]
+    pub ima_pcr10: [u8; 32],
     #[serde(skip)]
     pub ak_public: Vec<u8>,
     #[serde(skip)]
