@@ -231,6 +231,11 @@ fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts(
         .collect();
     assert_eq!(sources, ["release 2", "accepted by operator"], "{a}");
 
+    // Connected devices are challenged again every --attest-interval (2 s here).
+    let verified = |hub: &Hub| cairn_e2e::num(&hub.device(&id)["attestation"], "verified_ms");
+    let first = verified(&hub);
+    wait_for("a periodic re-attestation", timeout, || verified(&hub) > first);
+
     // A PCR extended behind the log's back: the evidence itself is refused, and there
     // is nothing the operator could accept.
     agent.kill();
