@@ -234,7 +234,9 @@ fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts(
     // Connected devices are challenged again every --attest-interval (2 s here).
     let verified = |hub: &Hub| cairn_e2e::num(&hub.device(&id)["attestation"], "verified_ms");
     let first = verified(&hub);
-    wait_for("a periodic re-attestation", timeout, || verified(&hub) > first);
+    wait_for("a periodic re-attestation", timeout, || {
+        verified(&hub) > first
+    });
 
     // A PCR extended behind the log's back: the evidence itself is refused, and there
     // is nothing the operator could accept.
@@ -365,6 +367,19 @@ impl Attester for Cheat {
     }
 }
 
+impl Cheat {
+    /// Claims `identity`, works with `tpm`.
+    fn new(identity: Identity, tpm: Device) -> Self {
+        Self {
+            identity,
+            tpm,
+            replay: false,
+            first_quote: None,
+            log: None,
+        }
+    }
+}
+
 fn open(tpm: &Swtpm, log: &str) -> Device {
     Device::open(&tpm.tcti())
         .unwrap()
@@ -443,13 +458,7 @@ fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
     cloned.ek_public = dev_a.identity().ek_public.clone();
     cloned.ek_certificate = dev_a.identity().ek_certificate.clone();
     drop(dev_a);
-    let cheat = Cheat {
-        identity: cloned,
-        tpm: dev_b,
-        replay: false,
-        first_quote: None,
-        log: None,
-    };
+    let cheat = Cheat::new(cloned, dev_b);
     let msg = refused(
         run_agent(&hub, &tmp.path().join("c1"), &token, cheat, || false),
         "cloned EK",
@@ -462,13 +471,7 @@ fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
     let mut cloned = dev_b.identity().clone();
     cloned.ek_certificate = dev_a.identity().ek_certificate.clone();
     drop(dev_a);
-    let cheat = Cheat {
-        identity: cloned,
-        tpm: dev_b,
-        replay: false,
-        first_quote: None,
-        log: None,
-    };
+    let cheat = Cheat::new(cloned, dev_b);
     let msg = refused(
         run_agent(&hub, &tmp.path().join("c2"), &token, cheat, || false),
         "copied certificate",
@@ -478,11 +481,8 @@ fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
     // A log that does not replay to the TPM's PCRs (boot-b's log on a boot-a TPM).
     let dev_b = open(&b, "boot-a.eventlog");
     let cheat = Cheat {
-        identity: dev_b.identity().clone(),
-        tpm: dev_b,
-        replay: false,
-        first_quote: None,
         log: Some(std::fs::read(fixture("boot-b.eventlog")).unwrap()),
+        ..Cheat::new(dev_b.identity().clone(), dev_b)
     };
     let msg = refused(
         run_agent(&hub, &tmp.path().join("c3"), &token, cheat, || false),
@@ -495,11 +495,8 @@ fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
     // (bound to a new TLS session) does not match, and the device is quarantined.
     let dev_a = open(&a, "boot-a.eventlog");
     let cheat = Cheat {
-        identity: dev_a.identity().clone(),
-        tpm: dev_a,
         replay: true,
-        first_quote: None,
-        log: None,
+        ..Cheat::new(dev_a.identity().clone(), dev_a)
     };
     let r = run_agent(&hub, &tmp.path().join("c4"), &token, cheat, || {
         attest_status(&hub).as_deref() == Some("quarantined")

@@ -589,6 +589,38 @@ fn check_limits(device: &DeviceId, doc: &BTreeMap<ResourceName, Resource>) -> Re
     Ok(())
 }
 
+/// A token's expiry, uses left and labels, if it exists and `secret_hash` is its
+/// secret's (compared in constant time).
+fn token(
+    conn: &Connection,
+    id: &str,
+    secret_hash: &[u8; 32],
+) -> Result<Result<(u64, u32, String), EnrollRefusal>> {
+    let row = conn
+        .query_row(
+            "SELECT secret_hash, expires_ms, uses_left, labels FROM tokens WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, u64>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(backend)?;
+    match row {
+        Some((hash, expires_ms, uses_left, labels))
+            if bool::from(subtle::ConstantTimeEq::ct_eq(&hash[..], &secret_hash[..])) =>
+        {
+            Ok(Ok((expires_ms, uses_left, labels)))
+        }
+        _ => Ok(Err(EnrollRefusal::UnknownToken)),
+    }
+}
+
 pub(super) fn insert_hub_event(
     conn: &Connection,
     device: &DeviceId,
@@ -755,27 +787,10 @@ impl Store for SqliteStore {
     async fn enroll(&self, e: Enrollment) -> Result<Result<DeviceRecord, EnrollRefusal>> {
         let signer = self.signer.clone();
         self.write(move |conn| {
-            let token = conn
-                .query_row(
-                    "SELECT secret_hash, expires_ms, uses_left, labels FROM tokens WHERE id = ?1",
-                    [&e.token_id],
-                    |r| {
-                        Ok((
-                            r.get::<_, Vec<u8>>(0)?,
-                            r.get::<_, u64>(1)?,
-                            r.get::<_, u32>(2)?,
-                            r.get::<_, String>(3)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(backend)?;
-            let Some((hash, expires_ms, uses_left, labels)) = token else {
-                return Ok(Err(EnrollRefusal::UnknownToken));
+            let (expires_ms, uses_left, labels) = match token(conn, &e.token_id, &e.secret_hash)? {
+                Ok(t) => t,
+                Err(r) => return Ok(Err(r)),
             };
-            if !bool::from(subtle::ConstantTimeEq::ct_eq(&hash[..], &e.secret_hash[..])) {
-                return Ok(Err(EnrollRefusal::UnknownToken));
-            }
             let existing: Option<Option<u64>> = conn
                 .query_row(
                     "SELECT revoked_ms FROM devices WHERE id = ?1",
@@ -853,27 +868,10 @@ impl Store for SqliteStore {
     ) -> Result<Result<Labels, EnrollRefusal>> {
         let token_id = token_id.to_string();
         self.read(move |conn| {
-            let token = conn
-                .query_row(
-                    "SELECT secret_hash, expires_ms, uses_left, labels FROM tokens WHERE id = ?1",
-                    [&token_id],
-                    |r| {
-                        Ok((
-                            r.get::<_, Vec<u8>>(0)?,
-                            r.get::<_, u64>(1)?,
-                            r.get::<_, u32>(2)?,
-                            r.get::<_, String>(3)?,
-                        ))
-                    },
-                )
-                .optional()
-                .map_err(backend)?;
-            let Some((hash, expires_ms, uses_left, labels)) = token else {
-                return Ok(Err(EnrollRefusal::UnknownToken));
+            let (expires_ms, uses_left, labels) = match token(conn, &token_id, &secret_hash)? {
+                Ok(t) => t,
+                Err(r) => return Ok(Err(r)),
             };
-            if !bool::from(subtle::ConstantTimeEq::ct_eq(&hash[..], &secret_hash[..])) {
-                return Ok(Err(EnrollRefusal::UnknownToken));
-            }
             if now_ms >= expires_ms {
                 return Ok(Err(EnrollRefusal::TokenExpired));
             }
