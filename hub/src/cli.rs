@@ -357,16 +357,16 @@ pub fn policy_row(p: &Value) -> Vec<String> {
 pub fn print_attestation(a: &Value) {
     let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     println!(
-        "{:<10} {} (EK sha256:{})",
+        "{:<13} {} (EK sha256:{})",
         "identity:",
         s("kind"),
         &s("ek_sha256")[..16.min(s("ek_sha256").len())]
     );
     if let Some(issuer) = a.get("ek_issuer").and_then(Value::as_str) {
-        println!("{:<10} {issuer}", "ek ca:");
+        println!("{:<13} {issuer}", "ek ca:");
     }
     println!(
-        "{:<10} {}{}",
+        "{:<13} {}{}",
         "attest:",
         s("status"),
         a.get("reason")
@@ -375,20 +375,25 @@ pub fn print_attestation(a: &Value) {
             .unwrap_or_default()
     );
     println!(
-        "{:<10} {} (event log {} bytes)",
+        "{:<13} {} (event log {} bytes)",
         "verified:",
         ago(a.get("verified_ms").and_then(Value::as_u64)),
         a["log_len"]
     );
     if a["ima_len"].as_u64().unwrap_or(0) > 0 {
         println!(
-            "{:<10} {} entries verified against PCR 10 ({} bytes of the list)",
+            "{:<13} {} entries verified against PCR 10 ({} bytes of the list)",
             "ima:", a["ima_entries"], a["ima_len"]
         );
     }
     if let Some(pcrs) = a["pcrs"].as_object() {
+        let mut pcrs: Vec<(u32, &str)> = pcrs
+            .iter()
+            .filter_map(|(i, v)| Some((i.parse().ok()?, v.as_str().unwrap_or(""))))
+            .collect();
+        pcrs.sort_unstable();
         for (i, v) in pcrs {
-            println!("  PCR {i:>2}  {}", v.as_str().unwrap_or(""));
+            println!("  PCR {i:>2}  {v}");
         }
     }
     let empty = Vec::new();

@@ -595,18 +595,18 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
             } else {
                 let row = cli::device_row(&d);
                 for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
-                    println!("{:<10} {v}", format!("{}:", k.to_lowercase()));
+                    println!("{:<13} {v}", format!("{}:", k.to_lowercase()));
                 }
                 println!(
-                    "{:<10} {}",
+                    "{:<13} {}",
                     "agent:",
                     d["agent_version"].as_str().unwrap_or("")
                 );
-                println!("{:<10} {}", "stored:", d["stored_revision"]);
-                println!("{:<10} {}", "reports:", d["reports_acked"]);
+                println!("{:<13} {}", "stored:", d["stored_revision"]);
+                println!("{:<13} {}", "reports:", d["reports_acked"]);
                 match &attestation {
                     Some(a) => cli::print_attestation(a),
-                    None => println!("{:<10} none (enrolled without a TPM)", "identity:"),
+                    None => println!("{:<13} none (enrolled without a TPM)", "identity:"),
                 }
                 println!("desired state (revision {}):", state["revision"]);
                 let empty = Vec::new();
