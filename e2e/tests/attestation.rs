@@ -638,3 +638,49 @@ fn the_ima_list_is_verified_incrementally_and_a_forged_entry_quarantines() {
         },
     );
 }
+
+/// A device enrolled without attestation gets no desired state while a policy requires
+/// an identity it cannot prove, and gets it again once no policy does.
+#[test]
+fn an_unattested_device_gets_no_state_while_policy_requires_attestation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start(&tmp.path().join("hub"));
+    let token = hub.token(1, "site=a");
+    let agent = Agent::start_with(
+        &tmp.path().join("agent"),
+        &hub.quic,
+        Some(&token),
+        &["--tpm", "none"],
+    );
+    let timeout = Duration::from_secs(60);
+    hub.set_file("--selector", "site=a", "one", "etc/one", "1");
+    wait_for("state reaches the unattested device", timeout, || {
+        agent.file("etc/one").exists()
+    });
+    assert_eq!(only_device(&hub).unwrap()["attestation"], Value::Null);
+    hub.cli_ok(&[
+        "policy",
+        "set",
+        "a",
+        "--selector",
+        "site=a",
+        "--require",
+        "software",
+    ]);
+    // The policy applies from the next connection: make one.
+    let mut agent = agent;
+    agent.restart();
+    wait_for("the agent reconnects", timeout, || {
+        only_device(&hub).is_some_and(|d| d["connected"] == true)
+    });
+    hub.set_file("--selector", "site=a", "two", "etc/two", "2");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!agent.file("etc/two").exists(), "state must be withheld");
+    hub.cli_ok(&["policy", "rm", "a"]);
+    hub.set_file("--selector", "site=a", "three", "etc/three", "3");
+    wait_for(
+        "state flows once no policy requires attestation",
+        timeout,
+        || agent.file("etc/two").exists() && agent.file("etc/three").exists(),
+    );
+}

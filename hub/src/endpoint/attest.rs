@@ -422,12 +422,46 @@ impl Connection {
         self.complete_enrollment(p).await
     }
 
+    /// The gate of a device enrolled without attestation: closed while a policy
+    /// requires an identity it cannot have (it has no AK to quote with).
+    pub(super) async fn unattested_gate(
+        &self,
+        rec: &crate::store::DeviceRecord,
+    ) -> Result<Gate, String> {
+        let policies = self
+            .shared
+            .store
+            .policies()
+            .await
+            .map_err(|e| e.to_string())?;
+        match policy::policy_for(&policies, &rec.labels) {
+            Some(p) if p.require > policy::Require::None => {
+                warn!(device = %rec.id, policy = %p.name, "device enrolled without attestation, policy requires {:?}: no desired state; re-enroll it with a TPM", p.require);
+                Ok(Gate::Quarantined)
+            }
+            _ => Ok(Gate::Open),
+        }
+    }
+
     /// Whether state may be pushed now. A quarantined session re-reads the store, so an
     /// operator's accept takes effect on the next notification.
     pub(super) async fn gate_open(&mut self, device: &DeviceId) -> Result<bool, String> {
         match self.gate {
             Gate::Open => Ok(true),
             Gate::Evidence => Ok(false),
+            Gate::Quarantined if self.attest_rec.is_none() => {
+                // Unattested: open again once no policy requires attestation.
+                let rec = self
+                    .shared
+                    .store
+                    .device(device)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(rec) = rec {
+                    self.gate = self.unattested_gate(&rec).await?;
+                }
+                Ok(self.gate == Gate::Open)
+            }
             Gate::Quarantined => {
                 let rec = self
                     .shared

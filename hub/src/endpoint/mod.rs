@@ -726,6 +726,7 @@ impl Connection {
             self.gate = Gate::Evidence;
             return self.challenge_sync().await.map_err(End::Store);
         }
+        self.gate = self.unattested_gate(&rec).await.map_err(End::Store)?;
         self.push_state().await.map_err(End::Store)
     }
 
