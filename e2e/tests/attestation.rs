@@ -313,6 +313,18 @@ fn an_ek_from_an_untrusted_ca_and_a_software_tpm_are_refused_where_policy_requir
     );
     assert!(hub.devices().is_empty(), "{:?}", hub.devices());
 
+    // An agent without any attester under that policy.
+    let mut bare = Agent::start_with(
+        &tmp.path().join("a3"),
+        &hub.quic,
+        Some(&token),
+        &["--tpm", "none"],
+    );
+    wait_for("the unattested agent gives up", Duration::from_secs(60), || {
+        bare.exited().is_some()
+    });
+    assert!(bare.log_tail().contains("attests with nothing"), "{}", bare.log_tail());
+
     // Policy relaxed to software: it enrolls and is listed as software-attested.
     hub.cli_ok(&[
         "policy",

@@ -286,17 +286,26 @@ async fn show_attestation(
     }
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AcceptRequest {
+    /// `verified_ms` of the measurements you reviewed: refused if newer ones arrived.
+    pub verified_ms: Option<u64>,
+}
+
 #[utoipa::path(post, path = "/v1/devices/{id}/attestation/accept", params(("id" = String, Path)),
+    request_body = Option<AcceptRequest>,
     responses((status = 200, body = AttestRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn accept_measurements(
     State(api): State<Api>,
     Path(id): Path<String>,
+    body: Option<Json<AcceptRequest>>,
 ) -> ApiResult<AttestRecord> {
     let d = parse_device(&id)?;
     if api.store.device(&d).await?.is_none() {
         return Err(ApiError::not_found(&id));
     }
-    match api.store.accept_measurements(&d, now_ms()).await? {
+    let seen = body.and_then(|Json(b)| b.verified_ms);
+    match api.store.accept_measurements(&d, seen, now_ms()).await? {
         Ok(rec) => {
             tracing::info!(device = %d, "operator accepted the device's measurements");
             // A quarantined session re-reads its status when notified.
@@ -654,6 +663,7 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         DeviceRecord,
         Revoked,
         AttestRecord,
+        AcceptRequest,
         AttestPolicy,
         MeasurementSet,
         Deleted,

@@ -243,46 +243,50 @@ pub fn judge(
         return Verdict::Trusted { record: None };
     }
     // Say which PCRs differ from the closest accepted set.
-    let (set, differ) = accepted
+    let differ = |set: &MeasurementSet| -> Vec<u32> {
+        current
+            .iter()
+            .filter(|(k, v)| set.pcrs.get(k).is_none_or(|s| !s.eq_ignore_ascii_case(v)))
+            .map(|(k, _)| *k)
+            .collect()
+    };
+    let Some(set) = accepted.iter().min_by_key(|s| differ(s).len()) else {
+        return Verdict::Trusted { record: None };
+    };
+    let detail: Vec<String> = differ(set)
         .iter()
-        .map(|set| {
-            let differ: Vec<u32> = set
-                .pcrs
-                .iter()
-                .filter(|(k, v)| current.get(k) != Some(v))
-                .map(|(k, _)| *k)
-                .collect();
-            (set, differ)
-        })
-        .min_by_key(|(_, d)| d.len())
-        .unwrap_or((&accepted[0], Vec::new()));
-    let detail: Vec<String> = differ
-        .iter()
-        .map(|p| {
-            format!(
+        .map(|p| match set.pcrs.get(p) {
+            Some(expected) => format!(
                 "PCR {p} = {} (expected {})",
-                short(current.get(p).map_or("not quoted", String::as_str)),
-                short(set.pcrs.get(p).map_or("", String::as_str))
-            )
+                short(current.get(p).map_or("", String::as_str)),
+                short(expected)
+            ),
+            None => format!("PCR {p} is not in the accepted set"),
         })
         .collect();
     Verdict::Quarantined(format!(
-        "measurements differ from every accepted set (closest: {}): {}",
+        "{MEASUREMENTS_DIFFER} (closest: {}): {}",
         set.source,
         detail.join(", ")
     ))
 }
 
+/// How a quarantine for measurements that match no accepted set starts; the only kind
+/// an operator's accept can lift (identity and golden values are the policy's).
+pub const MEASUREMENTS_DIFFER: &str = "measurements differ from every accepted set";
+
 fn short(h: &str) -> &str {
     h.get(..16).unwrap_or(h)
 }
 
+/// A set matches when it has every judged PCR, each with the current value; PCRs it
+/// has beyond those are not judged (the policy dropped them). A set that lacks a PCR the
+/// policy now judges matches nothing: re-baseline with an accept.
 fn set_matches(set: &MeasurementSet, current: &BTreeMap<u32, String>) -> bool {
-    !set.pcrs.is_empty()
-        && set
-            .pcrs
+    !current.is_empty()
+        && current
             .iter()
-            .all(|(k, v)| current.get(k).is_some_and(|c| c.eq_ignore_ascii_case(v)))
+            .all(|(k, v)| set.pcrs.get(k).is_some_and(|s| s.eq_ignore_ascii_case(v)))
 }
 
 /// Hub-wide attestation settings.
@@ -316,6 +320,17 @@ impl Default for AttestConfig {
     }
 }
 
+/// What identifies a TPM: SHA-256 (hex) of its endorsement key's key material (ECC
+/// point, or RSA modulus and exponent), not of the whole public area, whose attributes
+/// and policy a device could vary to pass one TPM off as several.
+pub fn ek_fingerprint(ek_public: &[u8]) -> String {
+    use sha2::Digest;
+    let key = cairn_tpm::quote::AkPublic::from_tpm2b_public(ek_public)
+        .map(|k| k.key_bytes())
+        .unwrap_or_else(|_| ek_public.to_vec());
+    hex::encode(sha2::Sha256::digest(key))
+}
+
 /// The identity a device claims at enrollment, checked as far as possible without the
 /// TPM's help: its EK certificate against the configured CAs.
 pub fn check_identity(
@@ -323,7 +338,7 @@ pub fn check_identity(
     identity: &AttestIdentity,
     now_secs: u64,
 ) -> Result<(&'static str, Option<String>), String> {
-    cairn_tpm::quote::AkPublic::from_tpm2b_public(&identity.ak_public)
+    cairn_tpm::quote::check_ak_attributes(&identity.ak_public)
         .map_err(|e| format!("attestation key: {e}"))?;
     match identity.kind {
         IdentityKind::Software => Ok((kind::SOFTWARE, None)),
@@ -386,6 +401,17 @@ mod tests {
         };
         assert!(why.contains("PCR 4"), "{why}");
         assert!(!why.contains("PCR 0"), "{why}");
+        // A set that lacks a judged PCR (a narrower `expect`, or a policy that grew)
+        // trusts nothing.
+        let partial = MeasurementSet {
+            source: "partial".into(),
+            added_ms: 9,
+            pcrs: pcrs_hex(&pcrs(&[(4, 3)])),
+        };
+        assert!(matches!(
+            judge(Some(&p), Some(kind::SOFTWARE), &[partial], &changed, 9),
+            Verdict::Quarantined(w) if w.contains("PCR 0 is not in the accepted set")
+        ));
         accepted.push(MeasurementSet {
             source: format!("{SOURCE_RELEASE}2.0"),
             added_ms: 9,

@@ -458,14 +458,19 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
         Cmd::Device {
             cmd: DeviceCmd::Accept { id },
         } => {
+            // Accept exactly what is shown: the hub refuses if newer measurements
+            // arrived in between.
+            let seen: Value = client.get(&format!("/v1/devices/{id}/attestation")).await?;
+            let body = json!({ "verified_ms": seen["verified_ms"] });
             let a: Value = client
-                .post(&format!("/v1/devices/{id}/attestation/accept"), &json!({}))
+                .post(&format!("/v1/devices/{id}/attestation/accept"), &body)
                 .await?;
             if json {
                 cli::print_json(&a)?;
             } else {
+                cli::print_attestation(&a);
                 println!(
-                    "accepted the measurements of {id}; it is trusted again and gets desired state"
+                    "accepted these measurements of {id}; it is trusted again and gets desired state"
                 );
             }
         }

@@ -75,15 +75,18 @@ async fn quarantine_accept_expectations_and_ek_uniqueness() {
     .await
     .unwrap();
     // The token can be checked without using it.
+    let d = DeviceId::new("dev-a").unwrap();
     assert_eq!(
-        s.check_token("t", [1; 32], 5).await.unwrap().unwrap(),
+        s.check_token("t", [1; 32], &d, 5).await.unwrap().unwrap(),
         parse_labels("site=a").unwrap()
     );
     assert_eq!(
-        s.check_token("t", [2; 32], 5).await.unwrap().unwrap_err(),
+        s.check_token("t", [2; 32], &d, 5)
+            .await
+            .unwrap()
+            .unwrap_err(),
         EnrollRefusal::UnknownToken
     );
-    let d = DeviceId::new("dev-a").unwrap();
     let rec = s
         .enroll(enrollment("dev-a", b"ek-a"))
         .await
@@ -105,15 +108,16 @@ async fn quarantine_accept_expectations_and_ek_uniqueness() {
     assert_eq!(a.log, vec![1; 10]);
 
     // A failed verification quarantines, with an event; the same again adds none.
-    s.record_attestation(&d, outcome(Some("PCR 4 changed"), 2, 10))
+    let why = "measurements differ from every accepted set (closest: first-seen): PCR 4";
+    s.record_attestation(&d, outcome(Some(why), 2, 10))
         .await
         .unwrap();
-    s.record_attestation(&d, outcome(Some("PCR 4 changed"), 2, 11))
+    s.record_attestation(&d, outcome(Some(why), 2, 11))
         .await
         .unwrap();
     let dev = s.device(&d).await.unwrap().unwrap();
     assert!(dev.quarantined());
-    assert_eq!(dev.quarantine.as_deref(), Some("PCR 4 changed"));
+    assert_eq!(dev.quarantine.as_deref(), Some(why));
     let evs = s
         .events(EventFilter {
             device: Some(d.clone()),
@@ -126,7 +130,15 @@ async fn quarantine_accept_expectations_and_ek_uniqueness() {
     assert_eq!(evs.len(), 1);
 
     // The operator accepts: the current values replace the first-seen set.
-    let a = s.accept_measurements(&d, 20).await.unwrap().unwrap();
+    let seen = s.attestation(&d).await.unwrap().unwrap().verified_ms;
+    assert!(
+        s.accept_measurements(&d, Some(1), 20)
+            .await
+            .unwrap()
+            .unwrap_err()
+            .contains("changed since you looked")
+    );
+    let a = s.accept_measurements(&d, seen, 20).await.unwrap().unwrap();
     assert_eq!(a.status, attest_status::TRUSTED);
     assert_eq!(a.accepted.len(), 1);
     assert_eq!(a.accepted[0].source, "accepted by operator");
@@ -144,7 +156,26 @@ async fn quarantine_accept_expectations_and_ek_uniqueness() {
     assert_eq!(s.attestation(&d).await.unwrap().unwrap().accepted.len(), 2);
     assert_eq!(s.retire_measurements(&d, "release 2.0").await.unwrap(), 1);
     let unknown = DeviceId::new("dev-x").unwrap();
-    assert!(s.accept_measurements(&unknown, 1).await.unwrap().is_err());
+    assert!(
+        s.accept_measurements(&unknown, None, 1)
+            .await
+            .unwrap()
+            .is_err()
+    );
+    // A policy quarantine (identity, golden values) is not the operator's to accept.
+    s.record_attestation(
+        &d,
+        outcome(Some("identity software does not meet policy p"), 4, 50),
+    )
+    .await
+    .unwrap();
+    assert!(
+        s.accept_measurements(&d, None, 51)
+            .await
+            .unwrap()
+            .unwrap_err()
+            .contains("change the policy")
+    );
 
     // Revoked, its EK is free for a re-installed box.
     s.revoke(&d, 40).await.unwrap();

@@ -57,7 +57,50 @@ pub enum AkPublic {
     Rsa { n: Vec<u8>, e: Vec<u8> },
 }
 
+/// `TPMA_OBJECT` bits an attestation key must have: the TPM made it (sensitive data
+/// origin) and it never leaves it (fixedTPM, fixedParent), and it signs only what the TPM
+/// itself produced (restricted + sign), never decrypts.
+const FIXED_TPM: u32 = 1 << 1;
+const FIXED_PARENT: u32 = 1 << 4;
+const SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
+const RESTRICTED: u32 = 1 << 16;
+const DECRYPT: u32 = 1 << 17;
+const SIGN: u32 = 1 << 18;
+
+/// Checks that a `TPM2B_PUBLIC` is an attestation key: restricted, signing, not
+/// decrypting, created in and bound to its TPM. An unrestricted key in the same TPM
+/// would pass credential activation but could sign any made-up `TPMS_ATTEST`.
+pub fn check_ak_attributes(tpm2b_public: &[u8]) -> Result<(), QuoteError> {
+    AkPublic::from_tpm2b_public(tpm2b_public)?;
+    // size (2) | type (2) | nameAlg (2) | objectAttributes (4, big-endian)
+    let attrs = tpm2b_public
+        .get(6..10)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| malformed("TPM2B_PUBLIC", "no object attributes"))?;
+    let need = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | RESTRICTED | SIGN;
+    if attrs & need != need || attrs & DECRYPT != 0 {
+        return Err(QuoteError::UnsupportedKey(format!(
+            "attributes {attrs:#010x} are not an attestation key's (restricted, sign, fixedTPM, fixedParent, sensitiveDataOrigin, no decrypt)"
+        )));
+    }
+    Ok(())
+}
+
 impl AkPublic {
+    /// The key material only (ECC point or RSA modulus and exponent), independent of the
+    /// public area's attributes and policy: what identifies the key.
+    pub fn key_bytes(&self) -> Vec<u8> {
+        match self {
+            AkPublic::EccP256 { point } => point.to_vec(),
+            AkPublic::Rsa { n, e } => {
+                let mut v = n.clone();
+                v.extend_from_slice(e);
+                v
+            }
+        }
+    }
+
     /// From a `TPM2B_PUBLIC` (a `TPMT_PUBLIC` with a 2-byte size in front), as
     /// `tpm2_createak -u` and `TPM2_ReadPublic` give it.
     pub fn from_tpm2b_public(bytes: &[u8]) -> Result<Self, QuoteError> {

@@ -83,8 +83,7 @@ pub(super) struct Claim {
 }
 
 pub(super) fn ek_sha256(ek_public: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(ek_public))
+    policy::ek_fingerprint(ek_public)
 }
 
 /// The PCRs a challenge asks for: the policy's, and always 0–15 (firmware, boot
@@ -151,7 +150,7 @@ impl Connection {
         let store = self.shared.store.clone();
         // The token first: strangers get no cryptography done for them.
         let labels = match store
-            .check_token(&p.token_id, p.secret_hash, now_ms())
+            .check_token(&p.token_id, p.secret_hash, &p.device, now_ms())
             .await
             .map_err(|e| End::Store(e.to_string()))?
         {
@@ -227,6 +226,37 @@ impl Connection {
         Ok(())
     }
 
+    /// An enrollment without a root of trust: refused where the token's labels fall
+    /// under a policy that requires one.
+    pub(super) async fn enroll_unattested(&mut self, p: PendingEnroll) -> Result<(), End> {
+        let store = self.shared.store.clone();
+        let labels = match store
+            .check_token(&p.token_id, p.secret_hash, &p.device, now_ms())
+            .await
+            .map_err(|e| End::Store(e.to_string()))?
+        {
+            Ok(l) => l,
+            Err(r) => {
+                let (code, msg) = super::enroll_refusal(r, &p.token_id, &p.device, None);
+                return self.refuse(code, &msg).await;
+            }
+        };
+        let policies = store
+            .policies()
+            .await
+            .map_err(|e| End::Store(e.to_string()))?;
+        if let Some(pol) = policy::policy_for(&policies, &labels)
+            && pol.require > policy::Require::None
+        {
+            let msg = format!(
+                "this agent attests with nothing (--tpm none), and attestation policy {} requires {:?}; start it with its TPM (--tpm auto)",
+                pol.name, pol.require
+            );
+            return self.refuse(RefusalCode::AttestationFailed, &msg).await;
+        }
+        self.complete_enrollment(p).await
+    }
+
     /// Challenges the connected, attested device (at session start and periodically).
     pub(super) async fn challenge_sync(&mut self) -> Result<(), String> {
         let (Some(device), Some(rec)) = (self.device.clone(), self.attest_rec.as_ref()) else {
@@ -274,7 +304,18 @@ impl Connection {
         if let Some(p) = self.pending_enroll.take() {
             return self.enrollment_evidence(p, pc, *ev, &nonce).await;
         }
-        let (Some(device), Some(rec)) = (self.device.clone(), self.attest_rec.clone()) else {
+        let Some(device) = self.device.clone() else {
+            return Ok(());
+        };
+        // Fresh: accepted sets may have changed since the session began (an expected
+        // release, an operator's accept).
+        let Some(rec) = self
+            .shared
+            .store
+            .attestation(&device)
+            .await
+            .map_err(|e| End::Store(e.to_string()))?
+        else {
             return Ok(());
         };
         let now = now_ms();
@@ -282,7 +323,7 @@ impl Connection {
         let store = self.shared.store.clone();
         let outcome = match checked {
             Err(why) => AttestOutcome {
-                quarantine: Some(format!("evidence refused: {why}")),
+                quarantine: Some(format!("{EVIDENCE_REFUSED}: {why}")),
                 pcrs: None,
                 log: None,
                 reset_count: None,
@@ -310,6 +351,9 @@ impl Connection {
                     now,
                 );
                 let (quarantine, record) = match verdict {
+                    // Refused evidence is not forgotten because the next one verifies:
+                    // something produced bad evidence; an operator reviews and accepts.
+                    Verdict::Trusted { .. } if refused_before(&rec) => (rec.reason.clone(), None),
                     Verdict::Trusted { record } => (None, record),
                     Verdict::Quarantined(why) => (Some(why), None),
                 };
@@ -483,6 +527,17 @@ impl Connection {
     }
 }
 
+/// How a quarantine for evidence that did not verify starts.
+pub(crate) const EVIDENCE_REFUSED: &str = "evidence refused";
+
+fn refused_before(rec: &crate::store::AttestRecord) -> bool {
+    rec.status == attest_status::QUARANTINED
+        && rec
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with(EVIDENCE_REFUSED))
+}
+
 /// Verifies evidence against a pending challenge; on success the device's whole event
 /// log and, if it sent one, how much of its IMA list is now verified.
 fn check(
@@ -512,6 +567,13 @@ fn check(
             pc.held_log.len()
         )
     })?;
+    // A device does not get to choose what is checked: what it sent before, it sends.
+    if log.is_empty() && !pc.held_log.is_empty() {
+        return Err("no firmware event log, though the device sent one before".into());
+    }
+    if ev.ima.is_none() && pc.ima_held.len > 0 {
+        return Err("no IMA measurement list, though the device sent one before".into());
+    }
     let quote = QuoteBytes {
         attest: ev.attest.clone(),
         signature: ev.signature.clone(),

@@ -27,6 +27,7 @@ use crate::pki::{self, HubKeys};
 use crate::store::{DynStore, EnrollRefusal, Enrollment};
 
 mod attest;
+pub(crate) use attest::EVIDENCE_REFUSED;
 use attest::{Gate, PendingChallenge, PendingEnroll};
 
 /// Transport knobs of the agent endpoint.
@@ -520,6 +521,11 @@ impl Connection {
                 let device = self.device.clone().ok_or(End::Session(None))?;
                 info!(%device, state_revision, "agent asked for a full snapshot");
                 self.agent_holds = state_revision;
+                if !self.gate_open(&device).await.map_err(End::Store)? {
+                    // Nothing flows before the evidence verified (or while quarantined);
+                    // the push when the gate opens starts from what it holds.
+                    return Ok(());
+                }
                 if let Some(u) = store
                     .state_snapshot(&device)
                     .await
@@ -575,7 +581,7 @@ impl Connection {
         };
         match req.identity {
             Some(identity) => self.challenge_enrollment(pending, identity).await,
-            None => self.complete_enrollment(pending).await,
+            None => self.enroll_unattested(pending).await,
         }
     }
 

@@ -50,8 +50,7 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String> {
 }
 
 pub(super) fn ek_sha256(ek_public: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(ek_public))
+    crate::attest::ek_fingerprint(ek_public)
 }
 
 pub(super) fn ek_owner(conn: &Connection, ek: &str) -> Result<Option<DeviceId>> {
@@ -243,6 +242,7 @@ pub(super) fn record(conn: &Connection, device: &DeviceId, o: &AttestOutcome) ->
 pub(super) fn accept(
     conn: &Connection,
     device: &DeviceId,
+    seen_verified_ms: Option<u64>,
     now_ms: u64,
 ) -> Result<Result<AttestRecord, String>> {
     let Some(mut rec) = load(conn, device)? else {
@@ -250,6 +250,20 @@ pub(super) fn accept(
             "device {device} is not attested; there are no measurements to accept"
         )));
     };
+    if let Some(reason) = rec.reason.as_deref()
+        && !reason.starts_with(crate::attest::MEASUREMENTS_DIFFER)
+        && !reason.starts_with(crate::endpoint::EVIDENCE_REFUSED)
+    {
+        return Ok(Err(format!(
+            "device {device} is quarantined by its policy ({reason}); accepting measurements cannot change that: change the policy or revoke the device"
+        )));
+    }
+    if seen_verified_ms.is_some() && seen_verified_ms != rec.verified_ms {
+        return Ok(Err(format!(
+            "the measurements of {device} changed since you looked (verified at {:?} ms, you saw {:?}); review `cairn-hub device show {device}` and accept again",
+            rec.verified_ms, seen_verified_ms
+        )));
+    }
     if rec.pcrs.is_empty() {
         return Ok(Err(format!(
             "device {device} has no verified measurements yet (its evidence never verified: {}); \

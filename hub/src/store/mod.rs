@@ -310,11 +310,14 @@ pub trait Store: Send + Sync + 'static {
     /// atomically. An existing, not revoked device enrolling again with the same key (a
     /// retry after a lost answer) needs a valid token secret but consumes no use.
     async fn enroll(&self, e: Enrollment) -> Result<Result<DeviceRecord, EnrollRefusal>>;
-    /// Checks a token without using it: its labels if it could enroll a new device now.
+    /// Checks a token without using it: its labels if it could enroll `device` now (a
+    /// device already enrolled and not revoked retries with a valid secret only, as in
+    /// [`Store::enroll`]).
     async fn check_token(
         &self,
         token_id: &str,
         secret_hash: [u8; 32],
+        device: &DeviceId,
         now_ms: u64,
     ) -> Result<Result<Labels, EnrollRefusal>>;
     /// The device that is not revoked and holds the EK with this SHA-256 (hex).
@@ -327,9 +330,12 @@ pub trait Store: Send + Sync + 'static {
     /// The operator accepts the device's last verified measurements: they replace the
     /// first-seen and operator sets, and the quarantine ends. `Err(reason)` if there is
     /// nothing verified to accept.
+    /// `seen_verified_ms`: when the measurements the operator reviewed were verified;
+    /// refused if newer ones arrived since.
     async fn accept_measurements(
         &self,
         id: &DeviceId,
+        seen_verified_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Result<AttestRecord, String>>;
     /// Adds (or replaces, by source) a set of values the device is expected to measure,

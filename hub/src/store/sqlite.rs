@@ -864,14 +864,29 @@ impl Store for SqliteStore {
         &self,
         token_id: &str,
         secret_hash: [u8; 32],
+        device: &DeviceId,
         now_ms: u64,
     ) -> Result<Result<Labels, EnrollRefusal>> {
-        let token_id = token_id.to_string();
+        let (token_id, device) = (token_id.to_string(), device.clone());
         self.read(move |conn| {
             let (expires_ms, uses_left, labels) = match token(conn, &token_id, &secret_hash)? {
                 Ok(t) => t,
                 Err(r) => return Ok(Err(r)),
             };
+            let existing: Option<Option<u64>> = conn
+                .query_row(
+                    "SELECT revoked_ms FROM devices WHERE id = ?1",
+                    [device.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            match existing {
+                Some(Some(_)) => return Ok(Err(EnrollRefusal::DeviceRevoked)),
+                // A retry after a lost answer: the token need not have uses left.
+                Some(None) => return Ok(Ok(parse_labels(&labels)?)),
+                None => {}
+            }
             if now_ms >= expires_ms {
                 return Ok(Err(EnrollRefusal::TokenExpired));
             }
@@ -904,10 +919,11 @@ impl Store for SqliteStore {
     async fn accept_measurements(
         &self,
         id: &DeviceId,
+        seen_verified_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Result<AttestRecord, String>> {
         let id = id.clone();
-        self.write(move |conn| super::attest_sql::accept(conn, &id, now_ms))
+        self.write(move |conn| super::attest_sql::accept(conn, &id, seen_verified_ms, now_ms))
             .await
     }
 
