@@ -320,10 +320,16 @@ fn an_ek_from_an_untrusted_ca_and_a_software_tpm_are_refused_where_policy_requir
         Some(&token),
         &["--tpm", "none"],
     );
-    wait_for("the unattested agent gives up", Duration::from_secs(60), || {
-        bare.exited().is_some()
-    });
-    assert!(bare.log_tail().contains("attests with nothing"), "{}", bare.log_tail());
+    wait_for(
+        "the unattested agent gives up",
+        Duration::from_secs(60),
+        || bare.exited().is_some(),
+    );
+    assert!(
+        bare.log_tail().contains("attests with nothing"),
+        "{}",
+        bare.log_tail()
+    );
 
     // Policy relaxed to software: it enrolls and is listed as software-attested.
     hub.cli_ok(&[

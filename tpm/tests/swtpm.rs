@@ -81,12 +81,16 @@ fn quotes_from_a_real_tpm_verify_on_the_hub_and_changes_are_caught() {
         std::fs::write(p("ak.pub"), dev.ak_public()).unwrap();
         std::fs::write(p("quote.msg"), &q2.quote.attest).unwrap();
         std::fs::write(p("quote.sig"), &q2.quote.signature).unwrap();
-        let checkquote = |nonce: &[u8]| {
+        let mut tampered = q2.quote.attest.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        std::fs::write(p("tampered.msg"), &tampered).unwrap();
+        let checkquote_msg = |msg: &str, nonce: &[u8]| {
             Command::new("tpm2_checkquote")
                 .arg("-u")
                 .arg(p("ak.pub"))
                 .arg("-m")
-                .arg(p("quote.msg"))
+                .arg(p(msg))
                 .arg("-s")
                 .arg(p("quote.sig"))
                 .args(["-g", "sha256", "-q", &hex::encode(nonce)])
@@ -94,6 +98,7 @@ fn quotes_from_a_real_tpm_verify_on_the_hub_and_changes_are_caught() {
                 .output()
                 .unwrap()
         };
+        let checkquote = |nonce: &[u8]| checkquote_msg("quote.msg", nonce);
         let ok = checkquote(&fresh);
         assert!(
             ok.status.success(),
@@ -104,6 +109,16 @@ fn quotes_from_a_real_tpm_verify_on_the_hub_and_changes_are_caught() {
         assert!(
             !bad.status.success(),
             "tpm2_checkquote accepted a wrong nonce"
+        );
+        // A tampered quote: refused by both.
+        let bad = checkquote_msg("tampered.msg", &fresh);
+        assert!(
+            !bad.status.success(),
+            "tpm2_checkquote accepted a tampered quote"
+        );
+        assert_eq!(
+            verify_quote(&ak, &tampered, &q2.quote.signature, &fresh, &q2.pcrs),
+            Err(QuoteError::BadSignature)
         );
     }
 }
