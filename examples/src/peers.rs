@@ -424,6 +424,21 @@ fn vm_rss_kib(status: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// The shared libraries a running process maps: how many, and their file sizes in MiB
+/// (the same measure as a peer's `shared_libs_mb`).
+pub fn shared_libs_of(pid: u32) -> Result<(usize, f64)> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading /proc/{pid}/maps"))?;
+    let libs = mapped_shared_libs(&maps);
+    let mut bytes = 0u64;
+    for l in &libs {
+        bytes += fs::metadata(l)
+            .with_context(|| format!("size of {}", l.display()))?
+            .len();
+    }
+    Ok((libs.len(), bytes as f64 / 1_048_576.0))
+}
+
 /// Unique shared-object files mapped, from `/proc/PID/maps`.
 fn mapped_shared_libs(maps: &str) -> BTreeSet<PathBuf> {
     maps.lines()

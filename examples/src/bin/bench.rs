@@ -257,6 +257,7 @@ async fn agent_process(dir: &Path, idle: Duration, rows: &mut Vec<Row>) -> Resul
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")?;
+    let (our_libs, our_libs_mb) = cairn_examples::peers::shared_libs_of(pid)?;
     let _ = child.kill().await;
     hub.shutdown().await;
     // The peer, measured now on this machine in the same way.
@@ -297,7 +298,7 @@ async fn agent_process(dir: &Path, idle: Duration, rows: &mut Vec<Row>) -> Resul
         "< 5 MB",
         match &peer {
             Some(p) => format!(
-                "{} {}: {:.1} MB binary + {:.1} MB shared libraries; ours links statically except libc",
+                "{} {}: {:.1} MB binary + {:.1} MB shared libraries; ours: + {our_libs_mb:.1} MB shared libraries ({our_libs} files: libc and the TPM stack tpm2-tss; the rest is static)",
                 p.name, p.version, p.binary_mb, p.shared_libs_mb
             ),
             None => "peer not installed in this run (MACHINE.md: Mender client 3.4 10.3 MB)".into(),
