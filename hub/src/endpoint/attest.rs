@@ -259,13 +259,24 @@ impl Connection {
 
     /// Challenges the connected, attested device (at session start and periodically).
     pub(super) async fn challenge_sync(&mut self) -> Result<(), String> {
-        let (Some(device), Some(rec)) = (self.device.clone(), self.attest_rec.as_ref()) else {
+        let Some(device) = self.device.clone() else {
             return Ok(());
         };
-        if self.session.challenge_outstanding() {
+        if !self.attested || self.session.challenge_outstanding() {
             return Ok(());
         }
-        let held_log = rec.log.clone();
+        // Read when needed, not kept per connection: at 10k connections every kilobyte
+        // held per session is 10 MB of hub memory.
+        let Some(rec) = self
+            .shared
+            .store
+            .attestation(&device)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let held_log = rec.log;
         let ima_held = ImaState {
             len: rec.ima_len,
             pcr10: rec.ima_pcr10,
@@ -369,21 +380,6 @@ impl Connection {
             }
         };
         let quarantined = outcome.quarantine.clone();
-        if let Some(log) = &outcome.log
-            && let Some(r) = self.attest_rec.as_mut()
-        {
-            r.log = log.clone();
-        }
-        if let Some(ima) = outcome.ima
-            && let Some(r) = self.attest_rec.as_mut()
-        {
-            (r.ima_len, r.ima_pcr10, r.ima_entries) = (ima.len, ima.pcr10, ima.entries);
-        }
-        if let Some(set) = &outcome.record
-            && let Some(r) = self.attest_rec.as_mut()
-        {
-            r.accepted.push(set.clone());
-        }
         store
             .record_attestation(&device, outcome)
             .await
@@ -493,7 +489,7 @@ impl Connection {
         match self.gate {
             Gate::Open => Ok(true),
             Gate::Evidence => Ok(false),
-            Gate::Quarantined if self.attest_rec.is_none() => {
+            Gate::Quarantined if !self.attested => {
                 // Unattested: open again once no policy requires attestation.
                 let rec = self
                     .shared
@@ -517,7 +513,6 @@ impl Connection {
                     && rec.status == attest_status::TRUSTED
                 {
                     info!(%device, "quarantine lifted by the operator");
-                    self.attest_rec = Some(rec);
                     self.gate = Gate::Open;
                     return Ok(true);
                 }

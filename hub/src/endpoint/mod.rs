@@ -354,7 +354,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         gate: Gate::Open,
         challenge: None,
         pending_enroll: None,
-        attest_rec: None,
+        attested: false,
         next_challenge: None,
     };
     let result = conn_task.run().await;
@@ -405,8 +405,8 @@ struct Connection {
     challenge: Option<PendingChallenge>,
     /// An enrollment waiting for its evidence.
     pending_enroll: Option<PendingEnroll>,
-    /// The device's root of trust, for a sync session of an attested device.
-    attest_rec: Option<crate::store::AttestRecord>,
+    /// Whether this (sync) session's device is attested (its record is read when needed).
+    attested: bool,
     /// When to challenge the connected device again.
     next_challenge: Option<Instant>,
 }
@@ -719,15 +719,8 @@ impl Connection {
             .map_err(|e| End::Store(e.to_string()))?;
         info!(%device, state_revision, reports_acked = rec.reports_acked, "agent online");
         self.session.accept_sync(device.clone(), rec.reports_acked);
-        if rec.attestation.is_some() {
-            self.attest_rec = self
-                .shared
-                .store
-                .attestation(&device)
-                .await
-                .map_err(|e| End::Store(e.to_string()))?;
-        }
-        if self.attest_rec.is_some() {
+        self.attested = rec.attestation.is_some();
+        if self.attested {
             // Nothing flows to the device until this session's evidence verified.
             self.gate = Gate::Evidence;
             return self.challenge_sync().await.map_err(End::Store);
