@@ -140,15 +140,13 @@ impl Connection {
         self.session.challenge(Instant::now(), challenge, timeout);
     }
 
-    /// Checks what an enrolling device claims, then sends it a credential only its TPM
-    /// can open, with a quote request.
-    pub(super) async fn challenge_enrollment(
+    /// The attestation policy for an enrolling device, from its token's labels: `None`
+    /// after refusing the token (the session is over).
+    async fn enrollment_policy(
         &mut self,
-        mut p: PendingEnroll,
-        identity: AttestIdentity,
-    ) -> Result<(), End> {
+        p: &PendingEnroll,
+    ) -> Result<Option<Option<AttestPolicy>>, End> {
         let store = self.shared.store.clone();
-        // The token first: strangers get no cryptography done for them.
         let labels = match store
             .check_token(&p.token_id, p.secret_hash, &p.device, now_ms())
             .await
@@ -157,14 +155,28 @@ impl Connection {
             Ok(l) => l,
             Err(r) => {
                 let (code, msg) = super::enroll_refusal(r, &p.token_id, &p.device, None);
-                return self.refuse(code, &msg).await;
+                let _ = self.refuse(code, &msg).await;
+                return Ok(None);
             }
         };
         let policies = store
             .policies()
             .await
             .map_err(|e| End::Store(e.to_string()))?;
-        let policy = policy::policy_for(&policies, &labels).cloned();
+        Ok(Some(policy::policy_for(&policies, &labels).cloned()))
+    }
+
+    /// Checks what an enrolling device claims, then sends it a credential only its TPM
+    /// can open, with a quote request.
+    pub(super) async fn challenge_enrollment(
+        &mut self,
+        mut p: PendingEnroll,
+        identity: AttestIdentity,
+    ) -> Result<(), End> {
+        // The token first: strangers get no cryptography done for them.
+        let Some(policy) = self.enrollment_policy(&p).await? else {
+            return Err(End::Session(None));
+        };
         let now_secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -229,23 +241,10 @@ impl Connection {
     /// An enrollment without a root of trust: refused where the token's labels fall
     /// under a policy that requires one.
     pub(super) async fn enroll_unattested(&mut self, p: PendingEnroll) -> Result<(), End> {
-        let store = self.shared.store.clone();
-        let labels = match store
-            .check_token(&p.token_id, p.secret_hash, &p.device, now_ms())
-            .await
-            .map_err(|e| End::Store(e.to_string()))?
-        {
-            Ok(l) => l,
-            Err(r) => {
-                let (code, msg) = super::enroll_refusal(r, &p.token_id, &p.device, None);
-                return self.refuse(code, &msg).await;
-            }
+        let Some(policy) = self.enrollment_policy(&p).await? else {
+            return Err(End::Session(None));
         };
-        let policies = store
-            .policies()
-            .await
-            .map_err(|e| End::Store(e.to_string()))?;
-        if let Some(pol) = policy::policy_for(&policies, &labels)
+        if let Some(pol) = policy
             && pol.require > policy::Require::None
         {
             let msg = format!(
