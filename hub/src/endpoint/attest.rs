@@ -256,6 +256,20 @@ impl Connection {
         self.complete_enrollment(p).await
     }
 
+    /// The attestation policy that applies to a device now (its labels may have changed
+    /// since the session began).
+    async fn device_policy(&self, device: &DeviceId) -> Result<Option<AttestPolicy>, String> {
+        let store = &self.shared.store;
+        let labels = store
+            .device(device)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|d| d.labels)
+            .unwrap_or_default();
+        let policies = store.policies().await.map_err(|e| e.to_string())?;
+        Ok(policy::policy_for(&policies, &labels).cloned())
+    }
+
     /// Challenges the connected, attested device (at session start and periodically).
     pub(super) async fn challenge_sync(&mut self) -> Result<(), String> {
         let Some(device) = self.device.clone() else {
@@ -281,21 +295,7 @@ impl Connection {
             pcr10: rec.ima_pcr10,
             entries: rec.ima_entries,
         };
-        let labels = self
-            .shared
-            .store
-            .device(&device)
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|d| d.labels)
-            .unwrap_or_default();
-        let policies = self
-            .shared
-            .store
-            .policies()
-            .await
-            .map_err(|e| e.to_string())?;
-        let pcrs = pcr_list(policy::policy_for(&policies, &labels));
+        let pcrs = pcr_list(self.device_policy(&device).await?.as_ref());
         self.send_challenge(pcrs, held_log, ima_held, None);
         Ok(())
     }
@@ -342,17 +342,8 @@ impl Connection {
                 now_ms: now,
             },
             Ok((verified, log, ima)) => {
-                let labels = store
-                    .device(&device)
-                    .await
-                    .map_err(|e| End::Store(e.to_string()))?
-                    .map(|d| d.labels)
-                    .unwrap_or_default();
-                let policies = store
-                    .policies()
-                    .await
-                    .map_err(|e| End::Store(e.to_string()))?;
-                let pol = policy::policy_for(&policies, &labels);
+                let pol = self.device_policy(&device).await.map_err(End::Store)?;
+                let pol = pol.as_ref();
                 let verdict = policy::judge(
                     pol,
                     Some(&rec.kind),
