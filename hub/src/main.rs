@@ -80,7 +80,9 @@ enum PolicyCmd {
     /// Examples:
     ///   cairn-hub policy set kiosks --selector role=kiosk --require tpm --tofu
     ///   cairn-hub policy set lab --selector site=lab --pcrs 0-7,9 --golden 4=ab12…
+    #[command(verbatim_doc_comment)]
     Set {
+        /// Policy name (letters, digits, '-', '_', '.'); setting an existing name replaces it.
         name: String,
         /// Devices it applies to: key=value, key!=value or key, comma-separated.
         #[arg(long)]
