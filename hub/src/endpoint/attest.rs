@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::{Connection, End, now_ms};
 use crate::attest::{self as policy, AttestPolicy, Verdict};
-use crate::store::{AttestOutcome, ImaState, NewAttestation, attest_status};
+use crate::store::{AttestOutcome, AttestRecord, ImaState, NewAttestation, attest_status};
 
 const NO_IMA: ImaState = ImaState {
     len: 0,
@@ -80,10 +80,6 @@ pub(super) struct Claim {
     kind: &'static str,
     ek_issuer: Option<String>,
     policy: Option<AttestPolicy>,
-}
-
-pub(super) fn ek_sha256(ek_public: &[u8]) -> String {
-    policy::ek_fingerprint(ek_public)
 }
 
 /// The PCRs a challenge asks for: the policy's, and always 0–15 (firmware, boot
@@ -256,6 +252,15 @@ impl Connection {
         self.complete_enrollment(p).await
     }
 
+    /// The device's attestation record as the store holds it now.
+    async fn attest_record(&self, device: &DeviceId) -> Result<Option<AttestRecord>, String> {
+        self.shared
+            .store
+            .attestation(device)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// The attestation policy that applies to a device now (its labels may have changed
     /// since the session began).
     async fn device_policy(&self, device: &DeviceId) -> Result<Option<AttestPolicy>, String> {
@@ -280,13 +285,7 @@ impl Connection {
         }
         // Read when needed, not kept per connection: at 10k connections every kilobyte
         // held per session is 10 MB of hub memory.
-        let Some(rec) = self
-            .shared
-            .store
-            .attestation(&device)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(rec) = self.attest_record(&device).await? else {
             return Ok(());
         };
         let held_log = rec.log;
@@ -319,13 +318,7 @@ impl Connection {
         };
         // Fresh: accepted sets may have changed since the session began (an expected
         // release, an operator's accept).
-        let Some(rec) = self
-            .shared
-            .store
-            .attestation(&device)
-            .await
-            .map_err(|e| End::Store(e.to_string()))?
-        else {
+        let Some(rec) = self.attest_record(&device).await.map_err(End::Store)? else {
             return Ok(());
         };
         let now = now_ms();
@@ -493,13 +486,7 @@ impl Connection {
                 Ok(self.gate == Gate::Open)
             }
             Gate::Quarantined => {
-                let rec = self
-                    .shared
-                    .store
-                    .attestation(device)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if let Some(rec) = rec
+                if let Some(rec) = self.attest_record(device).await?
                     && rec.status == attest_status::TRUSTED
                 {
                     info!(%device, "quarantine lifted by the operator");

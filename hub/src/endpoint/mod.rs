@@ -587,7 +587,10 @@ impl Connection {
 
     /// Records the enrollment and answers with the certificate.
     async fn complete_enrollment(&mut self, p: PendingEnroll) -> Result<(), End> {
-        let ek = p.identity.as_ref().map(|a| attest::ek_sha256(&a.ek_public));
+        let ek = p
+            .identity
+            .as_ref()
+            .map(|a| crate::attest::ek_fingerprint(&a.ek_public));
         let outcome = self
             .shared
             .store

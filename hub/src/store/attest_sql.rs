@@ -10,7 +10,9 @@ use super::sqlite::{backend, insert_hub_event};
 use super::{
     AttestOutcome, AttestRecord, NewAttestation, Result, StoreError, attest_status, hub_event,
 };
-use crate::attest::{AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR};
+use crate::attest::{
+    AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR, ek_fingerprint,
+};
 
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS attestations (
@@ -49,10 +51,6 @@ fn json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Backend(e.to_string()))
 }
 
-pub(super) fn ek_sha256(ek_public: &[u8]) -> String {
-    crate::attest::ek_fingerprint(ek_public)
-}
-
 pub(super) fn ek_owner(conn: &Connection, ek: &str) -> Result<Option<DeviceId>> {
     let id: Option<String> = conn
         .query_row(
@@ -83,7 +81,7 @@ pub(super) fn insert(conn: &Connection, device: &DeviceId, a: &NewAttestation) -
         params![
             device.as_str(),
             a.kind,
-            ek_sha256(&a.ek_public),
+            ek_fingerprint(&a.ek_public),
             a.ek_issuer,
             a.ak_public,
             status,

@@ -821,7 +821,7 @@ impl Store for SqliteStore {
                 return Ok(Err(EnrollRefusal::TokenUsedUp));
             }
             if let Some(a) = &e.attestation
-                && super::attest_sql::ek_owner(conn, &super::attest_sql::ek_sha256(&a.ek_public))?
+                && super::attest_sql::ek_owner(conn, &crate::attest::ek_fingerprint(&a.ek_public))?
                     .is_some()
             {
                 return Ok(Err(EnrollRefusal::EkInUse));
