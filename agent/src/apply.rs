@@ -30,6 +30,8 @@ pub enum Outcome {
 pub enum ApplyError {
     #[error("path {path:?} is not allowed: {reason}")]
     BadPath { path: String, reason: String },
+    #[error("resource kind {0} is not handled by this applier")]
+    WrongKind(&'static str),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -222,7 +224,9 @@ impl FileApplier {
 
 impl Applier for FileApplier {
     fn apply(&self, resource: &Resource) -> Result<Outcome, ApplyError> {
-        let Resource::File(f) = resource;
+        let Resource::File(f) = resource else {
+            return Err(ApplyError::WrongKind(resource.kind()));
+        };
         let target = self.resolve(f.path.as_str())?;
         let dir = self.safe_parent(&target, f.path.as_str())?;
         let target = dir.join(target.file_name().unwrap_or_default());
@@ -271,7 +275,9 @@ impl Applier for FileApplier {
     }
 
     fn locate(&self, resource: &Resource) -> Result<String, ApplyError> {
-        let Resource::File(f) = resource;
+        let Resource::File(f) = resource else {
+            return Err(ApplyError::WrongKind(resource.kind()));
+        };
         self.resolve(f.path.as_str())?;
         Ok(f.path.as_str().trim_start_matches('/').to_string())
     }

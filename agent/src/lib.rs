@@ -13,6 +13,7 @@ pub mod client;
 pub mod reconcile;
 pub mod store;
 pub mod tls;
+pub mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -43,7 +43,13 @@ pub fn reconcile(store: &mut Store, applier: &dyn Applier) -> Result<PassSummary
     let mut removals = Vec::new();
     let mut reports = Vec::new();
 
-    let resources = doc.map(|d| d.resources).unwrap_or_default();
+    // The OS release is the upgrade engine's (`crate::upgrade`), not an applier's.
+    let resources: std::collections::BTreeMap<_, _> = doc
+        .map(|d| d.resources)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, r)| !matches!(r, Resource::Os(_)))
+        .collect();
     for (name, res) in &resources {
         let hash = res.hash().0;
         let prev = before.get(name.as_str());
@@ -181,5 +187,6 @@ fn record(hash: [u8; 32], revision: u64, path: &str, error: Option<String>) -> A
 fn describe(res: &Resource) -> &str {
     match res {
         Resource::File(f) => f.path.as_str(),
+        Resource::Os(_) => "os",
     }
 }

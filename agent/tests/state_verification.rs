@@ -101,7 +101,9 @@ fn replayed_stale_and_foreign_state_is_refused_and_reported() {
     let store = Store::open(&path).unwrap();
     let doc = store.desired().unwrap().unwrap();
     assert_eq!(doc.revision, 2);
-    let Resource::File(f) = &doc.resources[&ResourceName::new("motd").unwrap()];
+    let Resource::File(f) = &doc.resources[&ResourceName::new("motd").unwrap()] else {
+        panic!("motd is a file")
+    };
     assert_eq!(f.content, b"two");
     let msgs = rejected_events(&store);
     assert_eq!(msgs.len(), 4, "{msgs:?}");

@@ -1358,6 +1358,8 @@ impl<'a> Sim<'a> {
                 let hash = res.hash();
                 let path = match res {
                     Resource::File(f) => f.path.as_str(),
+                    // The deterministic model has no OS upgrades.
+                    Resource::Os(_) => continue,
                 };
                 match a.applied.iter_mut().find(|(n, _, _)| n == name) {
                     Some(e) if e.1 == hash && e.2 => {}
@@ -1758,6 +1760,7 @@ impl<'a> Sim<'a> {
                         h.drift_corrected += 1;
                     }
                 }
+                ReportBody::Upgrade(_) => {}
                 ReportBody::Status(s) => {
                     h.applied_revision = s.applied_revision;
                     h.stored_revision = h.stored_revision.max(s.desired_revision);

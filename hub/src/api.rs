@@ -234,6 +234,16 @@ async fn show_state(State(api): State<Api>, Path(id): Path<String>) -> ApiResult
                 uid: f.uid,
                 gid: f.gid,
             },
+            Resource::Os(o) => ResourceView {
+                name: name.to_string(),
+                kind: "os".into(),
+                path: String::new(),
+                size: o.manifest.body.len(),
+                content_sha256: o.manifest.id().to_hex(),
+                mode: 0,
+                uid: None,
+                gid: None,
+            },
         })
         .collect();
     Ok(Json(DesiredView {

@@ -13,6 +13,7 @@
 //! - [`agent`] / [`hub`]: the two sides of a session: handshake and version negotiation,
 //!   state pushes and acks, and the sequence-numbered report stream acknowledged only
 //!   once durable, so that nothing is lost or passed on twice across reconnects.
+//! - [`release`]: signed OS release manifests, block indexes, fetch requests.
 //! - [`bounded`]: identifiers and texts with fixed size limits.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod bounded;
 pub mod frame;
 pub mod hub;
 pub mod message;
+pub mod release;
 mod session;
 pub mod state;
 pub mod token;

@@ -254,6 +254,74 @@ pub struct Report {
 pub enum ReportBody {
     Event(Event),
     Status(Status),
+    /// Where the device's OS upgrade stands (sent on every phase change and as
+    /// download progress).
+    Upgrade(UpgradeReport),
+}
+
+/// Phases of an A/B upgrade, as the agent records them durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpgradePhase {
+    /// Writing the inactive slot (blocks copied locally or downloaded).
+    Downloading,
+    /// Every block written and flushed.
+    Written,
+    /// The slot read back and matched the signed manifest.
+    Verified,
+    /// The boot loader will try the new slot once on the next boot.
+    TrialArmed,
+    /// The agent asked for the reboot into the trial.
+    Rebooting,
+    /// Running the new slot on trial; health checks in progress.
+    TrialRunning,
+    /// The new slot passed its checks and is the default now.
+    Committed,
+    /// The trial failed; the device runs its previous slot again.
+    RolledBack,
+    /// Refused or abandoned before any reboot (bad release, no space, …); the active
+    /// slot was never touched.
+    Failed,
+}
+
+impl UpgradePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Downloading => "downloading",
+            Self::Written => "written",
+            Self::Verified => "verified",
+            Self::TrialArmed => "trial-armed",
+            Self::Rebooting => "rebooting",
+            Self::TrialRunning => "trial-running",
+            Self::Committed => "committed",
+            Self::RolledBack => "rolled-back",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether the upgrade is over (nothing more will happen without a new release).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Committed | Self::RolledBack | Self::Failed)
+    }
+}
+
+/// One upgrade status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    /// The release being installed (or that ended in `phase`).
+    pub version: Text<64>,
+    pub phase: UpgradePhase,
+    pub target_slot: crate::release::Slot,
+    /// The slot the running system booted from.
+    pub booted_slot: crate::release::Slot,
+    /// The version the device committed last (what it falls back to).
+    pub committed_version: Text<64>,
+    /// Bytes of the payloads written so far and in all.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Of `bytes_done`: bytes that came over the network (the rest was copied locally).
+    pub bytes_downloaded: u64,
+    /// Why the upgrade failed or was rolled back.
+    pub error: Option<Text<256>>,
 }
 
 /// Something that happened on the device.

@@ -29,6 +29,8 @@ const SIGNING_CONTEXT: &[u8] = b"cairn/desired-state/v1\0";
 pub enum Resource {
     /// A file with exact content, mode and (optionally) numeric owner.
     File(FileResource),
+    /// The operating system release the device should run (A/B upgrade).
+    Os(crate::release::OsResource),
 }
 
 /// A managed file. `path` is interpreted below the agent's configured files root.
@@ -43,6 +45,14 @@ pub struct FileResource {
 }
 
 impl Resource {
+    /// The kind's name, for messages and listings.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::File(_) => "file",
+            Self::Os(_) => "os",
+        }
+    }
+
     /// SHA-256 of the resource's canonical (postcard) encoding.
     pub fn hash(&self) -> ResourceHash {
         // Encoding a value we own into a Vec cannot fail for these types.

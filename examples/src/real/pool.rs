@@ -361,7 +361,9 @@ fn audit_into(cfg: &AgentConfig, out: &mut AgentAudit) -> Result<()> {
     out.signed = doc.verify(&identity.state_key).is_ok() && doc.device == identity.device;
     let mut files_match = true;
     for res in doc.resources.values() {
-        let cairn_sync_protocol::state::Resource::File(f) = res;
+        let cairn_sync_protocol::state::Resource::File(f) = res else {
+            continue;
+        };
         let p = cfg.files_root.join(f.path.as_str().trim_start_matches('/'));
         if std::fs::read(&p).ok().as_deref() != Some(f.content.as_slice()) {
             files_match = false;

@@ -572,7 +572,10 @@ fn check_limits(device: &DeviceId, doc: &BTreeMap<ResourceName, Resource>) -> Re
     let mut bytes = 0usize;
     let mut paths: BTreeMap<String, &ResourceName> = BTreeMap::new();
     for (name, res) in doc {
-        let Resource::File(f) = res;
+        let Resource::File(f) = res else {
+            bytes += postcard::to_allocvec(res).map_or(0, |b| b.len()) + name.as_str().len();
+            continue;
+        };
         bytes += f.content.len() + f.path.as_str().len() + name.as_str().len() + 16;
         let path = f.path.as_str().trim_start_matches('/').to_string();
         if let Some(other) = paths.insert(path.clone(), name) {
@@ -1180,6 +1183,8 @@ impl Store for SqliteStore {
                         })
                         .map_err(backend)?;
                     }
+                    // Stored by the upgrade-status table (hub helper).
+                    ReportBody::Upgrade(_) => {}
                     ReportBody::Status(s) => {
                         conn.prepare_cached(
                             "UPDATE devices SET \

@@ -1,0 +1,3 @@
+//! A/B OS upgrades: the engine, the slot installer and the boot-control backends.
+
+pub mod boot;
