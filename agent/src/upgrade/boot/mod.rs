@@ -26,7 +26,12 @@ use std::path::{Path, PathBuf};
 
 pub use cairn_sync_protocol::release::Slot;
 
+pub mod efiboot;
 pub mod file;
+pub mod gpt;
+pub mod sdboot;
+pub mod tryboot;
+pub mod uboot;
 
 /// What the boot loader will do, as a backend reads it from disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
