@@ -436,6 +436,74 @@ impl BlockIndex {
     }
 }
 
+/// Magic at the start of a release bundle file.
+pub const BUNDLE_MAGIC: &[u8; 16] = b"CAIRN-BUNDLE-v1\n";
+
+/// A release bundle (`*.cairn`) is one file: [`BUNDLE_MAGIC`], the length of the
+/// encoded [`SignedManifest`] (u32, little-endian), the manifest, then for each payload
+/// in manifest order its block index and its bytes. Every section starts at a multiple
+/// of [`BLOCK_SIZE`] (zero padding), so payload blocks can be read aligned.
+///
+/// This type is the pure layout: which byte range holds what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleLayout {
+    /// `(index offset, data offset)` per payload.
+    pub sections: Vec<(u64, u64)>,
+    /// Total length of the bundle file.
+    pub len: u64,
+}
+
+fn align(n: u64) -> u64 {
+    n.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE)
+}
+
+impl BundleLayout {
+    /// The bytes that start a bundle: magic, length, manifest (unpadded).
+    pub fn header(manifest: &SignedManifest) -> Vec<u8> {
+        let m = manifest.to_bytes();
+        let mut h = Vec::with_capacity(20 + m.len());
+        h.extend_from_slice(BUNDLE_MAGIC);
+        h.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        h.extend_from_slice(&m);
+        h
+    }
+
+    /// Reads the manifest from the first bytes of a bundle. `Ok(None)`: more bytes are
+    /// needed (give at least 20 + the announced length).
+    pub fn parse_header(bytes: &[u8]) -> Result<Option<(SignedManifest, u64)>, ReleaseError> {
+        if bytes.len() < 20 {
+            return Ok(None);
+        }
+        if &bytes[..16] != BUNDLE_MAGIC {
+            return Err(ReleaseError::Malformed(
+                "not a Cairn release bundle (bad magic); build one with `cairn-hub release build`"
+                    .into(),
+            ));
+        }
+        let len = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]) as usize;
+        if len > MAX_MANIFEST_LEN + 256 {
+            return Err(ReleaseError::TooLarge { len });
+        }
+        let Some(body) = bytes.get(20..20 + len) else {
+            return Ok(None);
+        };
+        Ok(Some((SignedManifest::from_bytes(body)?, (20 + len) as u64)))
+    }
+
+    /// Where each section of `manifest`'s bundle lies, given the header length.
+    pub fn new(manifest: &Manifest, header_len: u64) -> Self {
+        let mut at = align(header_len);
+        let mut sections = Vec::with_capacity(manifest.payloads.len());
+        for p in &manifest.payloads {
+            let index = at;
+            let data = align(index + p.index_len());
+            at = align(data + p.size);
+            sections.push((index, data));
+        }
+        Self { sections, len: at }
+    }
+}
+
 /// What an agent asks the hub for on a fetch stream (one request per stream).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchRequest {
@@ -597,6 +665,27 @@ mod tests {
         assert!(e.to_string().contains("this device is aarch64/rpi4"), "{e}");
         let back = SignedManifest::from_bytes(&signed.to_bytes()).unwrap();
         assert_eq!(back, signed);
+    }
+
+    #[test]
+    fn bundle_sections_are_aligned_and_disjoint() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let (p, _) = payload(&[5; 10_000]);
+        let signed = manifest(p.clone()).sign(&key);
+        let header = BundleLayout::header(&signed);
+        assert_eq!(BundleLayout::parse_header(&header[..19]).unwrap(), None);
+        assert_eq!(
+            BundleLayout::parse_header(&header[..header.len() - 1]).unwrap(),
+            None
+        );
+        let (back, hlen) = BundleLayout::parse_header(&header).unwrap().unwrap();
+        assert_eq!((back, hlen), (signed.clone(), header.len() as u64));
+        let l = BundleLayout::new(&signed.verify(&[key.verifying_key()]).unwrap(), hlen);
+        assert_eq!(l.sections, vec![(4096, 8192)]);
+        assert_eq!(l.len, 8192 + 12288);
+        let mut bad = header.clone();
+        bad[0] = b'X';
+        assert!(BundleLayout::parse_header(&bad).is_err());
     }
 
     #[test]
