@@ -88,6 +88,16 @@ pub struct Shared {
     pub outbox_tail: watch::Sender<u64>,
     /// The device's root of trust, if it attests.
     pub attester: Option<crate::attest::SharedAttester>,
+    /// Woken when a new desired revision is stored (for the upgrade engine; the
+    /// reconciler has `state_changed`).
+    pub os_changed: Notify,
+    /// The connection of the current sync session, once welcomed: release downloads
+    /// open their own streams on it.
+    pub link: Mutex<Option<quinn::Connection>>,
+    /// Woken when a sync session is welcomed.
+    pub link_up: Notify,
+    /// When a sync session was last welcomed (ms since the epoch; 0: never).
+    pub hub_seen_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -101,6 +111,17 @@ impl Shared {
             .lock()
             .map_err(|_| anyhow!("agent store lock poisoned"))?;
         f(&mut guard).map_err(Into::into)
+    }
+
+    fn set_link(&self, conn: Option<&quinn::Connection>) {
+        if let Ok(mut l) = self.link.lock() {
+            *l = conn.cloned();
+        }
+        if conn.is_some() {
+            self.hub_seen_ms
+                .store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
+            self.link_up.notify_one();
+        }
     }
 
     fn set_conn_state(&self, state: &str) {
@@ -410,8 +431,12 @@ async fn sync_session(
                 }
                 continue;
             }
+            let welcomed = matches!(ev, AgentEvent::Welcomed { .. });
             if let Err(end) = handle_event(shared, identity, &mut driver.session, ev, backoff) {
                 break 'session end;
+            }
+            if welcomed {
+                shared.set_link(Some(&conn));
             }
         }
         if let Err(e) = driver.flush(&conn).await {
@@ -435,6 +460,7 @@ async fn sync_session(
             break e;
         }
     };
+    shared.set_link(None);
     conn.close(0u32.into(), b"agent closing");
     end
 }
@@ -496,6 +522,7 @@ fn handle_event(
                     info!(revision = rev, "desired state stored");
                     session.state_stored(rev);
                     shared.state_changed.notify_one();
+                    shared.os_changed.notify_one();
                 }
                 Accepted::Refused(cairn_sync_protocol::state::StateError::BaseMismatch {
                     ..

@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub session: SessionConfig,
     /// The root of trust to attest with.
     pub attest: attest::AttestSource,
+    /// A/B slots and boot loader; without them an OS release in desired state is
+    /// refused (reported as failed).
+    pub upgrade: Option<upgrade::UpgradeConfig>,
 }
 
 impl AgentConfig {
@@ -68,6 +71,7 @@ impl AgentConfig {
             idle_timeout: Duration::from_secs(30),
             session: SessionConfig::default(),
             attest: attest::AttestSource::None,
+            upgrade: None,
         }
     }
 
@@ -103,12 +107,24 @@ pub enum RunError {
     Other(#[from] anyhow::Error),
 }
 
-/// Runs the agent until `shutdown` resolves: reconciler and hub link side by side.
-/// Returns an error only when the agent cannot go on (store unusable, enrollment refused).
+/// How the agent stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// `shutdown` resolved.
+    Shutdown,
+    /// The upgrade engine needs the box rebooted (into a trial, or back after one).
+    /// The caller reboots: `cairn-agent` runs its reboot command, the simulation plays
+    /// the firmware.
+    Reboot(upgrade::boot::RebootKind),
+}
+
+/// Runs the agent until `shutdown` resolves or a reboot is needed: reconciler, upgrade
+/// engine and hub link side by side. Returns an error only when the agent cannot go
+/// on (store unusable, enrollment refused).
 pub async fn run(
     cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), RunError> {
+) -> Result<Stopped, RunError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let (source, dir) = (cfg.attest.clone(), cfg.data_dir.clone());
@@ -124,7 +140,7 @@ pub async fn run_with_attester(
     cfg: AgentConfig,
     attester: Option<attest::SharedAttester>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), RunError> {
+) -> Result<Stopped, RunError> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let mut store = Store::open(&cfg.db_path()).map_err(anyhow::Error::from)?;
@@ -155,6 +171,10 @@ pub async fn run_with_attester(
         state_changed: Notify::new(),
         outbox_tail: tail_tx,
         attester,
+        os_changed: Notify::new(),
+        link: Mutex::new(None),
+        link_up: Notify::new(),
+        hub_seen_ms: std::sync::atomic::AtomicU64::new(0),
     });
 
     // Reconciler and link are futures of this one task, not spawned tasks: dropping the
@@ -175,6 +195,7 @@ pub async fn run_with_attester(
         session: cfg.session.clone(),
         hostname: cfg.hostname.clone(),
     };
+    let upgrade_stop = stop_rx.clone();
     let mut link_stop = stop_rx;
     let link = client::run_link(
         link_cfg,
@@ -184,22 +205,32 @@ pub async fn run_with_attester(
             let _ = link_stop.wait_for(|s| *s).await;
         },
     );
+    let (reboot_tx, mut reboot_rx) = watch::channel(None);
+    let upgrader = upgrade_loop(shared.clone(), cfg.upgrade.clone(), upgrade_stop, reboot_tx);
     let main = async {
         tokio::pin!(link);
         tokio::pin!(shutdown);
+        let mut stopped = Stopped::Shutdown;
         let result = tokio::select! {
             r = &mut link => r,
             () = &mut shutdown => {
                 let _ = stop_tx.send(true);
                 link.await
             }
+            Ok(()) = reboot_rx.changed() => {
+                if let Some(kind) = *reboot_rx.borrow() {
+                    stopped = Stopped::Reboot(kind);
+                }
+                let _ = stop_tx.send(true);
+                link.await
+            }
         };
         let _ = stop_tx.send(true);
-        result
+        result.map(|()| stopped)
     };
-    let (result, ()) = tokio::join!(main, reconciler);
+    let (result, (), ()) = tokio::join!(main, reconciler, upgrader);
     match result {
-        Ok(()) => Ok(()),
+        Ok(s) => Ok(s),
         Err(LinkError::EnrollRefused { code, message }) => {
             Err(RunError::EnrollRefused { code, message })
         }
@@ -243,6 +274,137 @@ async fn reconcile_loop(
         tokio::select! {
             () = shared.state_changed.notified() => {}
             () = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Drives the upgrade engine: a step at a time on a blocking thread, waiting between
+/// steps for what the step asked for (a new desired state, a link, a deadline).
+async fn upgrade_loop(
+    shared: Arc<Shared>,
+    cfg: Option<upgrade::UpgradeConfig>,
+    mut stop: watch::Receiver<bool>,
+    reboot: watch::Sender<Option<upgrade::boot::RebootKind>>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use upgrade::Next;
+
+    /// Stops a running install at its next checkpoint when the loop goes away (also
+    /// when the `run` future is dropped: a simulated crash).
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let _guard = StopOnDrop(stop_flag.clone());
+    let mut engine = match cfg {
+        None => None,
+        Some(cfg) => match tokio::task::spawn_blocking(move || upgrade::Engine::open(cfg)).await {
+            Ok(Ok(e)) => {
+                tracing::info!(slot = %e.booted(), "upgrade engine ready");
+                Some(e)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "upgrade engine unavailable; OS releases will be refused");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "opening the upgrade engine");
+                None
+            }
+        },
+    };
+    let rt = tokio::runtime::Handle::current();
+    loop {
+        let desired = shared
+            .with_store(|s| s.desired())
+            .ok()
+            .flatten()
+            .and_then(|d| {
+                d.resources.into_iter().find_map(|(_, r)| match r {
+                    cairn_sync_protocol::state::Resource::Os(os) => {
+                        let hash = cairn_sync_protocol::state::Resource::Os(os.clone())
+                            .hash()
+                            .0;
+                        Some((hash, os))
+                    }
+                    _ => None,
+                })
+            });
+        let Some(mut e) = engine.take() else {
+            if desired.is_some() {
+                tracing::warn!(
+                    "desired state names an OS release, but this agent has no A/B slots configured (--boot, --slot-a, --slot-b)"
+                );
+            }
+            tokio::select! {
+                () = shared.os_changed.notified() => continue,
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        };
+        let (sh, flag, rt2) = (shared.clone(), stop_flag.clone(), rt.clone());
+        let hub_seen = match shared.hub_seen_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let link = sh.link.lock().ok().and_then(|l| l.clone());
+            let mut source = |m: &cairn_sync_protocol::release::SignedManifest| {
+                link.clone().map(|c| {
+                    Box::new(upgrade::source::QuicSource::new(rt2.clone(), c, m.id()))
+                        as Box<dyn upgrade::install::BlockSource>
+                })
+            };
+            let on_reports = |tail: u64| {
+                sh.outbox_tail.send_replace(tail);
+            };
+            let mut ctx = upgrade::Ctx {
+                store: &sh.store,
+                desired,
+                hub_seen_ms: hub_seen,
+                source: &mut source,
+                stop: &flag,
+                on_reports: &on_reports,
+            };
+            let r = e.step(&mut ctx);
+            (e, r)
+        })
+        .await;
+        let (e, result) = match joined {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::error!(error = %err, "upgrade step panicked; upgrades stop until restart");
+                return;
+            }
+        };
+        engine = Some(e);
+        let wait = match result {
+            Ok(Next::Again) => {
+                if *stop.borrow() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Next::Reboot(kind)) => {
+                let _ = reboot.send(Some(kind));
+                return;
+            }
+            Ok(Next::Idle) => Duration::from_secs(60),
+            Ok(Next::WaitUntil(ms)) => Duration::from_millis(ms.saturating_sub(store::now_ms()))
+                .min(Duration::from_secs(60)),
+            Ok(Next::Offline) => Duration::from_secs(30),
+            Err(err) => {
+                tracing::error!(error = %err, "upgrade step failed; retrying in 30 s");
+                Duration::from_secs(30)
+            }
+        };
+        tokio::select! {
+            () = shared.os_changed.notified() => {}
+            () = shared.link_up.notified() => {}
+            () = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

@@ -36,6 +36,11 @@ struct Cli {
 enum Cmd {
     /// Run the agent.
     Run(Box<RunArgs>),
+    /// Install an OS release from a bundle file, without a hub (a USB stick, a
+    /// factory line). Run it again after each reboot it asks for: it goes on with the
+    /// same job (trial boot, health checks, commit or roll back).
+    #[command(after_help = OS_INSTALL_HELP)]
+    OsInstall(Box<OsInstallArgs>),
     /// Print identity, hub, connection, revisions and outbox depth.
     Status {
         #[arg(long, default_value = "/var/lib/cairn")]
@@ -44,6 +49,128 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+const OS_INSTALL_HELP: &str = "\
+Exit codes: 0 the release is committed (or already running), 1 the install failed or
+was rolled back (the reason is printed; the running slot is untouched), 2 bad usage,
+10 a reboot is needed and --reboot exit was given (reboot, then run the command again).
+
+Example (a simulated box with file-backed slots):
+  cairn-agent os-install release-2.0.0.cairn --release-key 3b6a27bc... \\
+    --data-dir /var/lib/cairn --boot file:/var/lib/cairn/boot \\
+    --slot-a /dev/disk/by-partlabel/slot-a --slot-b /dev/disk/by-partlabel/slot-b --board nuc";
+
+/// Where the A/B slots are and how the box boots them.
+#[derive(Args, Clone, Default)]
+struct SlotArgs {
+    /// The boot loader's A/B switch: file:DIR (the simulation's boot loader state in
+    /// DIR). Without it, OS releases in desired state are refused.
+    #[arg(long)]
+    boot: Option<String>,
+    /// Slot A (a partition or a file) for the rootfs payload.
+    #[arg(long)]
+    slot_a: Option<PathBuf>,
+    /// Slot B.
+    #[arg(long)]
+    slot_b: Option<PathBuf>,
+    /// Where another payload goes in each slot: NAME=PATH_A,PATH_B (e.g. the UKI on
+    /// the ESP: uki=/boot/efi/EFI/Linux/cairn-a.efi,/boot/efi/EFI/Linux/cairn-b.efi).
+    #[arg(long = "slot-payload", value_name = "NAME=PATH_A,PATH_B")]
+    slot_payload: Vec<String>,
+    /// Board family that releases must be built for (nuc, rpi4, sim, …).
+    #[arg(long)]
+    board: Option<String>,
+    /// Version of the OS image this box was flashed with (committed until an
+    /// upgrade commits) [default: 0.0.0].
+    #[arg(long)]
+    os_version: Option<String>,
+    /// How to reboot: a command line [default: systemctl reboot], or `exit` to stop with
+    /// exit code 10 and leave the reboot to the caller (simulation, tests).
+    #[arg(long)]
+    reboot: Option<String>,
+    /// Flush the slot and record progress every this many MiB [default: 32].
+    #[arg(long)]
+    checkpoint_mib: Option<u64>,
+}
+
+impl SlotArgs {
+    fn merge(mut self, file: &FileConfig) -> Self {
+        self.boot = self.boot.or(file.boot.clone());
+        self.slot_a = self.slot_a.or(file.slot_a.clone());
+        self.slot_b = self.slot_b.or(file.slot_b.clone());
+        self.board = self.board.or(file.board.clone());
+        self.os_version = self.os_version.or(file.os_version.clone());
+        self.reboot = self.reboot.or(file.reboot.clone());
+        self
+    }
+
+    /// The upgrade configuration, `Ok(None)` when no slots are configured.
+    fn config(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<Option<cairn_agent::upgrade::UpgradeConfig>, String> {
+        use cairn_agent::upgrade::{BootSpec, RebootAction, SlotLayout, UpgradeConfig};
+        let (boot, a, b) = match (&self.boot, &self.slot_a, &self.slot_b) {
+            (None, None, None) => return Ok(None),
+            (Some(boot), Some(a), Some(b)) => (boot, a, b),
+            _ => return Err("A/B upgrades need all of --boot, --slot-a and --slot-b".into()),
+        };
+        let mut extra = Vec::new();
+        for p in &self.slot_payload {
+            let (name, paths) = p
+                .split_once('=')
+                .ok_or_else(|| format!("--slot-payload {p:?}: give NAME=PATH_A,PATH_B"))?;
+            let (pa, pb) = paths
+                .split_once(',')
+                .ok_or_else(|| format!("--slot-payload {p:?}: give NAME=PATH_A,PATH_B"))?;
+            extra.push((name.to_string(), [PathBuf::from(pa), PathBuf::from(pb)]));
+        }
+        let layout = SlotLayout {
+            rootfs: [a.clone(), b.clone()],
+            extra,
+        };
+        let board = self.board.clone().unwrap_or_else(|| "generic".into());
+        let mut cfg = UpgradeConfig::new(BootSpec::parse(boot)?, layout, &board, data_dir);
+        if let Some(v) = &self.os_version {
+            cairn_sync_protocol::release::parse_version(v).map_err(|e| e.to_string())?;
+            cfg.os_version = v.clone();
+        }
+        match self.reboot.as_deref() {
+            None => {}
+            Some("exit") => cfg.reboot = RebootAction::Exit,
+            Some(cmd) => {
+                cfg.reboot =
+                    RebootAction::Command(cmd.split_whitespace().map(String::from).collect());
+            }
+        }
+        if let Some(m) = self.checkpoint_mib {
+            cfg.checkpoint_bytes = m.max(1) << 20;
+        }
+        Ok(Some(cfg))
+    }
+}
+
+#[derive(Args)]
+struct OsInstallArgs {
+    /// The release bundle (`cairn-hub release build` makes it).
+    bundle: PathBuf,
+    /// Public release key (hex) the bundle must be signed with; repeat for several.
+    #[arg(long = "release-key", required = true)]
+    release_keys: Vec<String>,
+    /// Install even if the release is older than the committed one.
+    #[arg(long)]
+    downgrade: bool,
+    /// A command that must succeed on the trial boot before it is committed; repeat.
+    #[arg(long = "health-cmd")]
+    health_cmds: Vec<String>,
+    /// Time the trial boot has to pass its checks.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    health_timeout: Duration,
+    #[arg(long, default_value = "/var/lib/cairn")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    slots: SlotArgs,
 }
 
 #[derive(Args)]
@@ -91,6 +218,8 @@ struct RunArgs {
     /// /sys/kernel/security/ima/binary_runtime_measurements_sha256].
     #[arg(long)]
     ima_log: Option<PathBuf>,
+    #[command(flatten)]
+    slots: SlotArgs,
 }
 
 #[derive(Deserialize, Default)]
@@ -105,6 +234,12 @@ struct FileConfig {
     tpm: Option<String>,
     event_log: Option<PathBuf>,
     ima_log: Option<PathBuf>,
+    boot: Option<String>,
+    slot_a: Option<PathBuf>,
+    slot_b: Option<PathBuf>,
+    board: Option<String>,
+    os_version: Option<String>,
+    reboot: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -133,6 +268,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Status { data_dir, json } => status(&data_dir, json),
         Cmd::Run(args) => run(*args),
+        Cmd::OsInstall(args) => os_install(*args),
     }
 }
 
@@ -196,6 +332,7 @@ fn run(args: RunArgs) -> ExitCode {
         },
         None => FileConfig::default(),
     };
+    let slots = args.slots.clone().merge(&file);
     let data_dir = args
         .data_dir
         .or(file.data_dir)
@@ -223,6 +360,14 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(h) = args.hostname {
         cfg.hostname = h;
     }
+    match slots.config(&data_dir) {
+        Ok(u) => cfg.upgrade = u,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let reboot = cfg.upgrade.as_ref().map(|u| u.reboot.clone());
     let tpm = args.tpm.or(file.tpm).unwrap_or_else(|| "auto".into());
     match cairn_agent::attest::AttestSource::parse(&tpm) {
         Ok(cairn_agent::attest::AttestSource::Tpm { tcti, .. }) => {
@@ -272,13 +417,95 @@ fn run(args: RunArgs) -> ExitCode {
         tracing::info!("shutting down");
     }));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(cairn_agent::Stopped::Shutdown) => ExitCode::SUCCESS,
+        Ok(cairn_agent::Stopped::Reboot(kind)) => reboot_now(reboot.as_ref(), kind),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {
                 RunError::NotEnrolled(_) => 2,
                 RunError::EnrollRefused { .. } => 3,
                 RunError::Other(_) => 1,
+            })
+        }
+    }
+}
+
+/// Reboots as configured, after the agent stopped cleanly.
+fn reboot_now(
+    action: Option<&cairn_agent::upgrade::RebootAction>,
+    kind: cairn_agent::upgrade::boot::RebootKind,
+) -> ExitCode {
+    use cairn_agent::upgrade::{REBOOT_EXIT_CODE, RebootAction, boot::RebootKind};
+    match action {
+        None | Some(RebootAction::Exit) => {
+            tracing::info!(
+                ?kind,
+                "stopping for a reboot (exit code {REBOOT_EXIT_CODE})"
+            );
+            ExitCode::from(REBOOT_EXIT_CODE as u8)
+        }
+        Some(RebootAction::Command(argv)) => {
+            let mut argv = argv.clone();
+            if kind == RebootKind::Tryboot {
+                argv.push("0 tryboot".into());
+            }
+            tracing::info!(command = ?argv, "rebooting");
+            let Some((prog, rest)) = argv.split_first() else {
+                eprintln!("error: empty reboot command");
+                return ExitCode::from(1);
+            };
+            match std::process::Command::new(prog).args(rest).status() {
+                Ok(s) if s.success() => ExitCode::SUCCESS,
+                Ok(s) => {
+                    eprintln!("error: reboot command {argv:?} exited with {s}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("error: running reboot command {argv:?}: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn os_install(args: OsInstallArgs) -> ExitCode {
+    match cairn_agent::upgrade::offline::install(&cairn_agent::upgrade::offline::Request {
+        bundle: &args.bundle,
+        release_keys: &args.release_keys,
+        downgrade: args.downgrade,
+        health_cmds: &args.health_cmds,
+        health_timeout: args.health_timeout,
+        data_dir: &args.data_dir,
+        upgrade: match args.slots.config(&args.data_dir) {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                eprintln!("error: give --boot, --slot-a and --slot-b");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    }) {
+        Ok(cairn_agent::upgrade::offline::Outcome::Done(msg)) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Ok(cairn_agent::upgrade::offline::Outcome::Failed(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+        Ok(cairn_agent::upgrade::offline::Outcome::Reboot(action, kind)) => {
+            reboot_now(Some(&action), kind)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(if e.to_string().contains("usage:") {
+                2
+            } else {
+                1
             })
         }
     }

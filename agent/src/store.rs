@@ -6,6 +6,7 @@
 //! | `desired` | the newest verified desired-state document, with its signature |
 //! | `outbox` | reports not yet acknowledged by the hub, by sequence number |
 //! | `applied` | per resource: the hash and revision last applied, and whether it failed |
+//! | `upgrade` | the A/B upgrade job (JSON of `upgrade::Job`): phase, release, progress, trial facts |
 //!
 //! Invariants: a desired document is stored only after its signature verified against
 //! the pinned key and its revision is newer than the stored one; a report gets its
@@ -40,6 +41,10 @@ CREATE TABLE IF NOT EXISTS applied (
     revision INTEGER NOT NULL,
     path TEXT NOT NULL,
     error TEXT
+);
+CREATE TABLE IF NOT EXISTS upgrade (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    job TEXT NOT NULL
 );
 "#;
 
@@ -357,6 +362,55 @@ impl Store {
         .map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(min.map(|_| new_last))
+    }
+
+    /// The stored upgrade job (JSON), if any.
+    pub fn upgrade_job(&self) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT job FROM upgrade WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.db(e))
+    }
+
+    /// Stores the upgrade job and queues `reports` in one transaction: a phase is never
+    /// durable without its report, nor reported without being durable. Returns the last
+    /// sequence number written (0: no reports).
+    pub fn save_upgrade_job(&mut self, job: &str, reports: Vec<ReportBody>) -> Result<u64> {
+        self.save_upgrade_job_with_meta(job, &[], reports)
+    }
+
+    /// [`save_upgrade_job`](Self::save_upgrade_job) that also sets `meta` keys in the
+    /// same transaction (the committed OS version moves with the job's phase).
+    pub fn save_upgrade_job_with_meta(
+        &mut self,
+        job: &str,
+        meta: &[(&str, &str)],
+        reports: Vec<ReportBody>,
+    ) -> Result<u64> {
+        let path = self.path.clone();
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO upgrade (id, job) VALUES (1, ?1)",
+            [job],
+        )
+        .map_err(db)?;
+        for (k, v) in meta {
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+                params![k, v.as_bytes()],
+            )
+            .map_err(db)?;
+        }
+        let mut last = 0;
+        for body in reports {
+            last = push_report(&tx, body).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(last)
     }
 
     /// Appends reports to the outbox in one transaction; returns the last sequence number.

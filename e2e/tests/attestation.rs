@@ -393,7 +393,7 @@ fn run_agent(
     token: &str,
     attester: Cheat,
     until: impl FnMut() -> bool,
-) -> Option<Result<(), cairn_agent::RunError>> {
+) -> Option<Result<cairn_agent::Stopped, cairn_agent::RunError>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -440,15 +440,16 @@ fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
     let token = hub.token(10, "site=a");
     let a = booted_tpm(&ca, "boot-a.eventlog");
     let b = booted_tpm(&ca, "boot-a.eventlog");
-    let refused = |r: Option<Result<(), cairn_agent::RunError>>, what: &str| -> String {
-        match r {
-            Some(Err(cairn_agent::RunError::EnrollRefused { code, message })) => {
-                assert_eq!(code, RefusalCode::AttestationFailed, "{what}: {message}");
-                message
+    let refused =
+        |r: Option<Result<cairn_agent::Stopped, cairn_agent::RunError>>, what: &str| -> String {
+            match r {
+                Some(Err(cairn_agent::RunError::EnrollRefused { code, message })) => {
+                    assert_eq!(code, RefusalCode::AttestationFailed, "{what}: {message}");
+                    message
+                }
+                other => panic!("{what}: expected a refused enrollment, got {other:?}"),
             }
-            other => panic!("{what}: expected a refused enrollment, got {other:?}"),
-        }
-    };
+        };
 
     // TPM A's EK certificate and EK, but the AK (and the work) of TPM B: B cannot open
     // a credential made for A's EK.

@@ -1,0 +1,549 @@
+//! Writing a payload into a slot: block by block, each block checked against the signed
+//! block index before it is written, blocks the box already holds copied locally,
+//! the rest fetched from a [`BlockSource`] (the hub over QUIC, or a bundle file).
+//!
+//! Progress is durable in whole checkpoints: the target is flushed (`fdatasync`), then
+//! the caller records how many blocks are done. A restart resumes at the last
+//! checkpoint; blocks past it are simply written again. Nothing is staged in a
+//! temporary copy: bytes go from the source straight to the slot.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_sync_protocol::release::{
+    BLOCK_SIZE, BlockIndex, BundleLayout, FetchWhat, MAX_FETCH_BLOCKS, Payload, SignedManifest,
+};
+use sha2::{Digest, Sha256};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// Why a source could not deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// No link now; try again later (progress is kept).
+    #[error("release source unavailable: {0}")]
+    Offline(String),
+    /// The source refused for good (unknown release, bad range).
+    #[error("release source refused: {0}")]
+    Refused(String),
+}
+
+/// Where blocks the box does not hold come from.
+pub trait BlockSource: Send {
+    /// Raw block index of payload `payload` (checked by the caller against the manifest).
+    fn index(&mut self, payload: u8) -> Result<Vec<u8>, SourceError>;
+    /// Appends exactly the bytes of blocks `first .. first + count` of payload
+    /// `payload` to `out` (the last block of a payload may be short).
+    fn blocks(
+        &mut self,
+        payload: u8,
+        first: u64,
+        count: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SourceError>;
+}
+
+/// Why installing a payload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The caller stopped the install at a checkpoint (progress is kept).
+    #[error("install interrupted at a checkpoint")]
+    Interrupted,
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "writing {path}: no space left on device; free space or give the slot a larger partition"
+    )]
+    NoSpace { path: PathBuf },
+    #[error(
+        "block {block} of payload {payload} does not match the signed block index (corrupted in transit or at the source); refused"
+    )]
+    CorruptBlock { payload: String, block: u64 },
+    #[error("{0}")]
+    Index(#[from] cairn_sync_protocol::release::ReleaseError),
+    #[error(
+        "slot contents at {path} do not match the signed manifest after writing ({what}); the slot stays unbootable"
+    )]
+    VerifyFailed { path: PathBuf, what: String },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> InstallError + 'a {
+    move |source| {
+        if source.raw_os_error() == Some(28) {
+            InstallError::NoSpace {
+                path: path.to_path_buf(),
+            }
+        } else {
+            InstallError::Io {
+                op,
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    }
+}
+
+/// How far a payload is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Blocks `0 .. blocks_done` are written and flushed.
+    pub blocks_done: u64,
+    /// Bytes fetched from the source so far.
+    pub downloaded: u64,
+    /// Bytes copied from blocks the box already held.
+    pub copied: u64,
+}
+
+/// Blocks the box already holds, by hash: a file (the active slot) and which of its
+/// blocks has which hash prefix. Every copied block is checked against the full
+/// hash, so a stale or colliding entry only costs a download.
+pub struct LocalBlocks {
+    file: File,
+    path: PathBuf,
+    by_hash: HashMap<u64, u64>,
+}
+
+fn prefix(h: &[u8; 32]) -> u64 {
+    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
+
+impl LocalBlocks {
+    /// Indexes the first `len` bytes of `path` (or all of it) by reading and hashing it.
+    pub fn scan(path: &Path, len: Option<u64>) -> Result<Self, InstallError> {
+        let mut file = File::open(path).map_err(io("opening", path))?;
+        let mut by_hash = HashMap::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut block = 0u64;
+        let mut left = len.unwrap_or(u64::MAX);
+        loop {
+            let want = (buf.len() as u64).min(left) as usize;
+            if want == 0 {
+                break;
+            }
+            let n = read_full(&mut file, &mut buf[..want]).map_err(io("reading", path))?;
+            if n == 0 {
+                break;
+            }
+            for c in buf[..n].chunks(BS as usize) {
+                if c.len() == BS as usize {
+                    by_hash
+                        .entry(prefix(&Sha256::digest(c).into()))
+                        .or_insert(block);
+                }
+                block += 1;
+            }
+            left -= n as u64;
+            if n < want {
+                break;
+            }
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            by_hash,
+        })
+    }
+
+    /// Uses a stored block index of `path` instead of hashing it.
+    pub fn from_index(path: &Path, index: &[[u8; 32]]) -> Result<Self, InstallError> {
+        let file = File::open(path).map_err(io("opening", path))?;
+        let mut by_hash = HashMap::with_capacity(index.len());
+        for (i, h) in index.iter().enumerate() {
+            by_hash.entry(prefix(h)).or_insert(i as u64);
+        }
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            by_hash,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// What one payload install is given.
+pub struct PayloadJob<'a> {
+    pub payload: &'a Payload,
+    /// Position of the payload in the manifest (for the source).
+    pub number: u8,
+    pub index: &'a BlockIndex,
+    pub target: &'a Path,
+    pub local: Option<&'a LocalBlocks>,
+    /// Flush and checkpoint after about this many bytes.
+    pub checkpoint_bytes: u64,
+}
+
+enum Run {
+    Local {
+        from: u64,
+    },
+    Remote,
+    /// Same bytes as an earlier block of this payload, already written to the target.
+    Written {
+        from: u64,
+    },
+}
+
+/// Writes blocks `start.blocks_done ..` of a payload. `checkpoint` is called after each
+/// flush with the progress that is now durable on the target; an error from it stops
+/// the install (e.g. the caller is shutting down).
+pub fn install_payload(
+    job: &PayloadJob<'_>,
+    source: &mut dyn BlockSource,
+    start: Progress,
+    checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>,
+) -> Result<Progress, InstallError> {
+    let target = job.target;
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create(true)
+        .truncate(false)
+        .open(target)
+        .map_err(io("opening slot", target))?;
+    let total = job.payload.blocks();
+    let mut p = start;
+    let mut since_checkpoint = 0u64;
+    let mut buf: Vec<u8> = Vec::with_capacity((MAX_FETCH_BLOCKS as u64 * BS) as usize);
+    // Blocks of this payload already in the target (by hash): zero blocks and other
+    // repeats are then written once and copied from there.
+    let mut written: HashMap<u64, u64> = HashMap::new();
+    for b in 0..p.blocks_done.min(total) {
+        if let Some(h) = job.index.hash(b) {
+            written.entry(prefix(h)).or_insert(b);
+        }
+    }
+    let name = job.payload.name.to_string();
+    let hash_of = |b: u64| job.index.hash(b).copied().unwrap_or([0; 32]);
+    let mut i = p.blocks_done;
+    while i < total {
+        // Plan one run of blocks from one place.
+        let h = hash_of(i);
+        let full = job.payload.block_len(i) == BLOCK_SIZE;
+        let kind = match (
+            full.then(|| written.get(&prefix(&h))).flatten(),
+            full.then(|| job.local.and_then(|l| l.by_hash.get(&prefix(&h))))
+                .flatten(),
+        ) {
+            (Some(&w), _) => Run::Written { from: w },
+            (None, Some(&l)) => Run::Local { from: l },
+            (None, None) => Run::Remote,
+        };
+        let mut n = 1u64;
+        while i + n < total && n < u64::from(MAX_FETCH_BLOCKS) {
+            let next = hash_of(i + n);
+            let next_full = job.payload.block_len(i + n) == BLOCK_SIZE;
+            let same = match kind {
+                Run::Remote => {
+                    !next_full
+                        || (!written.contains_key(&prefix(&next))
+                            && job
+                                .local
+                                .is_none_or(|l| !l.by_hash.contains_key(&prefix(&next))))
+                }
+                Run::Local { from } => {
+                    next_full
+                        && !written.contains_key(&prefix(&next))
+                        && job
+                            .local
+                            .and_then(|l| l.by_hash.get(&prefix(&next)))
+                            .is_some_and(|&f| f == from + n)
+                }
+                Run::Written { .. } => false,
+            };
+            if !same {
+                break;
+            }
+            n += 1;
+        }
+        buf.clear();
+        let run_len: u64 = (i..i + n)
+            .map(|b| u64::from(job.payload.block_len(b)))
+            .sum();
+        match kind {
+            Run::Remote => {
+                fetch_checked(source, job, &name, i, n as u32, &mut buf)?;
+                p.downloaded += run_len;
+            }
+            Run::Local { from } => {
+                buf.resize(run_len as usize, 0);
+                let local = job.local.map(|l| (&l.file, &l.path));
+                let ok = match local {
+                    Some((f, path)) => {
+                        f.read_exact_at(&mut buf, from * BS)
+                            .map_err(io("reading active slot", path))
+                            .is_ok()
+                            && blocks_match(job, i, &buf)
+                    }
+                    None => false,
+                };
+                if ok {
+                    p.copied += run_len;
+                } else {
+                    // The active slot no longer holds what its index said: download.
+                    buf.clear();
+                    fetch_checked(source, job, &name, i, n as u32, &mut buf)?;
+                    p.downloaded += run_len;
+                }
+            }
+            Run::Written { from } => {
+                buf.resize(BS as usize, 0);
+                out.read_exact_at(&mut buf, from * BS)
+                    .map_err(io("reading back slot", target))?;
+                if blocks_match(job, i, &buf) {
+                    p.copied += run_len;
+                } else {
+                    buf.clear();
+                    fetch_checked(source, job, &name, i, 1, &mut buf)?;
+                    p.downloaded += run_len;
+                }
+            }
+        }
+        out.write_all_at(&buf, i * BS)
+            .map_err(io("writing slot", target))?;
+        for b in i..i + n {
+            if job.payload.block_len(b) == BLOCK_SIZE {
+                written.entry(prefix(&hash_of(b))).or_insert(b);
+            }
+        }
+        i += n;
+        since_checkpoint += run_len;
+        if since_checkpoint >= job.checkpoint_bytes || i == total {
+            out.sync_data().map_err(io("flushing slot", target))?;
+            p.blocks_done = i;
+            checkpoint(&p)?;
+            since_checkpoint = 0;
+        }
+    }
+    if total == 0 || p.blocks_done < total {
+        out.sync_data().map_err(io("flushing slot", target))?;
+        p.blocks_done = total;
+        checkpoint(&p)?;
+    }
+    Ok(p)
+}
+
+fn blocks_match(job: &PayloadJob<'_>, first: u64, bytes: &[u8]) -> bool {
+    let mut at = 0usize;
+    let mut b = first;
+    while at < bytes.len() {
+        let len = job.payload.block_len(b) as usize;
+        let Some(chunk) = bytes.get(at..at + len) else {
+            return false;
+        };
+        if job.index.hash(b) != Some(&Sha256::digest(chunk).into()) {
+            return false;
+        }
+        at += len;
+        b += 1;
+    }
+    true
+}
+
+/// Fetches and checks a run; one retry for a corrupted transfer.
+fn fetch_checked(
+    source: &mut dyn BlockSource,
+    job: &PayloadJob<'_>,
+    name: &str,
+    first: u64,
+    count: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(), InstallError> {
+    let want: u64 = (first..first + u64::from(count))
+        .map(|b| u64::from(job.payload.block_len(b)))
+        .sum();
+    for attempt in 0..2 {
+        buf.clear();
+        source.blocks(job.number, first, count, buf)?;
+        if buf.len() as u64 == want && blocks_match(job, first, buf) {
+            return Ok(());
+        }
+        tracing::warn!(
+            payload = name,
+            first,
+            count,
+            attempt,
+            "fetched blocks do not match the signed index"
+        );
+    }
+    let bad = (first..first + u64::from(count))
+        .find(|&b| {
+            let off = ((b - first) * BS) as usize;
+            let len = job.payload.block_len(b) as usize;
+            buf.get(off..off + len)
+                .is_none_or(|c| job.index.hash(b) != Some(&Sha256::digest(c).into()))
+        })
+        .unwrap_or(first);
+    Err(InstallError::CorruptBlock {
+        payload: name.to_string(),
+        block: bad,
+    })
+}
+
+/// Reads the payload back from the slot and checks it against the manifest: the
+/// whole-payload SHA-256 and every block hash.
+pub fn verify_payload(
+    payload: &Payload,
+    index: &BlockIndex,
+    target: &Path,
+) -> Result<(), InstallError> {
+    let f = File::open(target).map_err(io("opening slot", target))?;
+    let mut whole = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0u64;
+    while at < payload.size {
+        let n = (payload.size - at).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], at).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                InstallError::VerifyFailed {
+                    path: target.to_path_buf(),
+                    what: format!("slot ends before byte {}", payload.size),
+                }
+            } else {
+                io("reading back slot", target)(e)
+            }
+        })?;
+        whole.update(&buf[..n]);
+        for (k, c) in buf[..n].chunks(BS as usize).enumerate() {
+            let b = at / BS + k as u64;
+            if index.hash(b) != Some(&Sha256::digest(c).into()) {
+                return Err(InstallError::VerifyFailed {
+                    path: target.to_path_buf(),
+                    what: format!("block {b} differs"),
+                });
+            }
+        }
+        at += n as u64;
+    }
+    if <[u8; 32]>::from(whole.finalize()) != payload.sha256 {
+        return Err(InstallError::VerifyFailed {
+            path: target.to_path_buf(),
+            what: "SHA-256 of the payload differs".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A release bundle file as a block source (offline installs from a USB stick, the
+/// benchmarks).
+pub struct BundleSource {
+    file: File,
+    path: PathBuf,
+    manifest: SignedManifest,
+    layout: BundleLayout,
+    sizes: Vec<(u64, u64)>,
+}
+
+impl BundleSource {
+    /// Opens a bundle and reads its manifest (not yet verified: the engine verifies it
+    /// with the device's trusted keys).
+    pub fn open(path: &Path) -> Result<Self, InstallError> {
+        let mut file = File::open(path).map_err(io("opening bundle", path))?;
+        let mut head = vec![0u8; 20];
+        read_full(&mut file, &mut head).map_err(io("reading bundle", path))?;
+        let need = match BundleLayout::parse_header(&head)? {
+            Some(_) => 20,
+            None if head.len() >= 20 => {
+                20 + u32::from_le_bytes([head[16], head[17], head[18], head[19]]) as usize
+            }
+            None => 20,
+        };
+        head.resize(need, 0);
+        file.read_exact_at(&mut head, 0)
+            .map_err(io("reading bundle manifest", path))?;
+        let (manifest, hlen) =
+            BundleLayout::parse_header(&head)?.ok_or_else(|| InstallError::VerifyFailed {
+                path: path.to_path_buf(),
+                what: "bundle is truncated inside its manifest".into(),
+            })?;
+        let m = manifest.decode_unverified()?;
+        let layout = BundleLayout::new(&m, hlen);
+        let sizes = m.payloads.iter().map(|p| (p.index_len(), p.size)).collect();
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            manifest,
+            layout,
+            sizes,
+        })
+    }
+
+    pub fn manifest(&self) -> &SignedManifest {
+        &self.manifest
+    }
+
+    fn read(&self, what: FetchWhat, payload: u8, out: &mut Vec<u8>) -> Result<(), SourceError> {
+        let p = usize::from(payload);
+        let (Some(&(index_at, data_at)), Some(&(index_len, size))) =
+            (self.layout.sections.get(p), self.sizes.get(p))
+        else {
+            return Err(SourceError::Refused(format!(
+                "bundle has no payload {payload}"
+            )));
+        };
+        let (at, len) = match what {
+            FetchWhat::Index => (index_at, index_len),
+            FetchWhat::Blocks { first, count } => {
+                let start = first * BS;
+                let end = ((first + u64::from(count)) * BS).min(size);
+                if start >= size || count == 0 {
+                    return Err(SourceError::Refused(format!(
+                        "blocks {first}+{count} are outside payload {payload}"
+                    )));
+                }
+                (data_at + start, end - start)
+            }
+        };
+        let old = out.len();
+        out.resize(old + len as usize, 0);
+        self.file
+            .read_exact_at(&mut out[old..], at)
+            .map_err(|e| SourceError::Refused(format!("reading {}: {e}", self.path.display())))
+    }
+}
+
+impl BlockSource for BundleSource {
+    fn index(&mut self, payload: u8) -> Result<Vec<u8>, SourceError> {
+        let mut out = Vec::new();
+        self.read(FetchWhat::Index, payload, &mut out)?;
+        Ok(out)
+    }
+
+    fn blocks(
+        &mut self,
+        payload: u8,
+        first: u64,
+        count: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SourceError> {
+        self.read(FetchWhat::Blocks { first, count }, payload, out)
+    }
+}
