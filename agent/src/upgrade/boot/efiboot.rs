@@ -854,4 +854,58 @@ pub(crate) mod tests {
         assert!(firmware_boot(d.path()).is_err());
         assert!(EfiBoot::new(d.path(), [4, 4]).is_err());
     }
+
+    /// Cross-check of the variable formats with efibootmgr (Debian package
+    /// `efibootmgr`; libefivar honours `EFIVARFS_PATH`, so it works on a plain
+    /// directory). Ignored because scripts/test.sh does not install it yet:
+    /// `cargo test -p cairn-agent --no-default-features --lib efibootmgr -- --ignored`.
+    #[test]
+    #[ignore = "needs the Debian package efibootmgr"]
+    fn efibootmgr_reads_and_writes_the_same_variables() {
+        let (d, mut b) = setup();
+        let efibootmgr = |args: &[&str]| {
+            let out = std::process::Command::new("efibootmgr")
+                .args(args)
+                .env("EFIVARFS_PATH", format!("{}/", d.path().display()))
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("efibootmgr: {e} (install the Debian package efibootmgr)")
+                });
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        // Ours, read by efibootmgr.
+        b.arm_trial(Slot::B).unwrap();
+        boots(d.path());
+        b.commit(Slot::B).unwrap();
+        b.mark_unbootable(Slot::A).unwrap();
+        b.arm_trial(Slot::A).unwrap();
+        let out = efibootmgr(&["-v"]);
+        assert!(out.contains("BootNext: 0001\n"), "{out}");
+        assert!(out.contains("BootOrder: 0002,0001,0003\n"), "{out}");
+        assert!(out.contains("Boot0001* cairn slot A\tHD(1,GPT,"), "{out}");
+        assert!(out.contains("Boot0002* cairn slot B\tHD(1,GPT,"), "{out}");
+        assert!(out.contains("File(\\EFI\\cairn\\b.efi)"), "{out}");
+        b.reject(Slot::A).unwrap();
+        let out = efibootmgr(&[]);
+        assert!(!out.contains("BootNext"), "{out}");
+        assert!(out.contains("Boot0001  cairn slot A"), "inactive: {out}");
+        // efibootmgr's, read by us.
+        efibootmgr(&["-a", "-b", "0001"]);
+        efibootmgr(&["-n", "0001"]);
+        let s = b.state().unwrap();
+        assert_eq!(
+            (s.default, s.trial, s.bootable),
+            (Slot::B, Some(Slot::A), [true, true])
+        );
+        efibootmgr(&["-o", "0001,0003,0002"]);
+        efibootmgr(&["-N"]);
+        let s = b.state().unwrap();
+        assert_eq!((s.default, s.trial), (Slot::A, None));
+        assert_eq!(boots(d.path()), Slot::A);
+    }
 }
