@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod attest;
 pub mod client;
+pub mod crashpoint;
 pub mod reconcile;
 pub mod store;
 pub mod tls;

@@ -337,6 +337,7 @@ pub fn install_payload(
         i += n;
         since_checkpoint += run_len;
         if since_checkpoint >= job.checkpoint_bytes || i == total {
+            crate::crashpoint::hit("slot: before flush");
             out.sync_data().map_err(io("flushing slot", target))?;
             p.blocks_done = i;
             checkpoint(&p)?;

@@ -42,15 +42,57 @@ pub enum BootSpec {
     /// `file:DIR` — the simulation's boot loader (state in `DIR/boot.json`; the slot
     /// booted is read from `DIR/booted`, written by its firmware model).
     File(PathBuf),
+    /// `sdboot:ESP[:EFIVARS]` — systemd-boot boot counting on the mounted ESP.
+    SdBoot { esp: PathBuf, efivars: PathBuf },
+    /// `efi:A,B[:EFIVARS]` — UEFI `BootNext`/`BootOrder` with the `Boot####` numbers
+    /// (hex) of the two slots' load options.
+    Efi { entries: [u16; 2], efivars: PathBuf },
+    /// `tryboot:BOOT_DIR:PA,PB` — Raspberry Pi `autoboot.txt` on the mounted boot
+    /// partition, with the boot partition numbers of slot A and B.
+    Tryboot { dir: PathBuf, partitions: [u8; 2] },
+}
+
+const EFIVARS: &str = "/sys/firmware/efi/efivars";
+
+fn pair<T: std::str::FromStr>(s: &str, parse: impl Fn(&str) -> Option<T>) -> Option<[T; 2]> {
+    let (a, b) = s.split_once(',')?;
+    Some([parse(a)?, parse(b)?])
 }
 
 impl BootSpec {
-    /// Parses `file:DIR`.
+    /// Parses `file:DIR`, `sdboot:ESP[:EFIVARS]`, `efi:A,B[:EFIVARS]`,
+    /// `tryboot:BOOT_DIR:PA,PB`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        let usage = || {
+            format!(
+                "boot loader {s:?} not understood; give file:DIR, sdboot:ESP[:EFIVARS], efi:A,B[:EFIVARS] (Boot#### numbers in hex) or tryboot:BOOT_DIR:PA,PB"
+            )
+        };
+        let (first, second) = match rest.split_once(':') {
+            Some((a, b)) => (a, Some(b)),
+            None => (rest, None),
+        };
+        if first.is_empty() {
+            return Err(usage());
+        }
         match kind {
-            "file" if !rest.is_empty() => Ok(Self::File(rest.into())),
-            _ => Err(format!("unknown boot loader {s:?}; give file:DIR")),
+            "file" => Ok(Self::File(rest.into())),
+            "sdboot" => Ok(Self::SdBoot {
+                esp: first.into(),
+                efivars: second.unwrap_or(EFIVARS).into(),
+            }),
+            "efi" => Ok(Self::Efi {
+                entries: pair(first, |x| u16::from_str_radix(x, 16).ok()).ok_or_else(usage)?,
+                efivars: second.unwrap_or(EFIVARS).into(),
+            }),
+            "tryboot" => Ok(Self::Tryboot {
+                dir: first.into(),
+                partitions: second
+                    .and_then(|p| pair(p, |x| x.parse().ok()))
+                    .ok_or_else(usage)?,
+            }),
+            _ => Err(usage()),
         }
     }
 
@@ -60,6 +102,15 @@ impl BootSpec {
                 let b = boot::file::FileBoot::open(dir)?;
                 let booted = b.booted().ok();
                 Ok((Box::new(b), booted))
+            }
+            Self::SdBoot { esp, efivars } => {
+                Ok((Box::new(boot::sdboot::SdBoot::new(esp, efivars)), None))
+            }
+            Self::Efi { entries, efivars } => {
+                Ok((Box::new(boot::efiboot::EfiBoot::new(efivars, *entries)?), None))
+            }
+            Self::Tryboot { dir, partitions } => {
+                Ok((Box::new(boot::tryboot::TryBoot::open(dir, *partitions)?), None))
             }
         }
     }
@@ -360,8 +411,10 @@ impl Engine {
         } else {
             vec![]
         };
+        crate::crashpoint::hit("upgrade job: before commit");
         let last = store.save_upgrade_job_with_meta(&json, meta, reports)?;
         drop(store);
+        crate::crashpoint::hit("upgrade job: after commit");
         if last > 0 {
             (ctx.on_reports)(last);
         }

@@ -133,8 +133,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BootError> {
         f.write_all(bytes).map_err(BootError::io("writing", &tmp))?;
         f.sync_all().map_err(BootError::io("syncing", &tmp))?;
     }
+    crate::crashpoint::hit("boot state: before rename");
     std::fs::rename(&tmp, path).map_err(BootError::io("renaming into place", path))?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    crate::crashpoint::hit("boot state: after rename");
+    Ok(())
 }
 
 /// fsyncs a directory (so that a rename in it is durable).

@@ -1,0 +1,260 @@
+//! A simulated A/B box for upgrade tests: two file-backed slots, the file boot loader
+//! with its firmware model, a data directory, and the loop a machine runs — boot,
+//! start the agent, reboot when it asks — with SIGKILLs where a test wants them.
+//!
+//! A slot whose image starts with `PANIC` plays a kernel that panics: the firmware
+//! boots it, nothing comes up, and the machine resets (the agent never starts).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use cairn_agent::upgrade::boot::Slot;
+use cairn_agent::upgrade::boot::file::{FileBoot, firmware_boot};
+use cairn_sync_protocol::Text;
+use cairn_sync_protocol::release::{BundleLayout, IndexBuilder, Manifest, SignedManifest};
+use ed25519_dalek::SigningKey;
+use sha2::{Digest, Sha256};
+
+use crate::bin;
+
+/// Writes a release bundle of one `rootfs` payload.
+pub fn build_bundle(
+    out: &Path,
+    key: &SigningKey,
+    version: &str,
+    board: &str,
+    rootfs: &[u8],
+) -> SignedManifest {
+    let mut b = IndexBuilder::new();
+    b.update(rootfs);
+    let (payload, index) = b.finish(Text::new("rootfs").unwrap());
+    let m = Manifest {
+        version: Text::new(version).unwrap(),
+        arch: Text::new(std::env::consts::ARCH).unwrap(),
+        board: Text::new(board).unwrap(),
+        created_ms: 0,
+        payloads: vec![payload],
+        expected_pcrs: vec![],
+    };
+    let signed = m.sign(key);
+    let header = BundleLayout::header(&signed);
+    let layout = BundleLayout::new(&m, header.len() as u64);
+    let mut f = std::fs::File::create(out).unwrap();
+    f.write_all(&header).unwrap();
+    let (index_at, data_at) = layout.sections[0];
+    let pad = |f: &mut std::fs::File, to: u64| {
+        let at = f.metadata().unwrap().len();
+        f.write_all(&vec![0u8; (to - at) as usize]).unwrap();
+    };
+    pad(&mut f, index_at);
+    f.write_all(&index).unwrap();
+    pad(&mut f, data_at);
+    f.write_all(rootfs).unwrap();
+    pad(&mut f, layout.len);
+    f.sync_all().unwrap();
+    signed
+}
+
+/// Random bytes from a seed.
+pub fn random_image(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// `base` with `fraction` of its 4 KiB blocks rewritten at random positions.
+pub fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
+    use rand::seq::SliceRandom;
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = base.to_vec();
+    let blocks = v.len() / 4096;
+    let mut idx: Vec<usize> = (0..blocks).collect();
+    idx.shuffle(&mut rng);
+    for &b in &idx[..(blocks as f64 * fraction).round() as usize] {
+        rng.fill_bytes(&mut v[b * 4096..(b + 1) * 4096]);
+    }
+    v
+}
+
+pub fn sha(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+/// How a machine run ended.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code of the last agent run (None: killed).
+    pub code: Option<i32>,
+    pub stderr: String,
+    pub boots: u32,
+    pub panics: u32,
+    pub kills: u32,
+}
+
+pub struct SimBox {
+    pub dir: PathBuf,
+    pub boot_dir: PathBuf,
+    pub slots: [PathBuf; 2],
+    pub data_dir: PathBuf,
+    pub board: String,
+}
+
+impl SimBox {
+    /// A box flashed with `v1` in slot A; both slots are `slot_size` bytes.
+    pub fn flash(dir: &Path, v1: &[u8], slot_size: u64) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let slots = [dir.join("slot-a.img"), dir.join("slot-b.img")];
+        std::fs::write(&slots[0], v1).unwrap();
+        for s in &slots {
+            let f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(s).unwrap();
+            f.set_len(slot_size).unwrap();
+        }
+        let boot_dir = dir.join("boot");
+        FileBoot::open(&boot_dir).unwrap();
+        firmware_boot(&boot_dir).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            boot_dir,
+            slots,
+            data_dir: dir.join("data"),
+            board: "sim".into(),
+        }
+    }
+
+    /// The slot the firmware booted last.
+    pub fn booted(&self) -> Slot {
+        FileBoot::open(&self.boot_dir).unwrap().booted().unwrap()
+    }
+
+    pub fn slot_bytes(&self, slot: Slot, len: usize) -> Vec<u8> {
+        let mut b = std::fs::read(&self.slots[slot.index()]).unwrap();
+        b.truncate(len);
+        b
+    }
+
+    /// The agent's common slot arguments.
+    pub fn slot_args(&self) -> Vec<String> {
+        vec![
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+            "--boot".into(),
+            format!("file:{}", self.boot_dir.display()),
+            "--slot-a".into(),
+            self.slots[0].display().to_string(),
+            "--slot-b".into(),
+            self.slots[1].display().to_string(),
+            "--board".into(),
+            self.board.clone(),
+            "--os-version".into(),
+            "1.0.0".into(),
+            "--reboot".into(),
+            "exit".into(),
+        ]
+    }
+
+    /// `cairn-agent os-install BUNDLE --release-key KEY` plus the slot arguments.
+    pub fn os_install(&self, bundle: &Path, key: &SigningKey, extra: &[&str]) -> Command {
+        let mut c = Command::new(bin("cairn-agent"));
+        c.arg("os-install")
+            .arg(bundle)
+            .arg("--release-key")
+            .arg(hex::encode(key.verifying_key().as_bytes()))
+            .args(self.slot_args())
+            .args(extra)
+            .env("RUST_LOG", "info");
+        c
+    }
+
+    /// One firmware boot; returns the slot and whether its kernel "panicked".
+    pub fn power_on(&self) -> (Slot, bool) {
+        let slot = firmware_boot(&self.boot_dir).unwrap();
+        let mut head = [0u8; 5];
+        let f = std::fs::File::open(&self.slots[slot.index()]).unwrap();
+        let _ = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0);
+        (slot, &head == b"PANIC")
+    }
+
+    /// The machine: boot, run `cmd()` (the agent), reboot on exit code 10, until the
+    /// agent exits otherwise. `kill_after(run_number)` may give a delay after which
+    /// that run is SIGKILLed; with `power_cut` a killed run is followed by a boot (a
+    /// power loss), else the agent is just started again (a crash of the agent while
+    /// the system stays up). At most `max_runs` runs.
+    pub fn run_machine(
+        &self,
+        mut cmd: impl FnMut(u32) -> Command,
+        mut kill_after: impl FnMut(u32) -> Option<Duration>,
+        power_cut: bool,
+        max_runs: u32,
+    ) -> Run {
+        let mut run = Run {
+            code: None,
+            stderr: String::new(),
+            boots: 0,
+            panics: 0,
+            kills: 0,
+        };
+        let mut n = 0;
+        // The box is on already (flashed and booted).
+        let mut need_boot = false;
+        while n < max_runs {
+            if need_boot {
+                let (_, panicked) = self.power_on();
+                run.boots += 1;
+                if panicked {
+                    run.panics += 1;
+                    assert!(run.panics < 10, "the firmware keeps booting a panicking slot");
+                    continue;
+                }
+            }
+            need_boot = true;
+            let mut c = cmd(n);
+            let err_path = self.dir.join(format!("agent-{n}.stderr"));
+            c.stderr(std::fs::File::create(&err_path).unwrap())
+                .stdout(std::process::Stdio::null());
+            let mut child = c.spawn().unwrap();
+            let status: Option<ExitStatus> = match kill_after(n) {
+                Some(d) => {
+                    let deadline = Instant::now() + d;
+                    loop {
+                        if let Some(s) = child.try_wait().unwrap() {
+                            break Some(s);
+                        }
+                        if Instant::now() >= deadline {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break None;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+                None => Some(child.wait().unwrap()),
+            };
+            n += 1;
+            run.stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+            match status {
+                // Killed by us, or by a crash point (SIGKILL from inside).
+                None => {
+                    run.kills += 1;
+                    need_boot = power_cut;
+                }
+                Some(s) if s.code().is_none() => {
+                    run.kills += 1;
+                    need_boot = power_cut;
+                }
+                Some(s) if s.code() == Some(cairn_agent::upgrade::REBOOT_EXIT_CODE) => {}
+                Some(s) => {
+                    run.code = s.code();
+                    return run;
+                }
+            }
+        }
+        panic!(
+            "the machine did not settle after {max_runs} agent runs; last stderr:\n{}",
+            run.stderr
+        );
+    }
+}
