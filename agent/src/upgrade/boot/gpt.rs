@@ -299,7 +299,7 @@ fn read_copy(
     if h.my_lba != lba {
         return Err(format!("header says it is at LBA {}", h.my_lba));
     }
-    if h.entry_size < 128 || h.entry_size % 8 != 0 || h.num_entries == 0 {
+    if h.entry_size < 128 || !h.entry_size.is_multiple_of(8) || h.num_entries == 0 {
         return Err(format!(
             "bad entry array shape ({} entries of {} bytes)",
             h.num_entries, h.entry_size
