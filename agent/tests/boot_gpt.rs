@@ -2,6 +2,7 @@
 //! with `sgdisk -v` / `sgdisk -i`.
 //!
 //! Needs the Debian package `gdisk` (for `sgdisk`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

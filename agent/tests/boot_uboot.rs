@@ -2,6 +2,7 @@
 //! with libubootenv's `fw_printenv` / `fw_setenv`.
 //!
 //! Needs the Debian package `libubootenv-tool` (for `fw_printenv` and `fw_setenv`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
