@@ -346,3 +346,50 @@ fn garbage_in_every_header_field_is_an_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn a_power_cut_between_the_two_copies_leaves_a_valid_table_and_is_healed() {
+    let d = tempfile::tempdir().unwrap();
+    let p = image(d.path());
+    let mut g = GptBoot::open(&p, A, B).unwrap();
+    g.commit(Slot::A).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    g.arm_trial(Slot::B).unwrap();
+    let after = std::fs::read(&p).unwrap();
+    let len = before.len();
+    // The primary table is LBAs 0..34, the backup the last 33 LBAs.
+    let primary = 0..34 * 512;
+    let backup = len - 33 * 512..len;
+    assert_eq!(
+        before[34 * 512..len - 33 * 512],
+        after[34 * 512..len - 33 * 512]
+    );
+
+    // Cut after the backup was written, before the primary: the old state, still
+    // valid; the engine repeats arm_trial, which completes the write.
+    let mut cut = after.clone();
+    cut[primary.clone()].copy_from_slice(&before[primary.clone()]);
+    std::fs::write(&p, &cut).unwrap();
+    assert!(g.problems().unwrap()[0].contains("differs from the primary"));
+    assert_eq!(g.state().unwrap().trial, None);
+    g.arm_trial(Slot::B).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), after);
+
+    // Cut in the middle of the primary (new entries, old header): the backup holds
+    // the new state and is used.
+    let mut cut = after.clone();
+    cut[512..1024].copy_from_slice(&before[512..1024]);
+    std::fs::write(&p, &cut).unwrap();
+    assert!(g.problems().unwrap()[0].contains("using the backup"));
+    assert_eq!(g.state().unwrap().trial, Some(Slot::B));
+
+    // Cut in the middle of the backup (primary untouched yet): the old state.
+    let mut cut = before.clone();
+    cut[backup.start..backup.end - 512].copy_from_slice(&after[backup.start..backup.end - 512]);
+    std::fs::write(&p, &cut).unwrap();
+    assert!(g.problems().unwrap()[0].contains("backup GPT header"));
+    assert_eq!(g.state().unwrap().trial, None);
+    g.arm_trial(Slot::B).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), after);
+    verify(&p);
+}

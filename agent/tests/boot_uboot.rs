@@ -369,3 +369,32 @@ fn a_missing_or_short_device_is_a_clear_error() {
     let e = b.state().unwrap_err().to_string();
     assert!(e.contains("uboot.env") && e.contains("reading"), "{e}");
 }
+
+#[test]
+fn a_power_cut_mid_write_leaves_the_previous_environment() {
+    let bx = make(one_file_two_offsets);
+    let mut b = bx.boot.clone();
+    b.commit(Slot::A).unwrap();
+    let img = bx.boot.copies()[0].device.clone();
+    let before = std::fs::read(&img).unwrap();
+    b.arm_trial(Slot::B).unwrap();
+    let after = std::fs::read(&img).unwrap();
+    let changed: Vec<usize> = (0..before.len())
+        .filter(|&i| before[i] != after[i])
+        .collect();
+    let (first, last) = (changed[0], *changed.last().unwrap());
+    // One copy only was written.
+    assert!(last - first < SIZE, "{first:#x}..{last:#x}");
+    // Half of it reached the disk: the old environment is in force for both tools.
+    let mut cut = before.clone();
+    let mid = first + (last - first) / 2;
+    cut[first..mid].copy_from_slice(&after[first..mid]);
+    std::fs::write(&img, &cut).unwrap();
+    assert_eq!(b.state().unwrap().trial, None);
+    assert_eq!(bx.printenv("cairn_trial"), None);
+    assert_eq!(bx.printenv("cairn_default"), s("a"));
+    // The engine repeats the step.
+    b.arm_trial(Slot::B).unwrap();
+    assert_eq!(bx.printenv("cairn_trial"), s("b"));
+    assert!(b.read_env().unwrap().problems.is_empty());
+}

@@ -490,10 +490,17 @@ impl Table {
         let backup = match &self.backup {
             Some(b) => b.clone(),
             None => {
+                // Where the primary says the backup is, if that can hold it; else
+                // the last LBA.
                 let mut b = src.clone();
-                b.my_lba = self.last_lba;
+                let at = src.alternate_lba;
+                b.my_lba = if at > src.last_usable.saturating_add(sectors) && at <= self.last_lba {
+                    at
+                } else {
+                    self.last_lba
+                };
                 b.alternate_lba = 1;
-                b.entries_lba = self.last_lba.saturating_sub(sectors);
+                b.entries_lba = b.my_lba.saturating_sub(sectors);
                 if b.entries_lba <= b.last_usable {
                     return Err(BootError::format(
                         path,
@@ -503,12 +510,11 @@ impl Table {
                 b
             }
         };
-        let primary = match &self.primary {
+        let mut primary = match &self.primary {
             Some(p) => p.clone(),
             None => {
                 let mut p = src.clone();
                 p.my_lba = 1;
-                p.alternate_lba = backup.my_lba;
                 p.entries_lba = 2;
                 if 2 + sectors > p.first_usable {
                     return Err(BootError::format(
@@ -519,6 +525,7 @@ impl Table {
                 p
             }
         };
+        primary.alternate_lba = backup.my_lba;
         let crc = crc32fast::hash(&self.entries);
         for h in [backup, primary] {
             let mut sector = h.sector.clone();
