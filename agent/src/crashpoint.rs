@@ -22,7 +22,8 @@ pub fn hit(what: &str) {
     let n = HITS.fetch_add(1, Ordering::Relaxed) + 1;
     if target == Some(n) {
         eprintln!("crash point {n}: {what}: SIGKILL");
-        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }
 

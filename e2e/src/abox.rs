@@ -15,7 +15,6 @@ use cairn_agent::upgrade::boot::file::{FileBoot, firmware_boot};
 use cairn_sync_protocol::Text;
 use cairn_sync_protocol::release::{BundleLayout, IndexBuilder, Manifest, SignedManifest};
 use ed25519_dalek::SigningKey;
-use sha2::{Digest, Sha256};
 
 use crate::bin;
 
@@ -80,10 +79,6 @@ pub fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
     v
 }
 
-pub fn sha(b: &[u8]) -> [u8; 32] {
-    Sha256::digest(b).into()
-}
-
 /// How a machine run ended.
 #[derive(Debug)]
 pub struct Run {
@@ -110,7 +105,12 @@ impl SimBox {
         let slots = [dir.join("slot-a.img"), dir.join("slot-b.img")];
         std::fs::write(&slots[0], v1).unwrap();
         for s in &slots {
-            let f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(s).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(s)
+                .unwrap();
             f.set_len(slot_size).unwrap();
         }
         let boot_dir = dir.join("boot");
@@ -206,7 +206,10 @@ impl SimBox {
                 run.boots += 1;
                 if panicked {
                     run.panics += 1;
-                    assert!(run.panics < 10, "the firmware keeps booting a panicking slot");
+                    assert!(
+                        run.panics < 10,
+                        "the firmware keeps booting a panicking slot"
+                    );
                     continue;
                 }
             }

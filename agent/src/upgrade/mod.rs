@@ -50,6 +50,11 @@ pub enum BootSpec {
     /// `tryboot:BOOT_DIR:PA,PB` — Raspberry Pi `autoboot.txt` on the mounted boot
     /// partition, with the boot partition numbers of slot A and B.
     Tryboot { dir: PathBuf, partitions: [u8; 2] },
+    /// `gpt:DISK:A,B` — ChromeOS-style priority/tries/successful attribute bits of the
+    /// slot partitions (numbers or names) on the GPT disk.
+    Gpt { disk: PathBuf, parts: [String; 2] },
+    /// `uboot:FW_ENV_CONFIG` — the U-Boot environment as `fw_setenv` sees it.
+    Uboot(PathBuf),
 }
 
 const EFIVARS: &str = "/sys/firmware/efi/efivars";
@@ -66,7 +71,7 @@ impl BootSpec {
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
         let usage = || {
             format!(
-                "boot loader {s:?} not understood; give file:DIR, sdboot:ESP[:EFIVARS], efi:A,B[:EFIVARS] (Boot#### numbers in hex) or tryboot:BOOT_DIR:PA,PB"
+                "boot loader {s:?} not understood; give file:DIR, gpt:DISK:A,B (partition numbers or names), sdboot:ESP[:EFIVARS], efi:A,B[:EFIVARS] (Boot#### numbers in hex), tryboot:BOOT_DIR:PA,PB or uboot:FW_ENV_CONFIG"
             )
         };
         let (first, second) = match rest.split_once(':') {
@@ -78,6 +83,13 @@ impl BootSpec {
         }
         match kind {
             "file" => Ok(Self::File(rest.into())),
+            "uboot" => Ok(Self::Uboot(rest.into())),
+            "gpt" => Ok(Self::Gpt {
+                disk: first.into(),
+                parts: second
+                    .and_then(|p| pair(p, |x| Some(x.to_string())))
+                    .ok_or_else(usage)?,
+            }),
             "sdboot" => Ok(Self::SdBoot {
                 esp: first.into(),
                 efivars: second.unwrap_or(EFIVARS).into(),
@@ -106,12 +118,29 @@ impl BootSpec {
             Self::SdBoot { esp, efivars } => {
                 Ok((Box::new(boot::sdboot::SdBoot::new(esp, efivars)), None))
             }
-            Self::Efi { entries, efivars } => {
-                Ok((Box::new(boot::efiboot::EfiBoot::new(efivars, *entries)?), None))
+            Self::Efi { entries, efivars } => Ok((
+                Box::new(boot::efiboot::EfiBoot::new(efivars, *entries)?),
+                None,
+            )),
+            Self::Gpt { disk, parts } => {
+                let part = |p: &str| match p.parse::<u32>() {
+                    Ok(n) => boot::gpt::PartRef::Number(n),
+                    Err(_) => boot::gpt::PartRef::Name(p.to_string()),
+                };
+                let [a, b] = parts;
+                Ok((
+                    Box::new(boot::gpt::GptBoot::open(disk, part(a), part(b))?),
+                    None,
+                ))
             }
-            Self::Tryboot { dir, partitions } => {
-                Ok((Box::new(boot::tryboot::TryBoot::open(dir, *partitions)?), None))
-            }
+            Self::Uboot(conf) => Ok((
+                Box::new(boot::uboot::UbootBoot::from_fw_env_config(conf)?),
+                None,
+            )),
+            Self::Tryboot { dir, partitions } => Ok((
+                Box::new(boot::tryboot::TryBoot::open(dir, *partitions)?),
+                None,
+            )),
         }
     }
 }

@@ -153,6 +153,9 @@ pub enum BootVerdict {
 pub fn on_boot(t: &TrialFacts, b: BootFacts) -> BootVerdict {
     let on_target = b.booted == t.target;
     match t.phase {
+        // Armed on disk, and the power went before the phase was recorded: this is the
+        // trial boot of a verified slot.
+        UpgradePhase::Verified if on_target => BootVerdict::Trial { boots: 1 },
         UpgradePhase::Downloading | UpgradePhase::Written | UpgradePhase::Verified => {
             if on_target {
                 BootVerdict::Fail(format!(
@@ -358,6 +361,11 @@ mod tests {
             on_boot(&trial(Written), on(Slot::B, None)),
             BootVerdict::Fail(_)
         ));
+        assert_eq!(
+            on_boot(&trial(Verified), on(Slot::B, None)),
+            BootVerdict::Trial { boots: 1 },
+            "armed, then power lost before the phase was stored"
+        );
         assert_eq!(
             on_boot(&trial(Rebooting), on(Slot::B, None)),
             BootVerdict::Trial { boots: 1 }
