@@ -12,6 +12,12 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
 command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 command -v tpm2_checkquote >/dev/null || need_apt+=(tpm2-tools)
+# Boot-control backends are cross-checked with the tools that own the formats: GPT
+# (sgdisk), FAT (mtools), U-Boot environments (fw_printenv), UEFI variables (efibootmgr).
+command -v sgdisk >/dev/null || need_apt+=(gdisk)
+command -v mcopy >/dev/null || need_apt+=(mtools)
+command -v fw_printenv >/dev/null || need_apt+=(libubootenv-tool)
+command -v efibootmgr >/dev/null || need_apt+=(efibootmgr)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -857,10 +857,8 @@ pub(crate) mod tests {
 
     /// Cross-check of the variable formats with efibootmgr (Debian package
     /// `efibootmgr`; libefivar honours `EFIVARFS_PATH`, so it works on a plain
-    /// directory). Ignored because scripts/test.sh does not install it yet:
-    /// `cargo test -p cairn-agent --no-default-features --lib efibootmgr -- --ignored`.
+    /// directory); scripts/test.sh installs it.
     #[test]
-    #[ignore = "needs the Debian package efibootmgr"]
     fn efibootmgr_reads_and_writes_the_same_variables() {
         let (d, mut b) = setup();
         let efibootmgr = |args: &[&str]| {
