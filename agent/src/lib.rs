@@ -425,6 +425,22 @@ pub struct StatusReport {
     pub resources: usize,
     pub outbox_depth: u64,
     pub last_seq: u64,
+    /// The committed OS version (as flashed until an upgrade commits), if known.
+    pub os_version: Option<String>,
+    /// The last (or current) A/B upgrade.
+    pub upgrade: Option<UpgradeStatus>,
+}
+
+/// The upgrade job as `cairn-agent status` shows it.
+#[derive(Debug, Serialize)]
+pub struct UpgradeStatus {
+    pub version: String,
+    pub phase: String,
+    pub target_slot: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_downloaded: u64,
+    pub error: Option<String>,
 }
 
 /// Reads the status from a data directory (works while the agent runs).
@@ -458,5 +474,10 @@ pub fn status(data_dir: &Path) -> Result<StatusReport> {
         resources: desired.map_or(0, |d| d.resources.len()),
         outbox_depth: store.outbox_depth()?,
         last_seq: store.last_seq()?,
+        os_version: store.meta_text("os_version")?,
+        upgrade: store
+            .upgrade_job()?
+            .and_then(|j| serde_json::from_str::<upgrade::Job>(&j).ok())
+            .map(|j| j.status()),
     })
 }

@@ -64,8 +64,13 @@ Example (a simulated box with file-backed slots):
 /// Where the A/B slots are and how the box boots them.
 #[derive(Args, Clone, Default)]
 struct SlotArgs {
-    /// The boot loader's A/B switch: file:DIR (the simulation's boot loader state in
-    /// DIR). Without it, OS releases in desired state are refused.
+    /// The boot loader's A/B switch: gpt:DISK:A,B (ChromeOS-style partition attribute
+    /// bits; A,B are partition numbers or names), sdboot:ESP[:EFIVARS] (systemd-boot
+    /// boot counting), efi:A,B[:EFIVARS] (UEFI BootNext/BootOrder; Boot#### numbers in
+    /// hex), tryboot:BOOT_DIR:PA,PB (Raspberry Pi autoboot.txt; boot partition
+    /// numbers), uboot:FW_ENV_CONFIG (U-Boot environment), file:DIR (the simulation).
+    /// The running slot is read from cairn.slot=a|b on the kernel command line.
+    /// Without it, OS releases in desired state are refused.
     #[arg(long)]
     boot: Option<String>,
     /// Slot A (a partition or a file) for the rootfs payload.
@@ -309,6 +314,27 @@ fn status(data_dir: &std::path::Path, json: bool) -> ExitCode {
                 "outbox:      {} report(s) queued (last seq {})",
                 s.outbox_depth, s.last_seq
             );
+            if let Some(v) = &s.os_version {
+                println!("os:          {v} (committed)");
+            }
+            if let Some(u) = &s.upgrade {
+                let pct = if u.bytes_total > 0 {
+                    format!(
+                        ", {}% written, {}% downloaded",
+                        u.bytes_done * 100 / u.bytes_total,
+                        u.bytes_downloaded * 100 / u.bytes_total
+                    )
+                } else {
+                    String::new()
+                };
+                println!(
+                    "upgrade:     {} {} into slot {}{pct}",
+                    u.version, u.phase, u.target_slot
+                );
+                if let Some(e) = &u.error {
+                    println!("             {e}");
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -262,6 +262,23 @@ pub struct Job {
 }
 
 impl Job {
+    /// For `cairn-agent status`.
+    pub fn status(&self) -> crate::UpgradeStatus {
+        let (done, total, down) = self
+            .manifest()
+            .map(|(_, m)| self.totals(&m))
+            .unwrap_or((0, 0, 0));
+        crate::UpgradeStatus {
+            version: self.version.clone(),
+            phase: self.phase.as_str().into(),
+            target_slot: self.target.to_string(),
+            bytes_done: done,
+            bytes_total: total,
+            bytes_downloaded: down,
+            error: self.error.clone().or_else(|| self.rollback.clone()),
+        }
+    }
+
     fn manifest(&self) -> Result<(SignedManifest, Manifest), String> {
         let bytes = hex::decode(&self.manifest).map_err(|e| e.to_string())?;
         let signed = SignedManifest::from_bytes(&bytes).map_err(|e| e.to_string())?;
