@@ -97,6 +97,9 @@ struct SlotArgs {
     /// Flush the slot and record progress every this many MiB [default: 32].
     #[arg(long)]
     checkpoint_mib: Option<u64>,
+    /// Where to read the kernel command line (for tests) [default: /proc/cmdline].
+    #[arg(long, hide = true)]
+    cmdline: Option<PathBuf>,
 }
 
 impl SlotArgs {
@@ -151,6 +154,9 @@ impl SlotArgs {
         }
         if let Some(m) = self.checkpoint_mib {
             cfg.checkpoint_bytes = m.max(1) << 20;
+        }
+        if let Some(c) = &self.cmdline {
+            cfg.cmdline = c.clone();
         }
         Ok(Some(cfg))
     }

@@ -90,8 +90,20 @@ pub struct Run {
     pub kills: u32,
 }
 
+/// The boot loader a simulated box has.
+#[derive(Debug, Clone)]
+pub enum Firmware {
+    /// The file boot loader (state in `boot_dir`).
+    File,
+    /// GPT attribute bits on a real GPT disk image (partitions named slot-a and
+    /// slot-b); the booted slot reaches the agent as `cairn.slot=` in a command-line
+    /// file, as a boot loader passes it to the kernel.
+    Gpt { disk: PathBuf, cmdline: PathBuf },
+}
+
 pub struct SimBox {
     pub dir: PathBuf,
+    pub firmware: Firmware,
     pub boot_dir: PathBuf,
     pub slots: [PathBuf; 2],
     pub data_dir: PathBuf,
@@ -118,6 +130,7 @@ impl SimBox {
         firmware_boot(&boot_dir).unwrap();
         Self {
             dir: dir.to_path_buf(),
+            firmware: Firmware::File,
             boot_dir,
             slots,
             data_dir: dir.join("data"),
@@ -125,9 +138,56 @@ impl SimBox {
         }
     }
 
+    /// [`flash`](Self::flash), with a GPT disk image (made with `sgdisk`) holding the
+    /// boot flags: slot A provisioned as the committed, bootable slot.
+    pub fn flash_gpt(dir: &Path, v1: &[u8], slot_size: u64) -> Self {
+        use cairn_agent::upgrade::boot::BootControl;
+        use cairn_agent::upgrade::boot::gpt::{GptBoot, PartRef};
+        let mut b = Self::flash(dir, v1, slot_size);
+        let disk = dir.join("disk.img");
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(64 << 20).unwrap();
+        let out = Command::new("sgdisk")
+            .args(["-n", "1:2048:+8M", "-t", "1:EF00", "-c", "1:esp"])
+            .args([
+                "-n", "2:0:+16M", "-c", "2:slot-a", "-n", "3:0:+16M", "-c", "3:slot-b",
+            ])
+            .arg(&disk)
+            .output()
+            .expect("sgdisk (Debian package gdisk)");
+        assert!(
+            out.status.success(),
+            "sgdisk: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let parts = || {
+            (
+                PartRef::Name("slot-a".into()),
+                PartRef::Name("slot-b".into()),
+            )
+        };
+        let (a, bb) = parts();
+        GptBoot::open(&disk, a, bb)
+            .unwrap()
+            .commit(Slot::A)
+            .unwrap();
+        b.firmware = Firmware::Gpt {
+            disk: disk.clone(),
+            cmdline: dir.join("cmdline"),
+        };
+        b.power_on();
+        b
+    }
+
     /// The slot the firmware booted last.
     pub fn booted(&self) -> Slot {
-        FileBoot::open(&self.boot_dir).unwrap().booted().unwrap()
+        match &self.firmware {
+            Firmware::File => FileBoot::open(&self.boot_dir).unwrap().booted().unwrap(),
+            Firmware::Gpt { cmdline, .. } => cairn_agent::upgrade::boot::booted_from_cmdline(
+                &std::fs::read_to_string(cmdline).unwrap(),
+            )
+            .unwrap(),
+        }
     }
 
     pub fn slot_bytes(&self, slot: Slot, len: usize) -> Vec<u8> {
@@ -141,8 +201,6 @@ impl SimBox {
         vec![
             "--data-dir".into(),
             self.data_dir.display().to_string(),
-            "--boot".into(),
-            format!("file:{}", self.boot_dir.display()),
             "--slot-a".into(),
             self.slots[0].display().to_string(),
             "--slot-b".into(),
@@ -154,6 +212,22 @@ impl SimBox {
             "--reboot".into(),
             "exit".into(),
         ]
+        .into_iter()
+        .chain(self.boot_args())
+        .collect()
+    }
+
+    /// The boot-loader arguments.
+    pub fn boot_args(&self) -> Vec<String> {
+        match &self.firmware {
+            Firmware::File => vec!["--boot".into(), format!("file:{}", self.boot_dir.display())],
+            Firmware::Gpt { disk, cmdline } => vec![
+                "--boot".into(),
+                format!("gpt:{}:slot-a,slot-b", disk.display()),
+                "--cmdline".into(),
+                cmdline.display().to_string(),
+            ],
+        }
     }
 
     /// `cairn-agent os-install BUNDLE --release-key KEY` plus the slot arguments.
@@ -171,7 +245,28 @@ impl SimBox {
 
     /// One firmware boot; returns the slot and whether its kernel "panicked".
     pub fn power_on(&self) -> (Slot, bool) {
-        let slot = firmware_boot(&self.boot_dir).unwrap();
+        let slot = match &self.firmware {
+            Firmware::File => firmware_boot(&self.boot_dir).unwrap(),
+            Firmware::Gpt { disk, cmdline } => {
+                use cairn_agent::upgrade::boot::gpt::{PartRef, firmware_boot};
+                let slot = firmware_boot(
+                    disk,
+                    &PartRef::Name("slot-a".into()),
+                    &PartRef::Name("slot-b".into()),
+                )
+                .unwrap();
+                std::fs::write(
+                    cmdline,
+                    format!(
+                        "root=PARTLABEL=slot-{} ro cairn.slot={}\n",
+                        slot.as_str(),
+                        slot.as_str()
+                    ),
+                )
+                .unwrap();
+                slot
+            }
+        };
         let mut head = [0u8; 5];
         let f = std::fs::File::open(&self.slots[slot.index()]).unwrap();
         let _ = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0);
