@@ -324,14 +324,12 @@ fn status(data_dir: &std::path::Path, json: bool) -> ExitCode {
                 println!("os:          {v} (committed)");
             }
             if let Some(u) = &s.upgrade {
-                let pct = if u.bytes_total > 0 {
-                    format!(
-                        ", {}% written, {}% downloaded",
-                        u.bytes_done * 100 / u.bytes_total,
-                        u.bytes_downloaded * 100 / u.bytes_total
-                    )
-                } else {
-                    String::new()
+                let pct = match (
+                    (u.bytes_done * 100).checked_div(u.bytes_total),
+                    (u.bytes_downloaded * 100).checked_div(u.bytes_total),
+                ) {
+                    (Some(w), Some(d)) => format!(", {w}% written, {d}% downloaded"),
+                    _ => String::new(),
                 };
                 println!(
                     "upgrade:     {} {} into slot {}{pct}",
