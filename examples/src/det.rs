@@ -157,6 +157,12 @@ pub enum Sabotage {
 
 /// Runs `scenario` in virtual time and reports what happened.
 pub fn run(scenario: &Scenario, opts: DetOptions) -> Result<Report> {
+    if scenario.upgrades.is_some() {
+        anyhow::bail!(
+            "scenario {:?} has OS upgrades, which the deterministic mode does not model (it runs the protocol cores only); run it in real mode",
+            scenario.name
+        );
+    }
     let wall = Instant::now();
     let mut sim = Sim::new(scenario, opts)?;
     sim.warm_up();
@@ -767,6 +773,8 @@ impl<'a> Sim<'a> {
                 }
             }
             Step::Converge { name, timeout } => self.converge(name, ns(*timeout)),
+            // Refused in `run`: scenarios with upgrades run in real mode.
+            Step::Release { .. } | Step::OsSet { .. } | Step::ConvergeOs { .. } => {}
             Step::Partition {
                 devices,
                 selector,
@@ -2142,8 +2150,9 @@ impl<'a> Sim<'a> {
                 Invariant::SignedStateOnly => {
                     InvariantResult::new(inv, signed_ok == n, format!("{signed_ok} of {n} devices"))
                 }
-                // The protocol cores run here without attestation; real mode checks it.
-                Invariant::AllAttested => continue,
+                // The protocol cores run here without attestation or upgrades; real
+                // mode checks these.
+                Invariant::AllAttested | Invariant::OsCommittedOrRolledBack => continue,
             };
             invariants.push(r);
         }

@@ -113,17 +113,33 @@ impl AgentTask {
         }
     }
 
-    /// Starts (or restarts) the agent.
+    /// Starts (or restarts) the agent. When the agent asks for a reboot and its slots
+    /// are file-backed, the task plays the box: the file boot loader's firmware boots
+    /// (a slot whose image starts with `PANIC` is a kernel that panics: the firmware
+    /// resets and boots again), then the agent starts again.
     pub fn start(&mut self) {
-        let (tx, mut rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(false);
         let cfg = self.cfg.clone();
         self.stop = Some(tx);
         self.task = Some(tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            if let Err(e) = cairn_agent::run(cfg, shutdown).await {
-                tracing::error!(error = %e, "agent stopped");
+            loop {
+                let mut rx = rx.clone();
+                let shutdown = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                match cairn_agent::run(cfg.clone(), shutdown).await {
+                    Ok(cairn_agent::Stopped::Shutdown) => return,
+                    Ok(cairn_agent::Stopped::Reboot(_)) => {
+                        if let Err(e) = reboot_sim_box(&cfg) {
+                            tracing::error!(error = %e, "simulated reboot failed");
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "agent stopped");
+                        return;
+                    }
+                }
             }
         }));
     }
@@ -155,6 +171,28 @@ impl AgentTask {
         self.signal_stop();
         self.join().await;
     }
+}
+
+/// Boots a simulated box with file-backed slots again (see [`AgentTask::start`]).
+pub fn reboot_sim_box(cfg: &AgentConfig) -> Result<cairn_agent::upgrade::boot::Slot> {
+    use cairn_agent::upgrade::BootSpec;
+    let Some(u) = &cfg.upgrade else {
+        anyhow::bail!("the agent asked for a reboot but has no slots");
+    };
+    let BootSpec::File(dir) = &u.boot else {
+        anyhow::bail!("only file-backed boxes are rebooted in the simulation");
+    };
+    for _ in 0..8 {
+        let slot = cairn_agent::upgrade::boot::file::firmware_boot(dir)?;
+        let mut head = [0u8; 5];
+        let f = std::fs::File::open(&u.slots.rootfs[slot.index()])?;
+        let _ = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0);
+        if &head != b"PANIC" {
+            return Ok(slot);
+        }
+        tracing::info!(%slot, "simulated kernel panic; the firmware resets");
+    }
+    anyhow::bail!("the box keeps booting a panicking slot")
 }
 
 /// Stops agents all at once, then waits for each.

@@ -44,9 +44,25 @@ pub struct Scenario {
     #[serde(default)]
     pub network: Network,
     pub steps: Vec<Step>,
+    /// Boxes get file-backed A/B slots flashed with OS 1.0.0 (real mode only).
+    #[serde(default)]
+    pub upgrades: Option<UpgradeSim>,
     /// Invariants checked at the end; all of them when left out.
     #[serde(default = "Invariant::all")]
     pub check: Vec<Invariant>,
+}
+
+/// A/B slots of the simulated boxes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeSim {
+    /// Size of the OS image (1.0.0, flashed into slot A) and of every release, KiB.
+    #[serde(default = "default_image_kib")]
+    pub image_kib: u64,
+}
+
+fn default_image_kib() -> u64 {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,10 +169,48 @@ pub enum Step {
         #[serde(rename = "for", with = "humantime_serde_compat")]
         duration: Duration,
     },
+    /// The operator builds and pushes OS release `version`: the previous release's image
+    /// with `changed` of its 4 KiB blocks rewritten. `broken`: its kernel panics.
+    Release {
+        version: String,
+        #[serde(default = "default_changed")]
+        changed: f64,
+        #[serde(default)]
+        broken: bool,
+    },
+    /// The operator makes `version` the desired OS of `selector`; `health_cmd` must
+    /// pass on the trial boot.
+    OsSet {
+        selector: SelectorText,
+        version: String,
+        #[serde(default, rename = "health-cmd")]
+        health_cmd: Option<String>,
+        #[serde(
+            default = "default_health_timeout",
+            rename = "health-timeout",
+            with = "humantime_serde_compat"
+        )]
+        health_timeout: Duration,
+    },
+    /// Waits until every device that is not cut off has finished its upgrade
+    /// (committed, rolled back or refused) and records a phase.
+    ConvergeOs {
+        name: String,
+        #[serde(default = "default_converge_timeout", with = "humantime_serde_compat")]
+        timeout: Duration,
+    },
 }
 
 fn default_converge_timeout() -> Duration {
     Duration::from_secs(120)
+}
+
+fn default_changed() -> f64 {
+    0.1
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Step {
@@ -196,6 +250,13 @@ impl Step {
                 devices, resource, ..
             } => format!("drift {resource} on {devices}"),
             Step::Sleep { duration } => format!("sleep {}", humantime::format_duration(*duration)),
+            Step::Release {
+                version, broken, ..
+            } => format!("release {version}{}", if *broken { " (broken)" } else { "" }),
+            Step::OsSet {
+                selector, version, ..
+            } => format!("os {version} for {selector}"),
+            Step::ConvergeOs { name, .. } => format!("converge OS ({name})"),
         }
     }
 }
@@ -286,6 +347,10 @@ pub enum Invariant {
     /// none quarantined, none unattested. Checked in real mode; the deterministic mode
     /// runs the protocol cores without attestation.
     AllAttested,
+    /// Every box boots a slot holding exactly the release it committed (or the one it
+    /// rolled back to), never an unverified one, and no upgrade is left half done.
+    /// Checked in real mode for scenarios with `[upgrades]`.
+    OsCommittedOrRolledBack,
 }
 
 impl Invariant {
@@ -295,6 +360,7 @@ impl Invariant {
             Invariant::ReportsExactlyOnce,
             Invariant::SignedStateOnly,
             Invariant::AllAttested,
+            Invariant::OsCommittedOrRolledBack,
         ]
     }
 
@@ -304,6 +370,9 @@ impl Invariant {
             Invariant::ReportsExactlyOnce => "no report lost or duplicated",
             Invariant::SignedStateOnly => "no device runs unsigned state",
             Invariant::AllAttested => "every device attested, its evidence verified",
+            Invariant::OsCommittedOrRolledBack => {
+                "every box runs a committed or rolled-back release, none unverified"
+            }
         }
     }
 }
@@ -337,7 +406,39 @@ impl Scenario {
         if !(0.0..=1.0).contains(&self.network.loss) {
             bail!("network.loss must be between 0.0 and 1.0");
         }
+        let mut versions = vec![semver::Version::new(1, 0, 0)];
         for (i, step) in self.steps.iter().enumerate() {
+            match step {
+                Step::Release {
+                    version, changed, ..
+                } => {
+                    let v = semver::Version::parse(version)
+                        .with_context(|| format!("step {}: release version {version:?}", i + 1))?;
+                    if versions.contains(&v) {
+                        bail!("step {}: release {version} is built twice", i + 1);
+                    }
+                    if !(0.0..=1.0).contains(changed) {
+                        bail!("step {}: changed must be between 0.0 and 1.0", i + 1);
+                    }
+                    versions.push(v);
+                }
+                Step::OsSet { version, .. } => {
+                    let v = semver::Version::parse(version)
+                        .with_context(|| format!("step {}: version {version:?}", i + 1))?;
+                    if !versions.contains(&v) {
+                        bail!("step {}: os {version} is set before a release step builds it", i + 1);
+                    }
+                }
+                _ => {}
+            }
+            if matches!(step, Step::Release { .. } | Step::OsSet { .. } | Step::ConvergeOs { .. })
+                && self.upgrades.is_none()
+            {
+                bail!(
+                    "step {}: OS upgrade steps need an [upgrades] table (the boxes' A/B slots)",
+                    i + 1
+                );
+            }
             if let Step::Flap {
                 period, duration, ..
             } = step

@@ -17,6 +17,7 @@
 //! that was cut off then, from when its link came back.
 
 pub mod hub;
+pub mod os;
 pub mod pool;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -73,6 +74,26 @@ struct HubDevice {
     attest_status: Option<String>,
     #[serde(default)]
     quarantine: Option<String>,
+    #[serde(default)]
+    upgrade: Option<HubUpgrade>,
+}
+
+/// A device's latest upgrade report, as the hub shows it.
+#[derive(Debug, Clone, Deserialize)]
+struct HubUpgrade {
+    version: String,
+    phase: String,
+    #[serde(default)]
+    error: Option<String>,
+    bytes_total: u64,
+    bytes_downloaded: u64,
+    at_ms: u64,
+}
+
+impl HubUpgrade {
+    fn is_final(&self) -> bool {
+        matches!(self.phase.as_str(), "committed" | "rolled-back" | "failed")
+    }
 }
 
 impl HubDevice {
@@ -185,6 +206,10 @@ struct Fleet {
     /// Hub CPU seconds when the last operator action or fault began.
     cpu_mark: f64,
     actions: Vec<Action>,
+    /// Releases, images and the release key, with `[upgrades]`.
+    os: Option<os::OsFleet>,
+    /// The OS version assigned to each device.
+    assigned: Vec<Option<String>>,
 }
 
 fn now_ms() -> u64 {
@@ -543,8 +568,134 @@ impl Fleet {
                 .await?;
             }
             Step::Sleep { duration } => self.sleep(*duration).await?,
+            Step::Release {
+                version,
+                changed,
+                broken,
+            } => self.release(step, version, *changed, *broken).await?,
+            Step::OsSet {
+                selector,
+                version,
+                health_cmd,
+                health_timeout,
+            } => {
+                let body = json!({
+                    "selector": selector.to_string(),
+                    "name": "os",
+                    "os": {
+                        "version": version,
+                        "health_timeout_s": health_timeout.as_secs(),
+                        "require_hub": true,
+                        "health_commands": health_cmd.iter().collect::<Vec<_>>(),
+                    },
+                });
+                self.change_state(step, &body).await?;
+                for i in 0..self.assigned.len() {
+                    if selector.0.matches(&self.scenario.labels_of(i)) {
+                        self.assigned[i] = Some(version.clone());
+                    }
+                }
+            }
+            Step::ConvergeOs { name, timeout } => {
+                return Ok(Some(self.converge_os(name, *timeout).await?));
+            }
         }
         Ok(None)
+    }
+
+    /// Builds a release bundle and pushes it with the operator's release key.
+    async fn release(&mut self, step: &Step, version: &str, changed: f64, broken: bool) -> Result<()> {
+        let Some(os) = self.os.as_mut() else {
+            bail!("release steps need [upgrades]");
+        };
+        let bundle = os.build(version, changed, broken)?;
+        if !os.key_added {
+            let _: serde_json::Value = self
+                .api
+                .post(
+                    "/v1/release-keys",
+                    &json!({
+                        "public_key": hex::encode(os.key.verifying_key().as_bytes()),
+                        "name": "fleet-sim",
+                    }),
+                )
+                .await
+                .map_err(|e| e.error.context("trusting the release key"))?;
+            os.key_added = true;
+        }
+        let bytes = tokio::fs::read(&bundle).await?;
+        let len = bytes.len() as u64;
+        let t = Instant::now();
+        let _: serde_json::Value = self
+            .api
+            .post_stream("/v1/releases", reqwest::Body::from(bytes), len)
+            .await
+            .map_err(|e| e.error.context(format!("pushing release {version}")))?;
+        self.actions.push(Action {
+            what: step.describe(),
+            ms: t.elapsed().as_millis() as u64,
+        });
+        Ok(())
+    }
+
+    /// Waits until every reachable device with an assigned OS has finished upgrading to
+    /// it (committed, rolled back or refused); the phase's times run from the
+    /// assignment to the device's final report.
+    async fn converge_os(&mut self, name: &str, timeout: Duration) -> Result<Phase> {
+        let start = Instant::now();
+        let finished = |f: &Fleet, i: usize| -> bool {
+            match (&f.assigned[i], f.devices[i].as_ref().and_then(|d| d.upgrade.as_ref())) {
+                (None, _) => true,
+                (Some(v), Some(u)) => &u.version == v && u.is_final(),
+                (Some(_), None) => false,
+            }
+        };
+        loop {
+            self.tick().await?;
+            let pending = (0..self.devices.len())
+                .filter(|i| self.faults_on[*i] == 0 && !finished(self, *i))
+                .count();
+            if pending == 0 {
+                break;
+            }
+            if start.elapsed() > timeout {
+                self.problems.push(format!(
+                    "{name}: {pending} devices had not finished their upgrade after {}",
+                    humantime::format_duration(timeout)
+                ));
+                break;
+            }
+            tokio::time::sleep(self.poll_interval()).await;
+        }
+        let mut times = Vec::new();
+        let mut due = 0;
+        let (mut committed, mut rolled_back, mut failed, mut downloaded, mut total) =
+            (0, 0, 0, 0u64, 0u64);
+        for i in 0..self.devices.len() {
+            if self.assigned[i].is_none() || self.faults_on[i] > 0 {
+                continue;
+            }
+            due += 1;
+            if let Some(u) = self.devices[i].as_ref().and_then(|d| d.upgrade.as_ref())
+                && finished(self, i)
+            {
+                times.push(u.at_ms.saturating_sub(self.t_ref[i]));
+                match u.phase.as_str() {
+                    "committed" => committed += 1,
+                    "rolled-back" => rolled_back += 1,
+                    _ => failed += 1,
+                }
+                downloaded += u.bytes_downloaded;
+                total += u.bytes_total;
+            }
+        }
+        let mut phase = Phase::from_times(name, due, times);
+        phase.hub_cpu_secs = Some(self.hub_cpu() - self.cpu_mark);
+        self.bar.println(format!(
+            "         {name}: {committed} committed, {rolled_back} rolled back, {failed} failed; {:.1}% of the image bytes downloaded",
+            100.0 * downloaded as f64 / total.max(1) as f64
+        ));
+        Ok(phase)
     }
 
     /// An operator action starts a new measurement for every reachable device.
@@ -659,6 +810,8 @@ pub async fn run(scenario: &Scenario, opts: &RealOptions) -> Result<Report> {
         rss_peak_mb: 0.0,
         cpu_mark: 0.0,
         actions: Vec::new(),
+        os: None,
+        assigned: vec![None; n],
     };
     let result = drive(&mut fleet, opts).await;
     fleet.bar.finish_and_clear();
@@ -687,6 +840,15 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
         tokens.extend(members.iter().map(|m| (*m, created.token.clone())));
     }
     tokens.sort_unstable();
+    let os_image = match &fleet.scenario.upgrades {
+        Some(u) => {
+            let (o, image) =
+                os::OsFleet::new(&opts.root.join("os"), u.image_kib, fleet.scenario.seed)?;
+            fleet.os = Some(o);
+            Some(image)
+        }
+        None => None,
+    };
     let pool_size = fleet.opts_pool_size;
     for p in 0..tokens.len().div_ceil(pool_size) {
         let setup = PoolSetup {
@@ -700,6 +862,7 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
             latency_us: fleet.scenario.network.latency.as_micros() as u64,
             jitter_us: fleet.scenario.network.jitter.as_micros() as u64,
             loss: fleet.scenario.network.loss,
+            os_image: os_image.clone(),
         };
         fleet
             .pools
@@ -972,6 +1135,50 @@ fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut
                     *inv,
                     trusted == n,
                     format!("{trusted} of {n} devices trusted ({})", kinds.join(", ")),
+                )
+            }
+            Invariant::OsCommittedOrRolledBack => {
+                let Some(os) = &fleet.os else { continue };
+                let mut ok = 0;
+                let mut on: BTreeMap<String, usize> = BTreeMap::new();
+                let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+                for a in audits {
+                    let Some(o) = &a.os else { continue };
+                    let expected = os.sha256(&o.committed);
+                    let settled = o.job.as_ref().is_none_or(|(_, phase)| {
+                        matches!(phase.as_str(), "committed" | "rolled-back" | "failed")
+                    });
+                    if expected.as_deref() == Some(o.booted_sha256.as_str()) && settled {
+                        ok += 1;
+                        *on.entry(o.committed.clone()).or_default() += 1;
+                        if let Some((v, phase)) = &o.job {
+                            *outcomes.entry(format!("{v} {phase}")).or_default() += 1;
+                        }
+                    } else if report.problems.len() < 300 {
+                        report.problems.push(format!(
+                            "{}: boots slot {} holding {}, committed {}, upgrade {:?}",
+                            pool::hostname(a.index),
+                            o.booted,
+                            if os.images.keys().any(|v| os.sha256(v).as_deref() == Some(o.booted_sha256.as_str())) {
+                                "another release"
+                            } else {
+                                "an image that is no release"
+                            },
+                            o.committed,
+                            o.job
+                        ));
+                    }
+                }
+                let on: Vec<String> = on.iter().map(|(v, c)| format!("{c} on {v}")).collect();
+                let outcomes: Vec<String> = outcomes.iter().map(|(v, c)| format!("{c} {v}")).collect();
+                InvariantResult::new(
+                    *inv,
+                    ok == n,
+                    format!(
+                        "{ok} of {n} boxes boot the release they committed ({}; upgrades: {})",
+                        on.join(", "),
+                        outcomes.join(", ")
+                    ),
                 )
             }
         };

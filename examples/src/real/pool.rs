@@ -37,6 +37,9 @@ pub struct PoolSetup {
     pub latency_us: u64,
     pub jitter_us: u64,
     pub loss: f64,
+    /// Boxes get file-backed A/B slots, slot A flashed with this image (OS 1.0.0).
+    #[serde(default)]
+    pub os_image: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -86,6 +89,21 @@ pub struct AgentAudit {
     /// Every managed file has the content of the stored document.
     pub files_match: bool,
     pub problem: Option<String>,
+    /// With A/B slots: what the box runs.
+    #[serde(default)]
+    pub os: Option<OsAudit>,
+}
+
+/// What a simulated box boots, read from its boot loader state and slot files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OsAudit {
+    pub booted: String,
+    /// SHA-256 (hex) of the booted slot's first `image_len` bytes.
+    pub booted_sha256: String,
+    /// The committed version (1.0.0 until an upgrade commits).
+    pub committed: String,
+    /// The upgrade job's version and phase, if there was one.
+    pub job: Option<(String, String)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -249,6 +267,9 @@ impl Pool {
                     let dir = self.setup.root.join(format!("agent-{index:06}"));
                     let mut cfg = sim_agent_config(&addr.to_string(), &dir, index);
                     cfg.join_token = Some(token);
+                    if let Some(image) = &self.setup.os_image {
+                        cfg.upgrade = Some(flash_box(&dir, image)?);
+                    }
                     let mut a = PoolAgent {
                         agent: AgentTask::new(cfg),
                         link,
@@ -311,10 +332,14 @@ impl Pool {
             }
             Command::Finish => {
                 crate::stop_all(self.agents.values_mut().map(|a| &mut a.agent)).await;
+                let image_len = match &self.setup.os_image {
+                    Some(p) => Some(std::fs::metadata(p)?.len()),
+                    None => None,
+                };
                 let agents = self
                     .agents
                     .iter()
-                    .map(|(i, a)| audit(*i, &a.agent.cfg))
+                    .map(|(i, a)| audit(*i, &a.agent.cfg, image_len))
                     .collect();
                 Ok(Reply::Audit { agents })
             }
@@ -322,8 +347,58 @@ impl Pool {
     }
 }
 
+/// Gives a simulated box two file-backed slots, slot A flashed with `image` (1.0.0)
+/// and booted; returns the agent's upgrade configuration.
+pub fn flash_box(dir: &Path, image: &Path) -> Result<cairn_agent::upgrade::UpgradeConfig> {
+    use cairn_agent::upgrade::{BootSpec, RebootAction, SlotLayout, UpgradeConfig};
+    std::fs::create_dir_all(dir)?;
+    let len = std::fs::metadata(image)?.len();
+    let slots = [dir.join("slot-a.img"), dir.join("slot-b.img")];
+    std::fs::copy(image, &slots[0]).with_context(|| format!("flashing {}", slots[0].display()))?;
+    for s in &slots {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(s)?;
+        f.set_len(len + 64 * 1024)?;
+    }
+    let boot = dir.join("boot");
+    cairn_agent::upgrade::boot::file::FileBoot::open(&boot)?;
+    cairn_agent::upgrade::boot::file::firmware_boot(&boot)?;
+    let layout = SlotLayout {
+        rootfs: slots,
+        extra: vec![],
+    };
+    let mut cfg = UpgradeConfig::new(BootSpec::File(boot), layout, "sim", dir);
+    cfg.os_version = "1.0.0".into();
+    cfg.reboot = RebootAction::Exit;
+    cfg.checkpoint_bytes = 64 * 1024;
+    Ok(cfg)
+}
+
+fn audit_os(cfg: &AgentConfig, image_len: u64) -> Result<Option<OsAudit>> {
+    use sha2::Digest;
+    let Some(u) = &cfg.upgrade else {
+        return Ok(None);
+    };
+    let cairn_agent::upgrade::BootSpec::File(boot) = &u.boot else {
+        return Ok(None);
+    };
+    let booted = cairn_agent::upgrade::boot::file::FileBoot::open(boot)?.booted()?;
+    let mut bytes = std::fs::read(&u.slots.rootfs[booted.index()])?;
+    bytes.truncate(image_len as usize);
+    let st = cairn_agent::status(&cfg.data_dir)?;
+    Ok(Some(OsAudit {
+        booted: booted.as_str().into(),
+        booted_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        committed: st.os_version.unwrap_or_else(|| u.os_version.clone()),
+        job: st.upgrade.map(|j| (j.version, j.phase)),
+    }))
+}
+
 /// Reads what a stopped agent holds and checks it against its own pinned hub key.
-fn audit(index: usize, cfg: &AgentConfig) -> AgentAudit {
+fn audit(index: usize, cfg: &AgentConfig, image_len: Option<u64>) -> AgentAudit {
     let mut out = AgentAudit {
         index,
         device: None,
@@ -334,9 +409,16 @@ fn audit(index: usize, cfg: &AgentConfig) -> AgentAudit {
         signed: false,
         files_match: false,
         problem: None,
+        os: None,
     };
     if let Err(e) = audit_into(cfg, &mut out) {
         out.problem = Some(format!("{e:#}"));
+    }
+    if let Some(image_len) = image_len {
+        match audit_os(cfg, image_len) {
+            Ok(os) => out.os = os,
+            Err(e) => out.problem = Some(format!("OS audit: {e:#}")),
+        }
     }
     out
 }
