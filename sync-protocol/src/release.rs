@@ -536,6 +536,24 @@ impl crate::frame::Message for FetchResponse {
     const KINDS: u32 = 2;
 }
 
+impl FetchRequest {
+    /// Decodes one frame's payload as a request. Use this, not
+    /// [`frame::decode_payload`](crate::frame::decode_payload): a request is a struct,
+    /// so its first byte is the release id's, not a message kind, and the generic
+    /// unknown-kind check would refuse most valid requests.
+    pub fn decode_payload(payload: &[u8]) -> Result<Self, crate::frame::FrameError> {
+        use crate::frame::FrameError;
+        if payload.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        match postcard::take_from_bytes::<Self>(payload) {
+            Ok((req, [])) => Ok(req),
+            Ok((_, rest)) => Err(FrameError::TrailingBytes(rest.len())),
+            Err(e) => Err(FrameError::Malformed(e.to_string())),
+        }
+    }
+}
+
 /// The desired OS of a device: a release, the keys its manifest may be signed with,
 /// and how the trial boot is judged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
