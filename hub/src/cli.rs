@@ -338,11 +338,7 @@ pub fn device_row(d: &Value) -> Vec<String> {
 }
 
 fn pct(n: u64, of: u64) -> u64 {
-    if of == 0 {
-        0
-    } else {
-        (n.saturating_mul(100) / of).min(100)
-    }
+    n.saturating_mul(100).checked_div(of).unwrap_or(0).min(100)
 }
 
 /// The OS column: the committed version, plus the upgrade when one is under way or
@@ -360,7 +356,7 @@ pub fn os_cell(d: &Value) -> String {
     };
     match phase.as_str() {
         "committed" if version == committed => committed,
-        "committed" => format!("{version}"),
+        "committed" => version,
         "downloading" => format!(
             "{committed} ({version} downloading {}%)",
             pct(u(up, "bytes_done"), u(up, "bytes_total"))

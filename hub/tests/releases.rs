@@ -623,3 +623,91 @@ async fn fetch_streams_serve_exact_bytes_and_refuse_bad_requests() {
     d.conn.close(0u32.into(), b"done");
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assigned_release_pcrs_become_expected_measurements() {
+    use cairn_hub::store::{AttestOutcome, NewAttestation};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    image(&dir.join("rootfs.img"), 3 * 4096, 4);
+    keygen(dir, "a.pem");
+    build(dir, "3.0.0", "a.pem", "r.cairn", false);
+    let hub = start_hub(dir).await;
+    ok(dir, &["release", "key", "add", "a.pem.pub"]);
+    ok(dir, &["release", "push", "r.cairn"]);
+    hub.store
+        .create_token(NewToken {
+            id: "tok".into(),
+            secret_hash: [7; 32],
+            created_ms: 0,
+            expires_ms: u64::MAX / 2,
+            uses: 1,
+            labels: cairn_hub::desired::parse_labels("role=kiosk").unwrap(),
+        })
+        .await
+        .unwrap();
+    let device = DeviceId::new("dev-attested").unwrap();
+    hub.store
+        .enroll(Enrollment {
+            token_id: "tok".into(),
+            secret_hash: [7; 32],
+            device: device.clone(),
+            hostname: "kiosk".into(),
+            agent_version: "test".into(),
+            now_ms: 1,
+            attestation: Some(NewAttestation {
+                kind: "software".into(),
+                ek_public: vec![1, 2, 3],
+                ek_issuer: None,
+                ak_public: vec![4, 5, 6],
+                outcome: AttestOutcome {
+                    quarantine: None,
+                    pcrs: None,
+                    log: None,
+                    reset_count: None,
+                    record: None,
+                    ima: None,
+                    now_ms: 1,
+                },
+            }),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    ok(dir, &["os", "set", "--selector", "role=kiosk", "3.0.0"]);
+    let a: Value = client(dir)
+        .get(&format!("/v1/devices/{device}/attestation"))
+        .await
+        .unwrap();
+    let sets = a["accepted"].as_array().unwrap();
+    let release = sets
+        .iter()
+        .find(|s| s["source"] == "release 3.0.0")
+        .unwrap_or_else(|| panic!("{a}"));
+    assert_eq!(
+        release["pcrs"]["4"],
+        "0404040404040404040404040404040404040404040404040404040404040404"
+    );
+    let state: Value = client(dir)
+        .get(&format!("/v1/devices/{device}/state"))
+        .await
+        .unwrap();
+    assert_eq!(state["resources"][0]["kind"], "os");
+    assert_eq!(state["resources"][0]["version"], "3.0.0");
+    // The name `os` is the OS's; a file may not take it, an OS no other name.
+    let (_, err) = fails(
+        dir,
+        &[
+            "set",
+            "--device",
+            device.as_str(),
+            "os",
+            "--path",
+            "etc/os",
+            "--content",
+            "x",
+        ],
+    );
+    assert!(err.contains("reserved for the desired OS"), "{err}");
+    hub.shutdown().await;
+}

@@ -257,11 +257,10 @@ impl UpgradeStatus {
     /// One line: `2.0.0 downloading 45% (12% downloaded)`, `2.0.0 rolled back: why`.
     pub fn summary(&self) -> String {
         let pct = |n: u64| {
-            if self.bytes_total == 0 {
-                0
-            } else {
-                (n.saturating_mul(100) / self.bytes_total).min(100)
-            }
+            n.saturating_mul(100)
+                .checked_div(self.bytes_total)
+                .unwrap_or(0)
+                .min(100)
         };
         match (self.phase.as_str(), &self.error) {
             ("downloading", _) => format!(
