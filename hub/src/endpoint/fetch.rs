@@ -43,8 +43,16 @@ pub(super) async fn serve(
     device: DeviceId,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    deny: Option<&'static str>,
 ) {
     let stats = &shared.registry.fetch;
+    if let Some(why) = deny {
+        stats.refused.fetch_add(1, Ordering::Relaxed);
+        debug!(%device, reason = why, "fetch refused");
+        let _ = recv.stop(0u32.into());
+        refuse(&mut send, why).await;
+        return;
+    }
     let Ok(_permit) = shared.fetch_slots.clone().try_acquire_owned() else {
         stats.refused.fetch_add(1, Ordering::Relaxed);
         refuse(

@@ -476,9 +476,16 @@ impl Connection {
                     Ok((send, recv)) => {
                         if let Some(device) = self.device.clone() {
                             let shared = self.shared.clone();
+                            // Release bytes flow only where desired state may: not
+                            // before this session's evidence verified, nor in quarantine.
+                            let deny = match self.gate {
+                                Gate::Open => None,
+                                Gate::Evidence => Some("this session's attestation evidence has not verified yet; fetch once it has"),
+                                Gate::Quarantined => Some("the device is quarantined; nothing is served until it is trusted again"),
+                            };
                             self.fetches
                                 .get_or_insert_with(tokio::task::JoinSet::new)
-                                .spawn(fetch::serve(shared, device, send, recv).in_current_span());
+                                .spawn(fetch::serve(shared, device, send, recv, deny).in_current_span());
                         }
                     }
                     Err(e) => return End::Transport(e.to_string()),
