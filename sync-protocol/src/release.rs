@@ -707,6 +707,30 @@ mod tests {
     }
 
     #[test]
+    fn fetch_requests_decode_from_their_frames() {
+        let req = FetchRequest {
+            release: ReleaseId([0xab; 32]),
+            payload: 1,
+            what: FetchWhat::Blocks { first: 7, count: 3 },
+        };
+        let f = crate::frame::encode(&req, 1024).unwrap();
+        assert_eq!(FetchRequest::decode_payload(&f[4..]).unwrap(), req);
+        // The generic decoder reads the id's first byte as a message kind: an id
+        // starting with 0x01..=0x7f is refused as an unknown message.
+        let low = FetchRequest {
+            release: ReleaseId([0x05; 32]),
+            ..req.clone()
+        };
+        let f = crate::frame::encode(&low, 1024).unwrap();
+        assert!(crate::frame::decode_payload::<FetchRequest>(&f[4..]).is_err());
+        assert_eq!(FetchRequest::decode_payload(&f[4..]).unwrap(), low);
+        let mut long = f[4..].to_vec();
+        long.push(0);
+        assert!(FetchRequest::decode_payload(&long).is_err());
+        assert!(FetchRequest::decode_payload(&[]).is_err());
+    }
+
+    #[test]
     fn structure_is_checked() {
         let (p, _) = payload(b"x");
         let mut m = manifest(p.clone());
