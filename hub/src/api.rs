@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -21,6 +22,10 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
+mod releases;
+
+pub use releases::{bundle_path, clean_partial_pushes};
+
 use crate::attest::{AttestPolicy, MeasurementSet};
 use crate::desired::{Selector, Target, parse_labels};
 use crate::endpoint::{Registry, now_ms};
@@ -36,6 +41,8 @@ pub struct Api {
     pub store: DynStore,
     pub registry: Arc<Registry>,
     pub keys: Arc<HubKeys>,
+    /// `DATA_DIR/releases`: the stored release bundles.
+    pub releases_dir: std::path::PathBuf,
 }
 
 /// An error as the API returns it: a status and a message saying what to do.
@@ -203,6 +210,15 @@ pub struct ResourceView {
     pub mode: u32,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// For `os`: the release's version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// For `os`: whether an older release may be installed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_downgrade: Option<bool>,
+    /// For `os`: seconds the trial boot has to become healthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_timeout_s: Option<u32>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -233,7 +249,11 @@ async fn show_state(State(api): State<Api>, Path(id): Path<String>) -> ApiResult
                 mode: f.mode,
                 uid: f.uid,
                 gid: f.gid,
+                version: None,
+                allow_downgrade: None,
+                health_timeout_s: None,
             },
+            // A release: the manifest's version and id (what the device installs).
             Resource::Os(o) => ResourceView {
                 name: name.to_string(),
                 kind: "os".into(),
@@ -243,6 +263,13 @@ async fn show_state(State(api): State<Api>, Path(id): Path<String>) -> ApiResult
                 mode: 0,
                 uid: None,
                 gid: None,
+                version: o
+                    .manifest
+                    .decode_unverified()
+                    .ok()
+                    .map(|m| m.version.to_string()),
+                allow_downgrade: Some(o.allow_downgrade),
+                health_timeout_s: Some(o.health.timeout_s),
             },
         })
         .collect();
@@ -480,9 +507,12 @@ pub struct StateChange {
     pub selector: Option<String>,
     /// Resource name, e.g. `motd`.
     pub name: String,
-    /// Set this file; absent means remove the resource from the target.
+    /// Set this file; absent (and no `os`) means remove the resource from the target.
     #[serde(default)]
     pub file: Option<FileSpec>,
+    /// Set the desired OS release (resource name `os`).
+    #[serde(default)]
+    pub os: Option<releases::OsSpec>,
 }
 
 pub fn validate_path(path: &str) -> Result<(), String> {
@@ -555,12 +585,41 @@ async fn change_state(
         }
     };
     let name = ResourceName::new(&req.name).map_err(ApiError::bad_request)?;
-    let change = match req.file {
-        Some(spec) => Change::Set(name, to_resource(spec)?),
-        None => Change::Unset(name),
+    let mut expected = None;
+    let change = match (req.file, req.os) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("give file or os, not both"));
+        }
+        (Some(spec), None) => {
+            releases::check_name(name.as_str(), false)?;
+            Change::Set(name, to_resource(spec)?)
+        }
+        (None, Some(os)) => {
+            releases::check_name(name.as_str(), true)?;
+            let version = os.version.clone();
+            let (res, pcrs) = releases::os_resource(&api, os).await?;
+            if !pcrs.is_empty() {
+                expected = Some(MeasurementSet {
+                    source: format!("{}{version}", crate::attest::SOURCE_RELEASE),
+                    added_ms: now_ms(),
+                    pcrs,
+                });
+            }
+            Change::Set(name, res)
+        }
+        (None, None) => Change::Unset(name),
     };
     let out = api.store.assign(target.clone(), change, now_ms()).await?;
     tracing::info!(%target, matched = out.matched, changed = out.changed.len(), "desired state changed");
+    // A release that predicts its measurements: its devices may boot them without
+    // quarantine (attested devices only; the others have nothing to compare).
+    if let Some(set) = expected {
+        for (device, _) in &out.changed {
+            if api.store.expect_measurements(device, set.clone()).await? {
+                tracing::info!(%device, source = %set.source, "expected measurements registered");
+            }
+        }
+    }
     notify_changed(&api, &out);
     Ok(Json(out))
 }
@@ -627,6 +686,11 @@ pub struct Health {
     pub connected_devices: usize,
     /// SHA-256 fingerprint of the hub CA (what join tokens pin), hex.
     pub ca_fingerprint: String,
+    /// Release bytes served to agents on fetch streams since the hub started.
+    pub fetch_bytes_served: u64,
+    /// Fetch requests answered with data / refused since the hub started.
+    pub fetch_served: u64,
+    pub fetch_refused: u64,
 }
 
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
@@ -636,6 +700,9 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         version: env!("CARGO_PKG_VERSION").into(),
         connected_devices: api.registry.online_count(),
         ca_fingerprint: hex::encode(api.keys.ca_fingerprint()),
+        fetch_bytes_served: api.registry.fetch.bytes.load(Ordering::Relaxed),
+        fetch_served: api.registry.fetch.served.load(Ordering::Relaxed),
+        fetch_refused: api.registry.fetch.refused.load(Ordering::Relaxed),
     })
 }
 
@@ -662,7 +729,15 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         change_state,
         list_events,
         list_labels,
-        health
+        health,
+        releases::add_release_key,
+        releases::list_release_keys,
+        releases::remove_release_key,
+        releases::push_release,
+        releases::list_releases,
+        releases::show_release,
+        releases::delete_release,
+        releases::release_status
     ),
     components(schemas(
         ApiError,
@@ -683,7 +758,18 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         AssignOutcome,
         EventRecord,
         LabelCount,
-        Health
+        Health,
+        crate::store::ReleaseKeyRecord,
+        crate::store::ReleaseRecord,
+        crate::store::PayloadInfo,
+        crate::store::UpgradeStatus,
+        releases::AddReleaseKey,
+        releases::AddedReleaseKey,
+        releases::ReleaseView,
+        releases::Pushed,
+        releases::ReleaseStatus,
+        releases::DeviceRollout,
+        releases::OsSpec
     ))
 )]
 pub struct ApiDoc;
@@ -742,6 +828,28 @@ pub fn router(api: Api) -> Router {
         .route("/v1/state", post(change_state))
         .route("/v1/events", get(list_events))
         .route("/v1/labels", get(list_labels))
+        .route(
+            "/v1/release-keys",
+            get(releases::list_release_keys).post(releases::add_release_key),
+        )
+        .route(
+            "/v1/release-keys/{key_id}",
+            delete(releases::remove_release_key),
+        )
+        .route(
+            "/v1/releases",
+            get(releases::list_releases)
+                .post(releases::push_release)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/releases/{version}",
+            get(releases::show_release).delete(releases::delete_release),
+        )
+        .route(
+            "/v1/releases/{version}/status",
+            get(releases::release_status),
+        )
         .route_layer(middleware::from_fn_with_state(api.clone(), require_token));
     Router::new()
         .route("/v1/health", get(health))

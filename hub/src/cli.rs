@@ -202,6 +202,25 @@ impl Client {
             .await
     }
 
+    /// POSTs a body streamed from `body` (`len` bytes), with no overall time limit
+    /// beyond a day (a large release over a slow link).
+    pub async fn post_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        len: u64,
+    ) -> CliResult<T> {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.url))
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .timeout(Duration::from_secs(24 * 3600))
+                .body(body),
+        )
+        .await
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> CliResult<T> {
         self.send(self.http.delete(format!("{}{path}", self.url)))
             .await
@@ -314,10 +333,89 @@ pub fn device_row(d: &Value) -> Vec<String> {
         u(d, "applied_revision").to_string(),
         drift,
         attest,
+        os_cell(d),
     ]
 }
 
-pub const DEVICE_HEADER: [&str; 8] = [
+fn pct(n: u64, of: u64) -> u64 {
+    n.saturating_mul(100).checked_div(of).unwrap_or(0).min(100)
+}
+
+/// The OS column: the committed version, plus the upgrade when one is under way or
+/// failed: `1.0.0 (2.0.0 downloading 45%)`, `1.0.0 (2.0.0 rolled-back)`.
+pub fn os_cell(d: &Value) -> String {
+    let Some(up) = d.get("upgrade").filter(|u| u.is_object()) else {
+        return "-".into();
+    };
+    let s = |k: &str| up.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let (committed, version, phase) = (s("committed_version"), s("version"), s("phase"));
+    let committed = if committed.is_empty() {
+        "?".to_string()
+    } else {
+        committed
+    };
+    match phase.as_str() {
+        "committed" if version == committed => committed,
+        "committed" => version,
+        "downloading" => format!(
+            "{committed} ({version} downloading {}%)",
+            pct(u(up, "bytes_done"), u(up, "bytes_total"))
+        ),
+        _ => format!("{committed} ({version} {phase})"),
+    }
+}
+
+/// Bytes for people: 512 B, 3.2 MiB, 1.0 GiB.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+/// A device's upgrade status, for `device show`.
+pub fn print_upgrade(d: &Value) {
+    let Some(up) = d.get("upgrade").filter(|u| u.is_object()) else {
+        println!("{:<13} no upgrade reported", "os:");
+        return;
+    };
+    let s = |k: &str| up.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    println!(
+        "{:<13} {} committed, booted from slot {}",
+        "os:",
+        s("committed_version"),
+        s("booted_slot").to_uppercase()
+    );
+    let (done, total, down) = (
+        u(up, "bytes_done"),
+        u(up, "bytes_total"),
+        u(up, "bytes_downloaded"),
+    );
+    println!(
+        "{:<13} {} {} into slot {} ({} of {}, {} downloaded, the rest copied locally; {})",
+        "upgrade:",
+        s("version"),
+        s("phase"),
+        s("target_slot").to_uppercase(),
+        human_bytes(done),
+        human_bytes(total),
+        human_bytes(down),
+        ago(up.get("at_ms").and_then(Value::as_u64))
+    );
+    if let Some(e) = up.get("error").and_then(Value::as_str) {
+        println!("{:<13} {e}", "error:");
+    }
+}
+
+pub const DEVICE_HEADER: [&str; 9] = [
     "ID",
     "HOSTNAME",
     "LABELS",
@@ -326,6 +424,7 @@ pub const DEVICE_HEADER: [&str; 8] = [
     "APPLIED",
     "DRIFT",
     "ATTESTATION",
+    "OS",
 ];
 
 /// One attestation policy as a table row.

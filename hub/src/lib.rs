@@ -7,5 +7,6 @@ pub mod cli;
 pub mod desired;
 pub mod endpoint;
 pub mod pki;
+pub mod release;
 pub mod server;
 pub mod store;

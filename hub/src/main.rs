@@ -1,6 +1,8 @@
 //! `cairn-hub`: the hub server (`serve`) and the operator CLI (everything else).
 #![forbid(unsafe_code)]
 
+mod release_cmd;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +24,14 @@ Getting started on one machine:
   cairn-agent run --hub 127.0.0.1:7440 --join-token cairn1_... --data-dir /var/lib/cairn
   cairn-hub set --selector site=paris motd --path etc/motd --content 'hello'
   cairn-hub devices
+
+OS upgrades (A/B):
+  cairn-hub release keygen --out release.pem && cairn-hub release key add release.pem.pub
+  cairn-hub release build rootfs.img --version 1.2.0 --arch x86_64 --board nuc \
+      --key release.pem --out os-1.2.0.cairn
+  cairn-hub release push os-1.2.0.cairn
+  cairn-hub os set --selector site=paris 1.2.0
+  cairn-hub release status 1.2.0
 
 Logs: RUST_LOG=cairn_hub=debug (default info).";
 
@@ -68,6 +78,13 @@ enum Cmd {
     /// Attestation policies: which devices must prove what (TPM identity, measured boot).
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// OS releases: signing keys, building and verifying bundles (offline), pushing them
+    /// to the hub, listing them and following rollouts.
+    #[command(subcommand)]
+    Release(release_cmd::ReleaseCmd),
+    /// The desired OS release of devices (A/B upgrade with trial boot and rollback).
+    #[command(subcommand)]
+    Os(release_cmd::OsCmd),
 }
 
 #[derive(Subcommand)]
@@ -216,13 +233,13 @@ enum DeviceCmd {
 
 #[derive(Args)]
 #[group(id = "target", required = true, multiple = false)]
-struct TargetArgs {
+pub(crate) struct TargetArgs {
     /// One device id.
     #[arg(long, group = "target")]
-    device: Option<String>,
+    pub(crate) device: Option<String>,
     /// Label selector: key=value, key!=value or key, comma-separated, all must hold.
     #[arg(long, group = "target")]
-    selector: Option<String>,
+    pub(crate) selector: Option<String>,
 }
 
 #[derive(Args)]
@@ -306,6 +323,7 @@ async fn run(cli: Cli) -> CliResult<()> {
     let json = cli.json;
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
+        Cmd::Release(r) if release_cmd::is_offline(&r) => release_cmd::offline(r, json),
         cmd => {
             let client = Client::from_connect(&cli.connect)?;
             operate(&client, cmd, json).await
@@ -611,6 +629,7 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 );
                 println!("{:<13} {}", "stored:", d["stored_revision"]);
                 println!("{:<13} {}", "reports:", d["reports_acked"]);
+                cli::print_upgrade(&d);
                 match &attestation {
                     Some(a) => cli::print_attestation(a),
                     None => println!("{:<13} none (enrolled without a TPM)", "identity:"),
@@ -618,6 +637,22 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                 println!("desired state (revision {}):", state["revision"]);
                 let empty = Vec::new();
                 for r in state["resources"].as_array().unwrap_or(&empty) {
+                    if r["kind"] == "os" {
+                        println!(
+                            "  {:<16} release {} (id {}), downgrade {}, trial boot {}s",
+                            r["name"].as_str().unwrap_or(""),
+                            r["version"].as_str().unwrap_or("?"),
+                            &r["content_sha256"].as_str().unwrap_or("")
+                                [..16.min(r["content_sha256"].as_str().unwrap_or("").len())],
+                            if r["allow_downgrade"].as_bool().unwrap_or(false) {
+                                "allowed"
+                            } else {
+                                "refused"
+                            },
+                            r["health_timeout_s"]
+                        );
+                        continue;
+                    }
                     println!(
                         "  {:<16} {} {:o} {} bytes sha256:{}",
                         r["name"].as_str().unwrap_or(""),
@@ -657,6 +692,8 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
             print_outcome(client.post("/v1/state", &body).await?, json)?;
         }
         Cmd::Events(a) => events(client, a, json).await?,
+        Cmd::Release(r) => release_cmd::online(client, r, json).await?,
+        Cmd::Os(o) => print_outcome(release_cmd::os(client, o, json).await?, json)?,
         Cmd::Labels => {
             let ls: Vec<Value> = client.get("/v1/labels").await?;
             if json {

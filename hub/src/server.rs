@@ -114,6 +114,10 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         StateSigner::new(keys.state_key.clone()),
     )?);
     let registry = Arc::new(Registry::default());
+    let releases_dir = cfg.data_dir.join("releases");
+    std::fs::create_dir_all(&releases_dir)
+        .with_context(|| format!("creating {}", releases_dir.display()))?;
+    api::clean_partial_pushes(&releases_dir);
 
     let endpoint_cfg = EndpointConfig {
         listen: cfg.listen,
@@ -145,6 +149,8 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         registry: registry.clone(),
         session: cfg.session.clone(),
         attest: cfg.attest.clone(),
+        releases_dir: releases_dir.clone(),
+        fetch_slots: Arc::new(tokio::sync::Semaphore::new(endpoint::MAX_FETCH_STREAMS)),
     });
     let mut tasks = vec![tokio::spawn(endpoint::accept_loop(
         endpoint.clone(),
@@ -159,6 +165,7 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         store: store.clone(),
         registry: registry.clone(),
         keys: keys.clone(),
+        releases_dir: releases_dir.clone(),
     };
     tasks.push(tokio::spawn(async move {
         if let Err(e) = api::serve(listener, api).await {

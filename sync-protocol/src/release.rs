@@ -536,6 +536,24 @@ impl crate::frame::Message for FetchResponse {
     const KINDS: u32 = 2;
 }
 
+impl FetchRequest {
+    /// Decodes one frame's payload as a request. Use this, not
+    /// [`frame::decode_payload`](crate::frame::decode_payload): a request is a struct,
+    /// so its first byte is the release id's, not a message kind, and the generic
+    /// unknown-kind check would refuse most valid requests.
+    pub fn decode_payload(payload: &[u8]) -> Result<Self, crate::frame::FrameError> {
+        use crate::frame::FrameError;
+        if payload.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        match postcard::take_from_bytes::<Self>(payload) {
+            Ok((req, [])) => Ok(req),
+            Ok((_, rest)) => Err(FrameError::TrailingBytes(rest.len())),
+            Err(e) => Err(FrameError::Malformed(e.to_string())),
+        }
+    }
+}
+
 /// The desired OS of a device: a release, the keys its manifest may be signed with,
 /// and how the trial boot is judged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -686,6 +704,30 @@ mod tests {
         let mut bad = header.clone();
         bad[0] = b'X';
         assert!(BundleLayout::parse_header(&bad).is_err());
+    }
+
+    #[test]
+    fn fetch_requests_decode_from_their_frames() {
+        let req = FetchRequest {
+            release: ReleaseId([0xab; 32]),
+            payload: 1,
+            what: FetchWhat::Blocks { first: 7, count: 3 },
+        };
+        let f = crate::frame::encode(&req, 1024).unwrap();
+        assert_eq!(FetchRequest::decode_payload(&f[4..]).unwrap(), req);
+        // The generic decoder reads the id's first byte as a message kind: an id
+        // starting with 0x01..=0x7f is refused as an unknown message.
+        let low = FetchRequest {
+            release: ReleaseId([0x05; 32]),
+            ..req.clone()
+        };
+        let f = crate::frame::encode(&low, 1024).unwrap();
+        assert!(crate::frame::decode_payload::<FetchRequest>(&f[4..]).is_err());
+        assert_eq!(FetchRequest::decode_payload(&f[4..]).unwrap(), low);
+        let mut long = f[4..].to_vec();
+        long.push(0);
+        assert!(FetchRequest::decode_payload(&long).is_err());
+        assert!(FetchRequest::decode_payload(&[]).is_err());
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The agents' QUIC endpoint: TLS setup, and one task per connection that drives a
 //! [`HubSession`] with the store.
 //!
-//! Every connection carries one bidirectional stream opened by the agent. A connection
-//! without a client certificate may only enroll; a sync needs a device certificate
-//! issued by this hub's CA, for a known device that is not revoked.
+//! Every connection carries one bidirectional stream opened by the agent: the session. A
+//! connection without a client certificate may only enroll; a sync needs a device
+//! certificate issued by this hub's CA, for a known device that is not revoked. Once a
+//! sync session is established, further bidirectional streams the agent opens are
+//! release fetch streams ([`fetch`]), at most two at a time.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,8 +29,10 @@ use crate::pki::{self, HubKeys};
 use crate::store::{DynStore, EnrollRefusal, Enrollment};
 
 mod attest;
+mod fetch;
 pub(crate) use attest::EVIDENCE_REFUSED;
 use attest::{Gate, PendingChallenge, PendingEnroll};
+pub use fetch::MAX_FETCH_STREAMS;
 
 /// Transport knobs of the agent endpoint.
 #[derive(Debug, Clone)]
@@ -64,6 +68,19 @@ pub struct Registry {
     /// its handshake when the revocation came cannot register afterwards.
     revoked: Mutex<std::collections::HashSet<DeviceId>>,
     next_id: AtomicU64,
+    /// What fetch streams served.
+    pub fetch: FetchStats,
+}
+
+/// Counters of the release fetch streams (for the health endpoint and benchmarks).
+#[derive(Default)]
+pub struct FetchStats {
+    /// Payload and index bytes written to agents.
+    pub bytes: AtomicU64,
+    /// Requests answered with data.
+    pub served: AtomicU64,
+    /// Requests refused (bad, unknown, oversized, malformed, busy).
+    pub refused: AtomicU64,
 }
 
 struct Live {
@@ -174,6 +191,10 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub session: SessionConfig,
     pub attest: AttestConfig,
+    /// `DATA_DIR/releases`: where fetch streams read bundles.
+    pub releases_dir: std::path::PathBuf,
+    /// Fetch streams served at once, hub-wide ([`MAX_FETCH_STREAMS`]).
+    pub fetch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the QUIC endpoint: TLS 1.3 with the hub certificate, client certificates
@@ -200,7 +221,8 @@ pub fn bind(keys: &HubKeys, cfg: &EndpointConfig) -> Result<quinn::Endpoint> {
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(cfg.idle_timeout.try_into()?))
-        .max_concurrent_bidi_streams(2u8.into())
+        // The session stream, plus up to two release fetch streams.
+        .max_concurrent_bidi_streams(3u8.into())
         .max_concurrent_uni_streams(0u8.into())
         // Larger than the biggest report batch (512 reports of at most ~600 bytes), so an
         // agent's write never waits for the hub to read: the hub may be busy writing a
@@ -356,6 +378,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         pending_enroll: None,
         attested: false,
         next_challenge: None,
+        fetches: None,
     };
     let result = conn_task.run().await;
     conn_task.finish(result).await;
@@ -409,6 +432,9 @@ struct Connection {
     attested: bool,
     /// When to challenge the connected device again.
     next_challenge: Option<Instant>,
+    /// Fetch streams being served; created at the first one (idle connections hold
+    /// nothing), ended with the connection.
+    fetches: Option<tokio::task::JoinSet<()>>,
 }
 
 impl Connection {
@@ -445,6 +471,26 @@ impl Connection {
                     }
                 }
                 () = sleep_until_opt(deadline) => self.session.handle_timeout(Instant::now()),
+                // Fetch streams, once the session is established for a known device.
+                r = self.conn.accept_bi(), if self.device.is_some() => match r {
+                    Ok((send, recv)) => {
+                        if let Some(device) = self.device.clone() {
+                            let shared = self.shared.clone();
+                            // Release bytes flow only where desired state may: not
+                            // before this session's evidence verified, nor in quarantine.
+                            let deny = match self.gate {
+                                Gate::Open => None,
+                                Gate::Evidence => Some("this session's attestation evidence has not verified yet; fetch once it has"),
+                                Gate::Quarantined => Some("the device is quarantined; nothing is served until it is trusted again"),
+                            };
+                            self.fetches
+                                .get_or_insert_with(tokio::task::JoinSet::new)
+                                .spawn(fetch::serve(shared, device, send, recv, deny).in_current_span());
+                        }
+                    }
+                    Err(e) => return End::Transport(e.to_string()),
+                },
+                Some(_) = join_opt(&mut self.fetches) => {}
                 () = sleep_until_opt(self.next_challenge) => {
                     self.next_challenge = None;
                     if let Err(e) = self.challenge_sync().await {
@@ -797,6 +843,16 @@ impl Connection {
         // Let a final frame (refusal, enrollment) reach the agent before the close.
         let _ = self.send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
+    }
+}
+
+/// The next finished fetch task, or never if there are none.
+async fn join_opt(
+    set: &mut Option<tokio::task::JoinSet<()>>,
+) -> Option<Result<(), tokio::task::JoinError>> {
+    match set {
+        Some(s) if !s.is_empty() => s.join_next().await,
+        _ => std::future::pending().await,
     }
 }
 

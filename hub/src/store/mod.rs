@@ -222,7 +222,119 @@ pub struct DeviceRecord {
     pub attest_status: Option<String>,
     /// Why the device is quarantined.
     pub quarantine: Option<String>,
+    /// The latest OS upgrade status the agent reported.
+    pub upgrade: Option<UpgradeStatus>,
 }
+
+/// A device's latest OS upgrade report, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct UpgradeStatus {
+    /// The release being installed (or that ended in `phase`).
+    pub version: String,
+    /// [`cairn_sync_protocol::message::UpgradePhase::as_str`]: downloading, written,
+    /// verified, trial-armed, rebooting, trial-running, committed, rolled-back, failed.
+    pub phase: String,
+    /// `a` or `b`.
+    pub target_slot: String,
+    pub booted_slot: String,
+    /// What the device falls back to.
+    pub committed_version: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Of `bytes_done`, what came over the network (the rest was copied locally).
+    pub bytes_downloaded: u64,
+    pub error: Option<String>,
+    /// When the agent recorded it (its clock, ms since the epoch).
+    pub at_ms: u64,
+}
+
+impl UpgradeStatus {
+    /// Whether nothing more happens without a new release.
+    pub fn is_final(&self) -> bool {
+        matches!(self.phase.as_str(), "committed" | "rolled-back" | "failed")
+    }
+
+    /// One line: `2.0.0 downloading 45% (12% downloaded)`, `2.0.0 rolled back: why`.
+    pub fn summary(&self) -> String {
+        let pct = |n: u64| {
+            n.saturating_mul(100)
+                .checked_div(self.bytes_total)
+                .unwrap_or(0)
+                .min(100)
+        };
+        match (self.phase.as_str(), &self.error) {
+            ("downloading", _) => format!(
+                "{} downloading {}% ({}% downloaded)",
+                self.version,
+                pct(self.bytes_done),
+                pct(self.bytes_downloaded)
+            ),
+            ("rolled-back", Some(e)) => format!("{} rolled back: {e}", self.version),
+            ("failed", Some(e)) => format!("{} failed: {e}", self.version),
+            (phase, _) => format!(
+                "{} {phase} (slot {}, booted {})",
+                self.version,
+                self.target_slot.to_uppercase(),
+                self.booted_slot.to_uppercase()
+            ),
+        }
+    }
+}
+
+/// A trusted release key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ReleaseKeyRecord {
+    /// [`cairn_sync_protocol::release::KeyId`] in hex (16 digits).
+    pub key_id: String,
+    /// The ed25519 public key, 64 hex digits.
+    pub public_key: String,
+    pub name: String,
+    pub added_ms: u64,
+}
+
+/// One payload of a stored release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct PayloadInfo {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A release stored on the hub (its bundle is `DATA_DIR/releases/<id>.cairn`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ReleaseRecord {
+    /// [`cairn_sync_protocol::release::ReleaseId`] in hex.
+    pub id: String,
+    pub version: String,
+    pub arch: String,
+    pub board: String,
+    /// When it was built (from the manifest).
+    pub created_ms: u64,
+    pub pushed_ms: u64,
+    pub key_id: String,
+    /// Length of the bundle file.
+    pub bundle_len: u64,
+    pub payloads: Vec<PayloadInfo>,
+    /// The encoded [`cairn_sync_protocol::release::SignedManifest`].
+    #[serde(skip)]
+    pub manifest: Vec<u8>,
+    /// Bytes of the bundle header (where the layout starts counting).
+    #[serde(skip)]
+    pub header_len: u64,
+}
+
+/// What storing a release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutRelease {
+    Stored,
+    /// The same release (same id) was already stored.
+    AlreadyPresent,
+    /// Another release with this version exists.
+    Conflict(ReleaseRecord),
+}
+
+/// Resource name under which a device's desired OS is assigned.
+pub const OS_RESOURCE: &str = "os";
 
 impl DeviceRecord {
     pub fn quarantined(&self) -> bool {
@@ -292,6 +404,9 @@ pub mod hub_event {
     pub const ATTESTED: &str = "hub.attested";
     pub const MEASUREMENTS_ACCEPTED: &str = "hub.measurements-accepted";
 }
+
+/// Prefix of the events recorded from upgrade reports (`upgrade.downloading`, …).
+pub const UPGRADE_EVENT_PREFIX: &str = "upgrade.";
 
 /// Label keys and values in use, with device counts.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -395,6 +510,23 @@ pub trait Store: Send + Sync + 'static {
     /// holds) and moves the device's report mark to `to`; returns the new mark.
     async fn skip_reports(&self, id: &DeviceId, from: u64, to: u64, now_ms: u64) -> Result<u64>;
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>>;
+
+    /// Adds a trusted release key; `false` if it was already trusted (its name is kept).
+    async fn add_release_key(&self, key: ReleaseKeyRecord) -> Result<bool>;
+    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>>;
+    /// Removes a trusted release key by id; `false` if there was none.
+    async fn remove_release_key(&self, key_id: &str) -> Result<bool>;
+    /// Records a release whose bundle is already durable in place. A version is stored
+    /// once: the same id again is [`PutRelease::AlreadyPresent`], another id a conflict.
+    async fn put_release(&self, release: ReleaseRecord) -> Result<PutRelease>;
+    async fn releases(&self) -> Result<Vec<ReleaseRecord>>;
+    async fn release(&self, version: &str) -> Result<Option<ReleaseRecord>>;
+    async fn release_by_id(&self, id: &str) -> Result<Option<ReleaseRecord>>;
+    /// Deletes a release record. `Err(why)` while an assignment still refers to it.
+    async fn delete_release(&self, version: &str) -> Result<Result<Option<ReleaseRecord>, String>>;
+    /// Every device's desired OS (the [`OS_RESOURCE`] resource of its current
+    /// document): `(device, release id hex, version)`.
+    async fn desired_os(&self) -> Result<Vec<(DeviceId, String, String)>>;
     /// The id of the newest event, updated after every commit that adds events.
     fn event_watch(&self) -> watch::Receiver<u64>;
 }

@@ -25,8 +25,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     AssignOutcome, AttestOutcome, AttestRecord, Change, DeviceRecord, EnrollRefusal, Enrollment,
-    EventFilter, EventRecord, LabelCount, NewToken, Result, StateSigner, Store, StoreError,
-    TokenInfo, hub_event,
+    EventFilter, EventRecord, LabelCount, NewToken, OS_RESOURCE, PayloadInfo, PutRelease,
+    ReleaseKeyRecord, ReleaseRecord, Result, StateSigner, Store, StoreError, TokenInfo,
+    UPGRADE_EVENT_PREFIX, UpgradeStatus, hub_event,
 };
 use crate::attest::{AttestPolicy, MeasurementSet};
 use crate::desired::{self, Assignment, Target};
@@ -106,6 +107,39 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_device ON events (device, id);
 CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events (device, seq) WHERE seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS release_keys (
+    key_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    added_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    id TEXT PRIMARY KEY,
+    version TEXT NOT NULL UNIQUE,
+    arch TEXT NOT NULL,
+    board TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    pushed_ms INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    bundle_len INTEGER NOT NULL,
+    payloads TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    header_len INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS upgrades (
+    device TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    target_slot TEXT NOT NULL,
+    booted_slot TEXT NOT NULL,
+    committed_version TEXT NOT NULL,
+    bytes_done INTEGER NOT NULL,
+    bytes_total INTEGER NOT NULL,
+    bytes_downloaded INTEGER NOT NULL,
+    error TEXT,
+    at_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 "#;
 
 type Completion = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
@@ -354,7 +388,13 @@ fn device_id(s: String) -> Result<DeviceId> {
 
 const DEVICE_COLUMNS: &str = "id, hostname, labels, agent_version, enrolled_ms, revoked_ms, online, \
      last_seen_ms, revision, stored_revision, applied_revision, failing, reports_acked, applied_ms, online_since_ms, \
-     attest_kind, attest_status, attest_reason";
+     attest_kind, attest_status, attest_reason, \
+     u.version, u.phase, u.target_slot, u.booted_slot, u.committed_version, u.bytes_done, u.bytes_total, \
+     u.bytes_downloaded, u.error, u.at_ms";
+
+/// The device table with each device's latest upgrade status (tables releases and
+/// upgrades came with OS upgrades; older databases get them at open).
+const DEVICE_FROM: &str = "devices LEFT JOIN upgrades u ON u.device = devices.id";
 
 fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDevice> {
     Ok(RawDevice {
@@ -376,6 +416,21 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawDevice> {
         attest_kind: r.get(15)?,
         attest_status: r.get(16)?,
         attest_reason: r.get(17)?,
+        upgrade: match r.get::<_, Option<String>>(18)? {
+            None => None,
+            Some(version) => Some(super::UpgradeStatus {
+                version,
+                phase: r.get(19)?,
+                target_slot: r.get(20)?,
+                booted_slot: r.get(21)?,
+                committed_version: r.get(22)?,
+                bytes_done: r.get(23)?,
+                bytes_total: r.get(24)?,
+                bytes_downloaded: r.get(25)?,
+                error: r.get(26)?,
+                at_ms: r.get(27)?,
+            }),
+        },
     })
 }
 
@@ -398,6 +453,7 @@ struct RawDevice {
     attest_kind: Option<String>,
     attest_status: Option<String>,
     attest_reason: Option<String>,
+    upgrade: Option<super::UpgradeStatus>,
 }
 
 impl RawDevice {
@@ -421,13 +477,14 @@ impl RawDevice {
             attestation: self.attest_kind,
             attest_status: self.attest_status,
             quarantine: self.attest_reason,
+            upgrade: self.upgrade,
         })
     }
 }
 
 fn load_device(conn: &Connection, id: &DeviceId) -> Result<Option<DeviceRecord>> {
     conn.query_row(
-        &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
+        &format!("SELECT {DEVICE_COLUMNS} FROM {DEVICE_FROM} WHERE devices.id = ?1"),
         [id.as_str()],
         device_row,
     )
@@ -728,6 +785,117 @@ fn read_update(conn: &Connection, id: &DeviceId, held: Option<u64>) -> Result<Op
     }))
 }
 
+/// Keeps a device's latest upgrade status and records the report as an event
+/// (`upgrade.<phase>`), under the report's sequence number.
+fn record_upgrade(
+    conn: &Connection,
+    device: &DeviceId,
+    seq: u64,
+    at_ms: u64,
+    now_ms: u64,
+    u: &cairn_sync_protocol::message::UpgradeReport,
+) -> Result<()> {
+    let status = UpgradeStatus {
+        version: u.version.to_string(),
+        phase: u.phase.as_str().to_string(),
+        target_slot: u.target_slot.as_str().to_string(),
+        booted_slot: u.booted_slot.as_str().to_string(),
+        committed_version: u.committed_version.to_string(),
+        bytes_done: u.bytes_done,
+        bytes_total: u.bytes_total,
+        bytes_downloaded: u.bytes_downloaded,
+        error: u.error.as_ref().map(|e| e.to_string()),
+        at_ms,
+    };
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO upgrades (device, version, phase, target_slot, booted_slot, \
+         committed_version, bytes_done, bytes_total, bytes_downloaded, error, at_ms, received_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            device.as_str(),
+            status.version,
+            status.phase,
+            status.target_slot,
+            status.booted_slot,
+            status.committed_version,
+            status.bytes_done,
+            status.bytes_total,
+            status.bytes_downloaded,
+            status.error,
+            at_ms,
+            now_ms
+        ])
+    })
+    .map_err(backend)?;
+    conn.prepare_cached(
+        "INSERT INTO events (device, seq, at_ms, received_ms, kind, resource, revision, message) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            device.as_str(),
+            seq,
+            at_ms,
+            now_ms,
+            format!("{UPGRADE_EVENT_PREFIX}{}", status.phase),
+            OS_RESOURCE,
+            status.summary()
+        ])
+    })
+    .map_err(backend)?;
+    Ok(())
+}
+
+const RELEASE_COLUMNS: &str = "id, version, arch, board, created_ms, pushed_ms, key_id, bundle_len, payloads, manifest, header_len";
+
+fn release_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(ReleaseRecord, String)> {
+    Ok((
+        ReleaseRecord {
+            id: r.get(0)?,
+            version: r.get(1)?,
+            arch: r.get(2)?,
+            board: r.get(3)?,
+            created_ms: r.get(4)?,
+            pushed_ms: r.get(5)?,
+            key_id: r.get(6)?,
+            bundle_len: r.get(7)?,
+            payloads: Vec::new(),
+            manifest: r.get(9)?,
+            header_len: r.get(10)?,
+        },
+        r.get(8)?,
+    ))
+}
+
+fn load_releases(conn: &Connection, filter: &str, arg: &str) -> Result<Vec<ReleaseRecord>> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases WHERE {filter}"
+        ))
+        .map_err(backend)?;
+    let rows = stmt.query_map([arg], release_row).map_err(backend)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (mut rec, payloads) = row.map_err(backend)?;
+        rec.payloads = serde_json::from_str::<Vec<PayloadInfo>>(&payloads).map_err(now_err)?;
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+/// The release id and version of an OS resource.
+fn os_release(res: &Resource) -> Option<(String, String)> {
+    let Resource::Os(o) = res else { return None };
+    let version = o
+        .manifest
+        .decode_unverified()
+        .map(|m| m.version.to_string())
+        .unwrap_or_default();
+    Some((o.manifest.id().to_hex(), version))
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_token(&self, t: NewToken) -> Result<TokenInfo> {
@@ -965,7 +1133,9 @@ impl Store for SqliteStore {
     async fn devices(&self) -> Result<Vec<DeviceRecord>> {
         self.read(|conn| {
             let mut stmt = conn
-                .prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id"))
+                .prepare(&format!(
+                    "SELECT {DEVICE_COLUMNS} FROM {DEVICE_FROM} ORDER BY devices.id"
+                ))
                 .map_err(backend)?;
             let rows = stmt.query_map([], device_row).map_err(backend)?;
             let mut out = Vec::new();
@@ -1183,8 +1353,7 @@ impl Store for SqliteStore {
                         })
                         .map_err(backend)?;
                     }
-                    // Stored by the upgrade-status table (hub helper).
-                    ReportBody::Upgrade(_) => {}
+                    ReportBody::Upgrade(u) => record_upgrade(conn, &id, r.seq, r.at_ms, now_ms, &u)?,
                     ReportBody::Status(s) => {
                         conn.prepare_cached(
                             "UPDATE devices SET \
@@ -1293,6 +1462,155 @@ impl Store for SqliteStore {
                     revision,
                     message,
                 });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add_release_key(&self, key: ReleaseKeyRecord) -> Result<bool> {
+        self.write(move |conn| {
+            let n = conn
+                .execute(
+                    "INSERT OR IGNORE INTO release_keys (key_id, public_key, name, added_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![key.key_id, key.public_key, key.name, key.added_ms],
+                )
+                .map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT key_id, public_key, name, added_ms FROM release_keys ORDER BY added_ms, key_id",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(ReleaseKeyRecord {
+                        key_id: r.get(0)?,
+                        public_key: r.get(1)?,
+                        name: r.get(2)?,
+                        added_ms: r.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn remove_release_key(&self, key_id: &str) -> Result<bool> {
+        let key_id = key_id.to_string();
+        self.write(move |conn| {
+            let n = conn
+                .execute("DELETE FROM release_keys WHERE key_id = ?1", [key_id])
+                .map_err(backend)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn put_release(&self, rec: ReleaseRecord) -> Result<PutRelease> {
+        self.write(move |conn| {
+            if let Some(existing) = load_releases(conn, "version = ?1", &rec.version)?.pop() {
+                return Ok(if existing.id == rec.id {
+                    PutRelease::AlreadyPresent
+                } else {
+                    PutRelease::Conflict(existing)
+                });
+            }
+            if let Some(existing) = load_releases(conn, "id = ?1", &rec.id)?.pop() {
+                // Same manifest under another version string cannot happen (the
+                // version is inside the manifest); treat it as the same release.
+                let _ = existing;
+                return Ok(PutRelease::AlreadyPresent);
+            }
+            let payloads = serde_json::to_string(&rec.payloads).map_err(now_err)?;
+            conn.execute(
+                &format!("INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                params![
+                    rec.id,
+                    rec.version,
+                    rec.arch,
+                    rec.board,
+                    rec.created_ms,
+                    rec.pushed_ms,
+                    rec.key_id,
+                    rec.bundle_len,
+                    payloads,
+                    rec.manifest,
+                    rec.header_len
+                ],
+            )
+            .map_err(backend)?;
+            Ok(PutRelease::Stored)
+        })
+        .await
+    }
+
+    async fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        self.read(|conn| load_releases(conn, "?1 = ?1", "")).await
+    }
+
+    async fn release(&self, version: &str) -> Result<Option<ReleaseRecord>> {
+        let v = version.to_string();
+        self.read(move |conn| Ok(load_releases(conn, "version = ?1", &v)?.pop()))
+            .await
+    }
+
+    async fn release_by_id(&self, id: &str) -> Result<Option<ReleaseRecord>> {
+        let id = id.to_string();
+        self.read(move |conn| Ok(load_releases(conn, "id = ?1", &id)?.pop()))
+            .await
+    }
+
+    async fn delete_release(&self, version: &str) -> Result<Result<Option<ReleaseRecord>, String>> {
+        let v = version.to_string();
+        self.write(move |conn| {
+            let Some(rec) = load_releases(conn, "version = ?1", &v)?.pop() else {
+                return Ok(Ok(None));
+            };
+            let users: Vec<String> = load_assignments(conn)?
+                .iter()
+                .filter(|a| os_release(&a.resource).is_some_and(|(id, _)| id == rec.id))
+                .map(|a| a.target.to_string())
+                .collect();
+            if !users.is_empty() {
+                return Ok(Err(format!(
+                    "release {v} is still assigned ({}); assign another release or `cairn-hub os unset` those targets first",
+                    users.join(", ")
+                )));
+            }
+            conn.execute("DELETE FROM releases WHERE id = ?1", [&rec.id])
+                .map_err(backend)?;
+            Ok(Ok(Some(rec)))
+        })
+        .await
+    }
+
+    async fn desired_os(&self) -> Result<Vec<(DeviceId, String, String)>> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT device, body FROM resources WHERE name = ?1 ORDER BY device",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([OS_RESOURCE], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (device, body) = row.map_err(backend)?;
+                let res: Resource = postcard::from_bytes(&body).map_err(now_err)?;
+                if let Some((id, version)) = os_release(&res) {
+                    out.push((device_id(device)?, id, version));
+                }
             }
             Ok(out)
         })
