@@ -5,20 +5,19 @@
 //! A slot whose image starts with `PANIC` plays a kernel that panics: the firmware
 //! boots it, nothing comes up, and the machine resets (the agent never starts).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use cairn_agent::upgrade::boot::Slot;
 use cairn_agent::upgrade::boot::file::{FileBoot, firmware_boot};
-use cairn_sync_protocol::Text;
-use cairn_sync_protocol::release::{BundleLayout, IndexBuilder, Manifest, SignedManifest};
+use cairn_sync_protocol::release::SignedManifest;
 use ed25519_dalek::SigningKey;
 
 use crate::bin;
 
-/// Writes a release bundle of one `rootfs` payload.
+/// Writes a release bundle of one `rootfs` payload with the hub's release builder
+/// (the image goes next to it as `OUT.img`).
 pub fn build_bundle(
     out: &Path,
     key: &SigningKey,
@@ -26,34 +25,22 @@ pub fn build_bundle(
     board: &str,
     rootfs: &[u8],
 ) -> SignedManifest {
-    let mut b = IndexBuilder::new();
-    b.update(rootfs);
-    let (payload, index) = b.finish(Text::new("rootfs").unwrap());
-    let m = Manifest {
-        version: Text::new(version).unwrap(),
-        arch: Text::new(std::env::consts::ARCH).unwrap(),
-        board: Text::new(board).unwrap(),
-        created_ms: 0,
-        payloads: vec![payload],
+    let image = out.with_extension("img");
+    std::fs::write(&image, rootfs).unwrap();
+    let spec = cairn_hub::release::BuildSpec {
+        version: version.into(),
+        arch: std::env::consts::ARCH.into(),
+        board: board.into(),
+        inputs: vec![cairn_hub::release::BuildInput {
+            name: "rootfs".into(),
+            path: image,
+        }],
         expected_pcrs: vec![],
+        created_ms: 0,
     };
-    let signed = m.sign(key);
-    let header = BundleLayout::header(&signed);
-    let layout = BundleLayout::new(&m, header.len() as u64);
-    let mut f = std::fs::File::create(out).unwrap();
-    f.write_all(&header).unwrap();
-    let (index_at, data_at) = layout.sections[0];
-    let pad = |f: &mut std::fs::File, to: u64| {
-        let at = f.metadata().unwrap().len();
-        f.write_all(&vec![0u8; (to - at) as usize]).unwrap();
-    };
-    pad(&mut f, index_at);
-    f.write_all(&index).unwrap();
-    pad(&mut f, data_at);
-    f.write_all(rootfs).unwrap();
-    pad(&mut f, layout.len);
-    f.sync_all().unwrap();
-    signed
+    cairn_hub::release::build(&spec, key, out, &mut |_| {})
+        .unwrap()
+        .signed
 }
 
 /// Random bytes from a seed.

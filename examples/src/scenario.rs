@@ -252,7 +252,10 @@ impl Step {
             Step::Sleep { duration } => format!("sleep {}", humantime::format_duration(*duration)),
             Step::Release {
                 version, broken, ..
-            } => format!("release {version}{}", if *broken { " (broken)" } else { "" }),
+            } => format!(
+                "release {version}{}",
+                if *broken { " (broken)" } else { "" }
+            ),
             Step::OsSet {
                 selector, version, ..
             } => format!("os {version} for {selector}"),
@@ -426,13 +429,18 @@ impl Scenario {
                     let v = semver::Version::parse(version)
                         .with_context(|| format!("step {}: version {version:?}", i + 1))?;
                     if !versions.contains(&v) {
-                        bail!("step {}: os {version} is set before a release step builds it", i + 1);
+                        bail!(
+                            "step {}: os {version} is set before a release step builds it",
+                            i + 1
+                        );
                     }
                 }
                 _ => {}
             }
-            if matches!(step, Step::Release { .. } | Step::OsSet { .. } | Step::ConvergeOs { .. })
-                && self.upgrades.is_none()
+            if matches!(
+                step,
+                Step::Release { .. } | Step::OsSet { .. } | Step::ConvergeOs { .. }
+            ) && self.upgrades.is_none()
             {
                 bail!(
                     "step {}: OS upgrade steps need an [upgrades] table (the boxes' A/B slots)",

@@ -83,8 +83,6 @@ struct HubDevice {
 struct HubUpgrade {
     version: String,
     phase: String,
-    #[serde(default)]
-    error: Option<String>,
     bytes_total: u64,
     bytes_downloaded: u64,
     at_ms: u64,
@@ -604,7 +602,13 @@ impl Fleet {
     }
 
     /// Builds a release bundle and pushes it with the operator's release key.
-    async fn release(&mut self, step: &Step, version: &str, changed: f64, broken: bool) -> Result<()> {
+    async fn release(
+        &mut self,
+        step: &Step,
+        version: &str,
+        changed: f64,
+        broken: bool,
+    ) -> Result<()> {
         let Some(os) = self.os.as_mut() else {
             bail!("release steps need [upgrades]");
         };
@@ -644,7 +648,10 @@ impl Fleet {
     async fn converge_os(&mut self, name: &str, timeout: Duration) -> Result<Phase> {
         let start = Instant::now();
         let finished = |f: &Fleet, i: usize| -> bool {
-            match (&f.assigned[i], f.devices[i].as_ref().and_then(|d| d.upgrade.as_ref())) {
+            match (
+                &f.assigned[i],
+                f.devices[i].as_ref().and_then(|d| d.upgrade.as_ref()),
+            ) {
                 (None, _) => true,
                 (Some(v), Some(u)) => &u.version == v && u.is_final(),
                 (Some(_), None) => false,
@@ -1159,7 +1166,11 @@ fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut
                             "{}: boots slot {} holding {}, committed {}, upgrade {:?}",
                             pool::hostname(a.index),
                             o.booted,
-                            if os.images.keys().any(|v| os.sha256(v).as_deref() == Some(o.booted_sha256.as_str())) {
+                            if os
+                                .images
+                                .keys()
+                                .any(|v| os.sha256(v).as_deref() == Some(o.booted_sha256.as_str()))
+                            {
                                 "another release"
                             } else {
                                 "an image that is no release"
@@ -1170,7 +1181,8 @@ fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut
                     }
                 }
                 let on: Vec<String> = on.iter().map(|(v, c)| format!("{c} on {v}")).collect();
-                let outcomes: Vec<String> = outcomes.iter().map(|(v, c)| format!("{c} {v}")).collect();
+                let outcomes: Vec<String> =
+                    outcomes.iter().map(|(v, c)| format!("{c} {v}")).collect();
                 InvariantResult::new(
                     *inv,
                     ok == n,

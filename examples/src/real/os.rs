@@ -51,7 +51,8 @@ impl OsFleet {
     /// rewritten (and a panicking kernel if `broken`); returns the bundle's path.
     pub fn build(&mut self, version: &str, changed: f64, broken: bool) -> Result<PathBuf> {
         let prev = self.images.get(&self.last).cloned().unwrap_or_default();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ Sha256::digest(version)[0] as u64);
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(self.seed ^ Sha256::digest(version)[0] as u64);
         let mut img = prev;
         let blocks = img.len() / 4096;
         let n = (blocks as f64 * changed).round() as usize;
@@ -86,6 +87,8 @@ impl OsFleet {
 
     /// SHA-256 (hex) of a version's image.
     pub fn sha256(&self, version: &str) -> Option<String> {
-        self.images.get(version).map(|i| hex::encode(Sha256::digest(i)))
+        self.images
+            .get(version)
+            .map(|i| hex::encode(Sha256::digest(i)))
     }
 }
