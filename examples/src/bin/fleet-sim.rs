@@ -86,7 +86,8 @@ mod exit {
 
 fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Rollbacks are what upgrade scenarios provoke; the report counts them.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cairn_agent::upgrade=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

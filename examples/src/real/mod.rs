@@ -941,6 +941,13 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
     if last.devices > 0 {
         phases.push(last);
     }
+    if fleet.os.is_some() && fleet.assigned.iter().any(Option::is_some) {
+        // Boxes that were cut off or down finish their upgrades too.
+        let os_last = fleet
+            .converge_os("final OS (all faults ended)", Duration::from_secs(180))
+            .await?;
+        phases.push(os_last);
+    }
     // Outboxes drain.
     let drain = Instant::now();
     fleet.tick_with_status().await?;
