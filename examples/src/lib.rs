@@ -5,6 +5,7 @@
 
 pub mod det;
 pub mod peers;
+pub mod peers_rauc;
 pub mod plot;
 pub mod real;
 pub mod report;

@@ -9,7 +9,12 @@
 //! Sections: `core` (wire bytes, offline backlog, agent RSS and size, the Mender client
 //! side by side), `fleet` (hub RSS/CPU with 1k/5k/10k real agents, one change to all,
 //! reconnect storm; runs `fleet-sim` with `examples/scenarios/bench.toml`), `det`
-//! (deterministic simulator throughput at 100,000 devices).
+//! (deterministic simulator throughput at 100,000 devices), `tpm` (quote and evidence
+//! verification), `upgrade` (a 256 MiB image installed into a file-backed slot by our
+//! installer, `dd` and RAUC 1.8 from a cold page cache, median of `--upgrade-runs`; the
+//! share of a 10%-changed image fetched as a delta, beside casync's new chunks; needs
+//! root for `drop_caches`, and Debian's rauc, rauc-service, squashfs-tools, casync and
+//! e2fsprogs for the peers).
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -31,8 +36,8 @@ use clap::Parser;
     after_help = "Build first: cargo build --release -p cairn-examples -p cairn-agent && cargo build --profile agent -p cairn-agent\nThe peer comparison needs Debian's mender-client (scripts/bench.sh installs it)."
 )]
 struct Args {
-    /// Sections to run (core, fleet, det, tpm); all by default.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["core".to_string(), "fleet".into(), "det".into(), "tpm".into()])]
+    /// Sections to run (core, fleet, det, tpm, upgrade); all by default.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["core".to_string(), "fleet".into(), "det".into(), "tpm".into(), "upgrade".into()])]
     sections: Vec<String>,
     /// Fleet sizes for the fleet section.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1000usize, 5000, 10000])]
@@ -44,6 +49,9 @@ struct Args {
     /// `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`) with this run's tables.
     #[arg(long, value_name = "BENCHMARKS.md")]
     write: Option<PathBuf>,
+    /// Runs of each installer (ours, dd, RAUC) in the upgrade section; the median counts.
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..=50))]
+    upgrade_runs: u16,
 }
 
 struct Row {
@@ -571,6 +579,402 @@ fn det(dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// Empties the page cache (we run as root); false when that is not allowed here.
+fn drop_caches() -> bool {
+    let synced = std::process::Command::new("sync")
+        .status()
+        .is_ok_and(|s| s.success());
+    synced && std::fs::write("/proc/sys/vm/drop_caches", "3\n").is_ok()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A 256 MiB ext4 image of random files (`mke2fs -d`), or random bytes when e2fsprogs
+/// is missing; says which.
+fn upgrade_image(dir: &Path, size: u64) -> Result<(Vec<u8>, String)> {
+    use rand::{Rng, RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(256);
+    let tree = dir.join("image-tree");
+    let mut filled = 0u64;
+    let budget = size * 3 / 4;
+    let mut files = 0usize;
+    while filled < budget && files < 10_000 {
+        let sub = tree.join(format!("d{:02}", files % 16));
+        std::fs::create_dir_all(&sub)?;
+        let len = rng.gen_range(1u64..=4 << 20).min(budget - filled);
+        let mut bytes = vec![0u8; len as usize];
+        rng.fill_bytes(&mut bytes);
+        std::fs::write(sub.join(format!("f{files:05}.bin")), &bytes)?;
+        filled += len;
+        files += 1;
+    }
+    let img = dir.join("image-ext4.img");
+    let made = std::process::Command::new("mke2fs")
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+        ])
+        .arg(&tree)
+        .arg(&img)
+        .arg(format!("{}k", size / 1024))
+        .stdin(std::process::Stdio::null())
+        .output();
+    std::fs::remove_dir_all(&tree)?;
+    match made {
+        Ok(o) if o.status.success() => {
+            let bytes = std::fs::read(&img)?;
+            std::fs::remove_file(&img)?;
+            if bytes.len() as u64 != size {
+                bail!("mke2fs made {} bytes, not {size}", bytes.len());
+            }
+            let zero = bytes
+                .chunks(4096)
+                .filter(|c| c.iter().all(|&b| b == 0))
+                .count();
+            Ok((
+                bytes,
+                format!(
+                    "ext4 image of {files} random files ({} MiB) made with `mke2fs -d -t ext4`; {:.0}% of its 4 KiB blocks are zero",
+                    filled >> 20,
+                    100.0 * zero as f64 / (size / 4096) as f64
+                ),
+            ))
+        }
+        other => {
+            eprintln!("bench: mke2fs failed ({other:?}); using random bytes");
+            let mut bytes = vec![0u8; size as usize];
+            rng.fill_bytes(&mut bytes);
+            Ok((bytes, "random bytes (mke2fs not available)".into()))
+        }
+    }
+}
+
+/// `base` with `fraction` of its 4 KiB blocks rewritten with random bytes at random
+/// positions.
+fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
+    use rand::seq::SliceRandom;
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = base.to_vec();
+    let blocks = v.len() / 4096;
+    let mut idx: Vec<usize> = (0..blocks).collect();
+    idx.shuffle(&mut rng);
+    for &b in &idx[..(blocks as f64 * fraction).round() as usize] {
+        rng.fill_bytes(&mut v[b * 4096..(b + 1) * 4096]);
+    }
+    v
+}
+
+/// A release bundle of one `rootfs` payload, laid out as the hub writes them.
+fn write_bundle(
+    out: &Path,
+    key: &ed25519_dalek::SigningKey,
+    version: &str,
+    rootfs: &[u8],
+) -> Result<()> {
+    use cairn_sync_protocol::Text;
+    use cairn_sync_protocol::release::{BundleLayout, IndexBuilder, Manifest};
+    use std::io::Write;
+    let mut b = IndexBuilder::new();
+    b.update(rootfs);
+    let (payload, index) = b.finish(Text::new("rootfs")?);
+    let m = Manifest {
+        version: Text::new(version)?,
+        arch: Text::new(std::env::consts::ARCH)?,
+        board: Text::new("bench")?,
+        created_ms: 0,
+        payloads: vec![payload],
+        expected_pcrs: vec![],
+    };
+    let signed = m.sign(key);
+    let header = BundleLayout::header(&signed);
+    let layout = BundleLayout::new(&m, header.len() as u64);
+    let (index_at, data_at) = *layout.sections.first().context("no section")?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out)?);
+    let mut at = 0u64;
+    let mut put = |f: &mut std::io::BufWriter<std::fs::File>, pad_to: u64, bytes: &[u8]| {
+        let pad = pad_to.saturating_sub(at);
+        f.write_all(&vec![0u8; pad as usize])?;
+        f.write_all(bytes)?;
+        at += pad + bytes.len() as u64;
+        anyhow::Ok(())
+    };
+    put(&mut f, 0, &header)?;
+    put(&mut f, index_at, &index)?;
+    put(&mut f, data_at, rootfs)?;
+    put(&mut f, layout.len, &[])?;
+    f.into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?
+        .sync_all()?;
+    Ok(())
+}
+
+/// What one install by our library took.
+struct Ours {
+    write: Duration,
+    total: Duration,
+    progress: cairn_agent::upgrade::install::Progress,
+}
+
+/// Installs payload 0 of `bundle` into `slot` as the agent does: manifest checked
+/// against the release key, block index checked against the manifest, blocks checked
+/// and written with a flush every `checkpoint_bytes`, then read back and verified.
+fn install_ours(
+    bundle: &Path,
+    key: &ed25519_dalek::VerifyingKey,
+    slot: &Path,
+    local: Option<&cairn_agent::upgrade::install::LocalBlocks>,
+    checkpoint_bytes: u64,
+) -> Result<Ours> {
+    use cairn_agent::upgrade::install::{
+        BlockSource, BundleSource, PayloadJob, Progress, install_payload, verify_payload,
+    };
+    use cairn_sync_protocol::release::BlockIndex;
+    let start = Instant::now();
+    let mut source = BundleSource::open(bundle)?;
+    let m = source.manifest().verify(&[*key])?;
+    let payload = m.payloads.first().context("bundle has no payload")?;
+    let index = BlockIndex::verified(payload, &source.index(0)?)?;
+    let job = PayloadJob {
+        payload,
+        number: 0,
+        index: &index,
+        target: slot,
+        local,
+        checkpoint_bytes,
+    };
+    let progress = install_payload(&job, &mut source, Progress::default(), &mut |_| Ok(()))?;
+    let write = start.elapsed();
+    verify_payload(payload, &index, slot)?;
+    Ok(Ours {
+        write,
+        total: start.elapsed(),
+        progress,
+    })
+}
+
+fn dd(image: &Path, slot: &Path) -> Result<Duration> {
+    let start = Instant::now();
+    let out = std::process::Command::new("dd")
+        .arg(format!("if={}", image.display()))
+        .arg(format!("of={}", slot.display()))
+        .args(["bs=4M", "conv=fsync,notrunc", "status=none"])
+        .output()
+        .context("running dd")?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!("dd failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
+}
+
+/// A preallocated slot file of `len` bytes, written once (zeros) like a partition.
+fn make_slot(path: &Path, len: u64) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    let zeros = vec![0u8; 4 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(&f, &zeros[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Whether the slot starts with exactly `want`.
+fn slot_holds(slot: &Path, want: &[u8]) -> Result<bool> {
+    let mut got = std::fs::read(slot)?;
+    got.truncate(want.len());
+    Ok(got == want)
+}
+
+/// The `upgrade` section: installing a 256 MiB image into a file-backed slot by our
+/// installer, `dd` and RAUC; delta downloads against casync.
+fn upgrade(dir: &Path, runs: usize, rows: &mut Vec<Row>) -> Result<()> {
+    const SIZE: u64 = 256 << 20;
+    const CHECKPOINT: u64 = 32 << 20;
+    let work = dir.join("upgrade");
+    std::fs::create_dir_all(&work)?;
+    eprintln!("bench: upgrade: making the image…");
+    let (v1, what_image) = upgrade_image(&work, SIZE)?;
+    let image = work.join("v1.img");
+    std::fs::write(&image, &v1)?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
+    let vk = key.verifying_key();
+    let bundle = work.join("v1.cairn");
+    write_bundle(&bundle, &key, "1.0.0", &v1)?;
+    let slot_a = work.join("slot-a.img");
+    let slot_b = work.join("slot-b.img");
+    std::fs::write(&slot_a, &v1)?;
+    make_slot(&slot_b, SIZE)?;
+
+    let rauc = match cairn_examples::peers_rauc::Rauc::start(&image, &slot_a, &slot_b) {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(why)) => Err(why),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    if let Err(why) = &rauc {
+        eprintln!("bench: RAUC not measured: {why}");
+    }
+    let (mut ours_w, mut ours_t, mut dds, mut raucs) = (vec![], vec![], vec![], vec![]);
+    let mut rauc_err: Option<String> = None;
+    let mut cold = true;
+    for run in 0..runs {
+        eprintln!("bench: upgrade: install run {} of {runs}…", run + 1);
+        for k in 0..3 {
+            cold &= drop_caches();
+            match (run + k) % 3 {
+                0 => {
+                    let o = install_ours(&bundle, &vk, &slot_b, None, CHECKPOINT)?;
+                    ours_w.push(o.write.as_secs_f64());
+                    ours_t.push(o.total.as_secs_f64());
+                }
+                1 => {
+                    dds.push(dd(&image, &slot_b)?.as_secs_f64());
+                    if run == 0 && !slot_holds(&slot_b, &v1)? {
+                        bail!("dd left other bytes in the slot");
+                    }
+                }
+                _ => {
+                    if let (Ok(r), None) = (&rauc, &rauc_err) {
+                        match r.install() {
+                            Ok(t) => {
+                                raucs.push(t.as_secs_f64());
+                                if run == 0 && !slot_holds(&slot_b, &v1)? {
+                                    rauc_err = Some("RAUC left other bytes in the slot".into());
+                                }
+                            }
+                            Err(e) => rauc_err = Some(format!("{e:#}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let rauc_version = rauc.as_ref().map(|r| r.version.clone()).ok();
+    let rauc_unavailable = rauc.as_ref().err().cloned();
+    drop(rauc);
+    let (w, t, d) = (median(&mut ours_w), median(&mut ours_t), median(&mut dds));
+    let cache = if cold {
+        "cold page cache (sync; drop_caches=3 before each run)"
+    } else {
+        "**warm cache** (drop_caches not allowed here)"
+    };
+    let method = format!(
+        "{what_image}; into a preallocated 256 MiB slot file on the same ext4 disk, written in place; {cache}; median of {runs}, order rotated run to run"
+    );
+    rows.push(row(
+        "install 256 MiB into a raw file-backed slot: ours, write only (bundle open, manifest + index checked, every block checked then written, fdatasync every 32 MiB checkpoint as the agent's default)",
+        format!("{w:.3} s ({:.0} MB/s)", SIZE as f64 / w / 1e6),
+        ">= 0.95 of dd's throughput",
+        format!(
+            "`dd bs=4M conv=fsync,notrunc` of the same image bytes: {d:.3} s; ratio dd/ours {:.2}. {method}",
+            d / w
+        ),
+    ));
+    rows.push(row(
+        "the same, write + verify (slot read back: every block hash and the payload SHA-256)",
+        format!("{t:.3} s ({:.0} MB/s)", SIZE as f64 / t / 1e6),
+        "—",
+        format!("ratio dd/ours {:.2} (dd writes without any check)", d / t),
+    ));
+    let rauc_row = match (rauc_unavailable, rauc_err) {
+        (Some(why), _) => (
+            "not measured".to_string(),
+            format!("RAUC could not run: {why}"),
+        ),
+        (None, Some(why)) => ("failed".to_string(), format!("RAUC install failed: {why}")),
+        (None, None) => {
+            let r = median(&mut raucs);
+            (
+                format!("{r:.3} s"),
+                format!(
+                    "ratio dd/RAUC {:.2}; ours write+verify vs RAUC {:.2}. RAUC {} `rauc install` wall time on the client (service on a private D-Bus): plain bundle (squashfs of the same image) whose CMS signature over the whole bundle is checked before writing, loop-mounted, image copied into a `type=raw` slot (same slot file), slot marked primary by a `bootloader=custom` script; no read-back",
+                    d / r,
+                    r / t,
+                    rauc_version.unwrap_or_default()
+                ),
+            )
+        }
+    };
+    rows.push(row(
+        "RAUC: the same image into the same slot",
+        rauc_row.0,
+        "—",
+        rauc_row.1,
+    ));
+
+    // Delta: v2 = v1 with 10% of its blocks rewritten; slot A holds v1.
+    eprintln!("bench: upgrade: delta…");
+    let v2 = mutate_blocks(&v1, 0.10, 2);
+    drop(v1);
+    let image2 = work.join("v2.img");
+    std::fs::write(&image2, &v2)?;
+    drop(v2);
+    let bundle2 = work.join("v2.cairn");
+    {
+        let v2 = std::fs::read(&image2)?;
+        write_bundle(&bundle2, &key, "2.0.0", &v2)?;
+    }
+    drop_caches();
+    let scan_start = Instant::now();
+    let local = cairn_agent::upgrade::install::LocalBlocks::scan(&slot_a, Some(SIZE))?;
+    let scan = scan_start.elapsed();
+    let o = install_ours(&bundle2, &vk, &slot_b, Some(&local), CHECKPOINT)?;
+    let pct = |b: u64| 100.0 * b as f64 / SIZE as f64;
+    rows.push(row(
+        "delta v1 -> v2 (10% of 4 KiB blocks rewritten at random): fetched from the source by ours, slot A holding v1",
+        format!("{:.1}% of the image", pct(o.progress.downloaded)),
+        "< 15%",
+        format!(
+            "copied from slot A {:.1}%; slot A scanned (LocalBlocks::scan) in {:.2} s, install + verify {:.2} s",
+            pct(o.progress.copied),
+            scan.as_secs_f64(),
+            o.total.as_secs_f64()
+        ),
+    ));
+    for (cs, label) in [
+        (None, "default chunking (64 KiB average)"),
+        (Some(4096), "`--chunk-size=4096`"),
+    ] {
+        let (fig, base) = match cairn_examples::peers_rauc::casync_new_bytes(
+            &image, &image2, cs, &work,
+        ) {
+            Ok(Ok((bytes, chunks))) => (
+                format!("{:.1}% of the image", pct(bytes)),
+                format!(
+                    "new chunks' uncompressed bytes, each counted once, from the two .caibx indexes; v2 has {chunks} chunks"
+                ),
+            ),
+            Ok(Err(why)) => ("not measured".into(), why),
+            Err(e) => ("failed".into(), format!("{e:#}")),
+        };
+        rows.push(row(
+            &format!("casync, same change, {label}: new chunks v2 needs given v1's store"),
+            fig,
+            "—",
+            base,
+        ));
+    }
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
 fn table(rows: &[Row]) -> String {
     let mut s = String::from("| what | figure | target | baseline / peer |\n|---|---|---|---|\n");
     for r in rows {
@@ -645,13 +1049,15 @@ fn main() -> Result<()> {
             "fleet" => fleet(&args.fleet_sizes, tmp.path(), &mut rows)?,
             "det" => det(tmp.path(), &mut rows)?,
             "tpm" => quotes(&mut rows)?,
-            other => bail!("unknown section {other:?}: use core, fleet, det or tpm"),
+            "upgrade" => upgrade(tmp.path(), usize::from(args.upgrade_runs), &mut rows)?,
+            other => bail!("unknown section {other:?}: use core, fleet, det, tpm or upgrade"),
         }
         sections.push((
             match name.as_str() {
                 "core" => "core",
                 "fleet" => "fleet",
                 "tpm" => "tpm",
+                "upgrade" => "upgrade",
                 _ => "det",
             },
             rows,
