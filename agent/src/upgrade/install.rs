@@ -411,86 +411,46 @@ fn fetch_checked(
 
 /// Reads the payload back from the slot and checks it against the manifest: the
 /// whole-payload SHA-256 and every block hash.
-///
-/// The block hashes are checked here while a second thread computes the whole-payload
-/// digest of the same buffers (three 4 MiB buffers rotate between the two), so the two
-/// SHA-256 passes overlap instead of adding up.
 pub fn verify_payload(
     payload: &Payload,
     index: &BlockIndex,
     target: &Path,
 ) -> Result<(), InstallError> {
-    use std::sync::mpsc::sync_channel;
-    const BUFS: usize = 3;
     let f = File::open(target).map_err(io("opening slot", target))?;
-    std::thread::scope(|scope| {
-        let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(BUFS);
-        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(BUFS);
-        for _ in 0..BUFS {
-            // Cannot fail: the channel has room for all buffers and the receiver lives.
-            let _ = free_tx.send(vec![0u8; 4 << 20]);
-        }
-        let whole = scope.spawn(move || {
-            let mut whole = Sha256::new();
-            for (buf, n) in full_rx {
-                whole.update(&buf[..n]);
-                if free_tx.send(buf).is_err() {
-                    break;
+    let mut whole = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0u64;
+    while at < payload.size {
+        let n = (payload.size - at).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], at).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                InstallError::VerifyFailed {
+                    path: target.to_path_buf(),
+                    what: format!("slot ends before byte {}", payload.size),
                 }
+            } else {
+                io("reading back slot", target)(e)
             }
-            <[u8; 32]>::from(whole.finalize())
+        })?;
+        whole.update(&buf[..n]);
+        for (k, c) in buf[..n].chunks(BS as usize).enumerate() {
+            let b = at / BS + k as u64;
+            if index.hash(b) != Some(&Sha256::digest(c).into()) {
+                return Err(InstallError::VerifyFailed {
+                    path: target.to_path_buf(),
+                    what: format!("block {b} differs"),
+                });
+            }
+        }
+        at += n as u64;
+    }
+    if <[u8; 32]>::from(whole.finalize()) != payload.sha256 {
+        return Err(InstallError::VerifyFailed {
+            path: target.to_path_buf(),
+            what: "SHA-256 of the payload differs".into(),
         });
-        let mut at = 0u64;
-        let checked = (|| {
-            while at < payload.size {
-                let Ok(mut buf) = free_rx.recv() else {
-                    return Err(InstallError::VerifyFailed {
-                        path: target.to_path_buf(),
-                        what: "payload digest thread stopped".into(),
-                    });
-                };
-                let n = (payload.size - at).min(buf.len() as u64) as usize;
-                f.read_exact_at(&mut buf[..n], at).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        InstallError::VerifyFailed {
-                            path: target.to_path_buf(),
-                            what: format!("slot ends before byte {}", payload.size),
-                        }
-                    } else {
-                        io("reading back slot", target)(e)
-                    }
-                })?;
-                for (k, c) in buf[..n].chunks(BS as usize).enumerate() {
-                    let b = at / BS + k as u64;
-                    if index.hash(b) != Some(&Sha256::digest(c).into()) {
-                        return Err(InstallError::VerifyFailed {
-                            path: target.to_path_buf(),
-                            what: format!("block {b} differs"),
-                        });
-                    }
-                }
-                if full_tx.send((buf, n)).is_err() {
-                    break;
-                }
-                at += n as u64;
-            }
-            Ok(())
-        })();
-        drop(full_tx);
-        let digest = whole.join();
-        checked?;
-        match digest {
-            Ok(d) if d == payload.sha256 && at >= payload.size => Ok(()),
-            Ok(_) => Err(InstallError::VerifyFailed {
-                path: target.to_path_buf(),
-                what: "SHA-256 of the payload differs".into(),
-            }),
-            Err(_) => Err(InstallError::VerifyFailed {
-                path: target.to_path_buf(),
-                what: "payload digest thread panicked".into(),
-            }),
-        }
-    })
+    }
+    Ok(())
 }
 
 /// A release bundle file as a block source (offline installs from a USB stick, the
