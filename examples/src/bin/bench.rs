@@ -679,47 +679,29 @@ fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
     v
 }
 
-/// A release bundle of one `rootfs` payload, laid out as the hub writes them.
+/// A release bundle of one `rootfs` payload, built by the hub's release builder (the
+/// image is written next to it).
 fn write_bundle(
     out: &Path,
     key: &ed25519_dalek::SigningKey,
     version: &str,
     rootfs: &[u8],
 ) -> Result<()> {
-    use cairn_sync_protocol::Text;
-    use cairn_sync_protocol::release::{BundleLayout, IndexBuilder, Manifest};
-    use std::io::Write;
-    let mut b = IndexBuilder::new();
-    b.update(rootfs);
-    let (payload, index) = b.finish(Text::new("rootfs")?);
-    let m = Manifest {
-        version: Text::new(version)?,
-        arch: Text::new(std::env::consts::ARCH)?,
-        board: Text::new("bench")?,
-        created_ms: 0,
-        payloads: vec![payload],
+    let image = out.with_extension("img");
+    std::fs::write(&image, rootfs)?;
+    let spec = cairn_hub::release::BuildSpec {
+        version: version.into(),
+        arch: std::env::consts::ARCH.into(),
+        board: "bench".into(),
+        inputs: vec![cairn_hub::release::BuildInput {
+            name: "rootfs".into(),
+            path: image.clone(),
+        }],
         expected_pcrs: vec![],
+        created_ms: 0,
     };
-    let signed = m.sign(key);
-    let header = BundleLayout::header(&signed);
-    let layout = BundleLayout::new(&m, header.len() as u64);
-    let (index_at, data_at) = *layout.sections.first().context("no section")?;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(out)?);
-    let mut at = 0u64;
-    let mut put = |f: &mut std::io::BufWriter<std::fs::File>, pad_to: u64, bytes: &[u8]| {
-        let pad = pad_to.saturating_sub(at);
-        f.write_all(&vec![0u8; pad as usize])?;
-        f.write_all(bytes)?;
-        at += pad + bytes.len() as u64;
-        anyhow::Ok(())
-    };
-    put(&mut f, 0, &header)?;
-    put(&mut f, index_at, &index)?;
-    put(&mut f, data_at, rootfs)?;
-    put(&mut f, layout.len, &[])?;
-    f.into_inner()
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?
-        .sync_all()?;
+    cairn_hub::release::build(&spec, key, out, &mut |_| {})?;
+    std::fs::remove_file(&image)?;
     Ok(())
 }
 
