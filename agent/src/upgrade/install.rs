@@ -206,6 +206,9 @@ enum Run {
         from: u64,
     },
     Remote,
+    /// Blocks the index says are all zeros (SHA-256 of 4096 zero bytes): written
+    /// without reading or hashing anything.
+    Zero,
     /// Same bytes as an earlier block of this payload, already written to the target.
     Written {
         from: u64,
@@ -261,7 +264,7 @@ pub fn install_payload(
         });
         let mut in_flight = false;
         let landed = |r: std::io::Result<Progress>,
-                          checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>|
+                      checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>|
          -> Result<(), InstallError> {
             let done = r.map_err(io("flushing slot", target))?;
             checkpoint(&done)
@@ -271,20 +274,35 @@ pub fn install_payload(
             // Plan one run of blocks from one place.
             let h = hash_of(i);
             let full = job.payload.block_len(i) == BLOCK_SIZE;
-            let kind = match (
-                full.then(|| written.get(&prefix(&h))).flatten(),
-                full.then(|| job.local.and_then(|l| l.by_hash.get(&prefix(&h))))
-                    .flatten(),
-            ) {
-                (Some(&w), _) => Run::Written { from: w },
-                (None, Some(&l)) => Run::Local { from: l },
-                (None, None) => Run::Remote,
+            let is_zero =
+                |b: u64| job.payload.block_len(b) == BLOCK_SIZE && hash_of(b) == zero_block_hash();
+            let kind = if is_zero(i) {
+                Run::Zero
+            } else {
+                match (
+                    full.then(|| written.get(&prefix(&h))).flatten(),
+                    full.then(|| job.local.and_then(|l| l.by_hash.get(&prefix(&h))))
+                        .flatten(),
+                ) {
+                    (Some(&w), _) => Run::Written { from: w },
+                    (None, Some(&l)) => Run::Local { from: l },
+                    (None, None) => Run::Remote,
+                }
             };
             let mut n = 1u64;
+            // Hashes in this remote run: a repeat ends it (and is copied once written).
+            let mut in_run: std::collections::HashSet<u64> = std::collections::HashSet::new();
+            if matches!(kind, Run::Remote) && full {
+                in_run.insert(prefix(&h));
+            }
             while i + n < total && n < u64::from(MAX_FETCH_BLOCKS) {
                 let next = hash_of(i + n);
                 let next_full = job.payload.block_len(i + n) == BLOCK_SIZE;
                 let same = match kind {
+                    Run::Zero => is_zero(i + n),
+                    Run::Remote if is_zero(i + n) => false,
+                    Run::Remote if next_full && !in_run.insert(prefix(&next)) => false,
+                    Run::Local { .. } if is_zero(i + n) => false,
                     Run::Remote => {
                         !next_full
                             || (!written.contains_key(&prefix(&next))
@@ -312,6 +330,10 @@ pub fn install_payload(
                 .map(|b| u64::from(job.payload.block_len(b)))
                 .sum();
             match kind {
+                Run::Zero => {
+                    buf.resize(run_len as usize, 0);
+                    p.copied += run_len;
+                }
                 Run::Remote => {
                     fetch_checked(source, job, &name, i, n as u32, &mut buf)?;
                     p.downloaded += run_len;
@@ -385,7 +407,30 @@ pub fn install_payload(
     })
 }
 
+/// SHA-256 of a block of zeros.
+fn zero_block_hash() -> [u8; 32] {
+    static ZERO: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| Sha256::digest([0u8; BS as usize]).into())
+}
+
+/// Whether `bytes` are blocks `first..` as the index says. Large runs are hashed in
+/// two halves on two threads: SHA-256 of every block is the work `dd` does not do, and
+/// on fast storage it is what bounds an install.
 fn blocks_match(job: &PayloadJob<'_>, first: u64, bytes: &[u8]) -> bool {
+    const SPLIT: usize = 1 << 20;
+    if bytes.len() >= 2 * SPLIT {
+        let half_blocks = (bytes.len() / 2) / BS as usize;
+        let (a, b) = bytes.split_at(half_blocks * BS as usize);
+        return std::thread::scope(|s| {
+            let other = s.spawn(|| blocks_match_serial(job, first + half_blocks as u64, b));
+            let mine = blocks_match_serial(job, first, a);
+            mine && other.join().unwrap_or(false)
+        });
+    }
+    blocks_match_serial(job, first, bytes)
+}
+
+fn blocks_match_serial(job: &PayloadJob<'_>, first: u64, bytes: &[u8]) -> bool {
     let mut at = 0usize;
     let mut b = first;
     while at < bytes.len() {
@@ -573,5 +618,162 @@ impl BlockSource for BundleSource {
         out: &mut Vec<u8>,
     ) -> Result<(), SourceError> {
         self.read(FetchWhat::Blocks { first, count }, payload, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_sync_protocol::Text;
+    use cairn_sync_protocol::release::IndexBuilder;
+
+    /// A source holding one payload in memory, counting what it served.
+    struct Mem {
+        bytes: Vec<u8>,
+        index: Vec<u8>,
+        served: u64,
+        corrupt_block: Option<u64>,
+    }
+
+    impl BlockSource for Mem {
+        fn index(&mut self, _: u8) -> Result<Vec<u8>, SourceError> {
+            Ok(self.index.clone())
+        }
+        fn blocks(
+            &mut self,
+            _: u8,
+            first: u64,
+            count: u32,
+            out: &mut Vec<u8>,
+        ) -> Result<(), SourceError> {
+            let start = (first * BS) as usize;
+            let end = (((first + u64::from(count)) * BS) as usize).min(self.bytes.len());
+            let old = out.len();
+            out.extend_from_slice(&self.bytes[start..end]);
+            if let Some(b) = self.corrupt_block
+                && (first..first + u64::from(count)).contains(&b)
+            {
+                out[old + ((b - first) * BS) as usize] ^= 1;
+            }
+            self.served += (end - start) as u64;
+            Ok(())
+        }
+    }
+
+    fn image() -> Vec<u8> {
+        // Random blocks, a run of zero blocks, repeats of one block, a short tail.
+        let mut v = Vec::new();
+        let mut x: u32 = 7;
+        for b in 0..300u32 {
+            let block: Vec<u8> = match b {
+                100..200 => vec![0; BS as usize],
+                250..260 => vec![0xab; BS as usize],
+                _ => (0..BS)
+                    .map(|_| {
+                        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                        (x >> 16) as u8
+                    })
+                    .collect(),
+            };
+            v.extend_from_slice(&block);
+        }
+        v.extend_from_slice(b"tail");
+        v
+    }
+
+    fn install(
+        src: &mut Mem,
+        target: &Path,
+        local: Option<&LocalBlocks>,
+    ) -> Result<Progress, InstallError> {
+        let mut b = IndexBuilder::new();
+        b.update(&src.bytes);
+        let (payload, index) = b.finish(Text::new("rootfs").unwrap());
+        src.index = index.clone();
+        let index = BlockIndex::verified(&payload, &index).unwrap();
+        let job = PayloadJob {
+            payload: &payload,
+            number: 0,
+            index: &index,
+            target,
+            local,
+            checkpoint_bytes: 64 * 1024,
+        };
+        let mut checkpoints = Vec::new();
+        let p = install_payload(&job, src, Progress::default(), &mut |g| {
+            checkpoints.push(g.blocks_done);
+            Ok(())
+        })?;
+        assert!(
+            checkpoints.windows(2).all(|w| w[0] <= w[1]),
+            "{checkpoints:?}"
+        );
+        assert_eq!(checkpoints.last(), Some(&payload.blocks()));
+        verify_payload(&payload, &index, target)?;
+        Ok(p)
+    }
+
+    #[test]
+    fn zeros_and_repeats_are_not_downloaded_and_the_slot_matches() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("slot");
+        // Old contents in the slot must not survive where the image has zeros.
+        std::fs::write(&target, vec![0x55u8; 400 * BS as usize]).unwrap();
+        let mut src = Mem {
+            bytes: image(),
+            index: vec![],
+            served: 0,
+            corrupt_block: None,
+        };
+        let p = install(&mut src, &target, None).unwrap();
+        let written = std::fs::read(&target).unwrap();
+        assert_eq!(&written[..src.bytes.len()], &src.bytes[..]);
+        // 100 zero blocks written without fetching; 9 of 10 repeated blocks copied.
+        let fetched_blocks = src.served.div_ceil(BS);
+        assert_eq!(
+            fetched_blocks,
+            300 - 100 - 9 + 1,
+            "served {} bytes",
+            src.served
+        );
+        assert_eq!(p.downloaded, src.served);
+    }
+
+    #[test]
+    fn blocks_the_active_slot_holds_are_copied_and_a_corrupt_block_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let active = d.path().join("a");
+        let v1 = image();
+        std::fs::write(&active, &v1).unwrap();
+        let mut v2 = v1.clone();
+        v2[5 * BS as usize] ^= 0xff;
+        v2[290 * BS as usize] ^= 0xff;
+        let local = LocalBlocks::scan(&active, None).unwrap();
+        let mut src = Mem {
+            bytes: v2.clone(),
+            index: vec![],
+            served: 0,
+            corrupt_block: None,
+        };
+        let target = d.path().join("b");
+        install(&mut src, &target, Some(&local)).unwrap();
+        assert_eq!(
+            src.served,
+            2 * BS + 4,
+            "only the two changed blocks (and the short tail) are fetched"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), v2);
+
+        let mut bad = Mem {
+            bytes: v2,
+            index: vec![],
+            served: 0,
+            corrupt_block: Some(290),
+        };
+        let e = install(&mut bad, &d.path().join("c"), Some(&local)).unwrap_err();
+        assert!(
+            matches!(e, InstallError::CorruptBlock { block: 290, .. }),
+            "{e}"
+        );
     }
 }

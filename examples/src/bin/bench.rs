@@ -687,7 +687,7 @@ fn write_bundle(
     version: &str,
     rootfs: &[u8],
 ) -> Result<()> {
-    let image = out.with_extension("img");
+    let image = out.with_extension("payload");
     std::fs::write(&image, rootfs)?;
     let spec = cairn_hub::release::BuildSpec {
         version: version.into(),
