@@ -43,28 +43,7 @@ pub fn build_bundle(
         .signed
 }
 
-/// Random bytes from a seed.
-pub fn random_image(seed: u64, len: usize) -> Vec<u8> {
-    use rand::{RngCore, SeedableRng};
-    let mut v = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-/// `base` with `fraction` of its 4 KiB blocks rewritten at random positions.
-pub fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
-    use rand::seq::SliceRandom;
-    use rand::{RngCore, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = base.to_vec();
-    let blocks = v.len() / 4096;
-    let mut idx: Vec<usize> = (0..blocks).collect();
-    idx.shuffle(&mut rng);
-    for &b in &idx[..(blocks as f64 * fraction).round() as usize] {
-        rng.fill_bytes(&mut v[b * 4096..(b + 1) * 4096]);
-    }
-    v
-}
+pub use cairn_examples::{mutate_blocks, random_image};
 
 /// How a machine run ended.
 #[derive(Debug)]

@@ -7,10 +7,11 @@
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn ci_scenario_with_200_real_agents_holds_every_invariant() {
-    let scenario =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scenarios/ci-small.toml");
+/// Runs `examples/scenarios/NAME.toml` in real mode; its JSON report.
+fn run_scenario(name: &str) -> serde_json::Value {
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/scenarios")
+        .join(format!("{name}.toml"));
     let out = Command::new(cairn_e2e::bin("fleet-sim"))
         .arg("--scenario")
         .arg(&scenario)
@@ -24,7 +25,12 @@ fn ci_scenario_with_200_real_agents_holds_every_invariant() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[test]
+fn ci_scenario_with_200_real_agents_holds_every_invariant() {
+    let report = run_scenario("ci-small");
     assert_eq!(report["mode"], "real");
     assert_eq!(report["devices"], 200);
     let invariants = report["invariants"].as_array().unwrap();

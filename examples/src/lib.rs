@@ -174,6 +174,30 @@ impl AgentTask {
     }
 }
 
+/// `len` random bytes from `seed`: an OS image for simulations and benchmarks.
+pub fn random_image(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+/// `base` with `fraction` of its 4 KiB blocks rewritten with random bytes at random
+/// positions (the delta-upgrade workload).
+pub fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
+    use rand::seq::SliceRandom;
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = base.to_vec();
+    let blocks = v.len() / 4096;
+    let mut idx: Vec<usize> = (0..blocks).collect();
+    idx.shuffle(&mut rng);
+    for &b in &idx[..((blocks as f64 * fraction).round() as usize).min(blocks)] {
+        rng.fill_bytes(&mut v[b * 4096..(b + 1) * 4096]);
+    }
+    v
+}
+
 /// Boots a simulated box with file-backed slots again (see [`AgentTask::start`]).
 pub fn reboot_sim_box(cfg: &AgentConfig) -> Result<cairn_agent::upgrade::boot::Slot> {
     use cairn_agent::upgrade::BootSpec;

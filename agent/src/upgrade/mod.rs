@@ -736,6 +736,15 @@ impl Engine {
         Ok(Next::Idle)
     }
 
+    /// Where payload `name` goes in `slot` (checked to exist at admission).
+    fn slot_path(&self, name: &str, slot: Slot) -> PathBuf {
+        self.cfg
+            .slots
+            .target(name, slot)
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
     fn index_path(&self, slot: Slot, payload: &str) -> PathBuf {
         self.cfg
             .state_dir
@@ -771,12 +780,7 @@ impl Engine {
                 continue;
             }
             let name = p.name.to_string();
-            let target = self
-                .cfg
-                .slots
-                .target(&name, job.target)
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
+            let target = self.slot_path(&name, job.target);
             // The block index: kept from an interrupted attempt, else fetched.
             let index_file = self.index_path(job.target, &name);
             let saved = std::fs::read(&index_file)
@@ -914,12 +918,7 @@ impl Engine {
         };
         for p in &m.payloads {
             let name = p.name.to_string();
-            let target = self
-                .cfg
-                .slots
-                .target(&name, job.target)
-                .map(Path::to_path_buf)
-                .unwrap_or_default();
+            let target = self.slot_path(&name, job.target);
             let index = std::fs::read(self.index_path(job.target, &name))
                 .ok()
                 .and_then(|b| BlockIndex::verified(p, &b).ok());

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use cairn_agent::AgentConfig;
 use cairn_examples::report::Report;
-use cairn_examples::{AgentTask, create_token, file, selector, set, start_hub};
+use cairn_examples::{AgentTask, create_token, file, mutate_blocks, selector, set, start_hub};
 use cairn_sync_protocol::DeviceId;
 use cairn_sync_protocol::frame;
 use cairn_sync_protocol::message::{EventKind, HubMessage};
@@ -661,22 +661,6 @@ fn upgrade_image(dir: &Path, size: u64) -> Result<(Vec<u8>, String)> {
             Ok((bytes, "random bytes (mke2fs not available)".into()))
         }
     }
-}
-
-/// `base` with `fraction` of its 4 KiB blocks rewritten with random bytes at random
-/// positions.
-fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
-    use rand::seq::SliceRandom;
-    use rand::{RngCore, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut v = base.to_vec();
-    let blocks = v.len() / 4096;
-    let mut idx: Vec<usize> = (0..blocks).collect();
-    idx.shuffle(&mut rng);
-    for &b in &idx[..(blocks as f64 * fraction).round() as usize] {
-        rng.fill_bytes(&mut v[b * 4096..(b + 1) * 4096]);
-    }
-    v
 }
 
 /// A release bundle of one `rootfs` payload, built by the hub's release builder (the

@@ -26,8 +26,7 @@ impl OsFleet {
     /// path for the pools to flash.
     pub fn new(dir: &Path, kib: u64, seed: u64) -> Result<(Self, PathBuf)> {
         std::fs::create_dir_all(dir)?;
-        let mut v1 = vec![0u8; (kib * 1024) as usize];
-        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v1);
+        let v1 = crate::random_image(seed, (kib * 1024) as usize);
         let path = dir.join("os-1.0.0.img");
         std::fs::write(&path, &v1).with_context(|| format!("writing {}", path.display()))?;
         let mut images = BTreeMap::new();
