@@ -12,6 +12,7 @@ pub mod report;
 pub mod scenario;
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Result;
 use cairn_agent::AgentConfig;
@@ -117,29 +118,54 @@ impl AgentTask {
     /// Starts (or restarts) the agent. When the agent asks for a reboot and its slots
     /// are file-backed, the task plays the box: the file boot loader's firmware boots
     /// (a slot whose image starts with `PANIC` is a kernel that panics: the firmware
-    /// resets and boots again), then the agent starts again.
+    /// resets and boots again), then the agent starts again. An agent that stops with
+    /// an error (or panics) is started again after a second, as its service manager
+    /// would; one whose enrollment is refused stays stopped.
     pub fn start(&mut self) {
         let (tx, rx) = watch::channel(false);
         let cfg = self.cfg.clone();
         self.stop = Some(tx);
         self.task = Some(tokio::spawn(async move {
+            /// Aborts the agent's own task when the supervisor is dropped (a crash).
+            struct AbortOnDrop(JoinHandle<Result<cairn_agent::Stopped, cairn_agent::RunError>>);
+            impl Drop for AbortOnDrop {
+                fn drop(&mut self) {
+                    self.0.abort();
+                }
+            }
             loop {
-                let mut rx = rx.clone();
+                let mut rx2 = rx.clone();
                 let shutdown = async move {
-                    let _ = rx.wait_for(|s| *s).await;
+                    let _ = rx2.wait_for(|s| *s).await;
                 };
-                match cairn_agent::run(cfg.clone(), shutdown).await {
-                    Ok(cairn_agent::Stopped::Shutdown) => return,
-                    Ok(cairn_agent::Stopped::Reboot(_)) => {
+                let mut agent = AbortOnDrop(tokio::spawn(cairn_agent::run(cfg.clone(), shutdown)));
+                let outcome = (&mut agent.0).await;
+                match outcome {
+                    Ok(Ok(cairn_agent::Stopped::Shutdown)) => return,
+                    Ok(Ok(cairn_agent::Stopped::Reboot(_))) => {
                         if let Err(e) = reboot_sim_box(&cfg) {
-                            tracing::error!(error = %e, "simulated reboot failed");
+                            tracing::error!(host = %cfg.hostname, error = %e, "simulated reboot failed");
                             return;
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "agent stopped");
+                    Ok(Err(
+                        e @ (cairn_agent::RunError::NotEnrolled(_)
+                        | cairn_agent::RunError::EnrollRefused { .. }),
+                    )) => {
+                        tracing::error!(host = %cfg.hostname, error = %e, "agent stopped");
                         return;
                     }
+                    Ok(Err(e)) => {
+                        tracing::error!(host = %cfg.hostname, error = %e, "agent stopped; starting it again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(host = %cfg.hostname, error = %e, "agent task ended; starting it again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                if *rx.borrow() || rx.has_changed().is_err() {
+                    return;
                 }
             }
         }));
