@@ -353,6 +353,7 @@ async fn upgrade_loop(
         };
         let joined = tokio::task::spawn_blocking(move || {
             let link = sh.link.lock().ok().and_then(|l| l.clone());
+            let hub_connected = link.is_some();
             let mut source = |m: &cairn_sync_protocol::release::SignedManifest| {
                 link.clone().map(|c| {
                     Box::new(upgrade::source::QuicSource::new(rt2.clone(), c, m.id()))
@@ -366,6 +367,7 @@ async fn upgrade_loop(
                 store: &sh.store,
                 desired,
                 hub_seen_ms: hub_seen,
+                hub_connected,
                 source: &mut source,
                 stop: &flag,
                 on_reports: &on_reports,

@@ -323,6 +323,8 @@ pub struct Ctx<'a> {
     pub desired: Option<([u8; 32], OsResource)>,
     /// When the hub was last reached (a sync session was welcomed), ms.
     pub hub_seen_ms: Option<u64>,
+    /// A sync session with the hub is up right now.
+    pub hub_connected: bool,
     /// Opens the source of release bytes (`None`: offline now).
     pub source: &'a mut dyn FnMut(&SignedManifest) -> Option<Box<dyn BlockSource>>,
     /// Set to stop a long install at its next checkpoint.
@@ -960,7 +962,9 @@ impl Engine {
             now_ms: now_ms(),
             timeout_ms: u64::from(job.health.timeout_s) * 1000,
             require_hub: job.health.require_hub,
-            hub_reached: ctx.hub_seen_ms.is_some_and(|h| h >= started),
+            // Welcomed since the trial began, or connected now (the session may have
+            // come up before this boot's trial was recorded).
+            hub_reached: ctx.hub_connected || ctx.hub_seen_ms.is_some_and(|h| h >= started),
             checks: self.checks.clone(),
         };
         match plan::health(&facts) {

@@ -96,6 +96,7 @@ pub fn install(req: &Request<'_>) -> Result<Outcome> {
             store: &store,
             desired: Some((hash, os.clone())),
             hub_seen_ms: None,
+            hub_connected: false,
             source: &mut source,
             stop: &stop,
             on_reports: &on_reports,
