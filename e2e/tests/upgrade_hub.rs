@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cairn_agent::upgrade::REBOOT_EXIT_CODE;
 use cairn_agent::upgrade::boot::Slot;
@@ -152,9 +152,11 @@ fn operator_upgrades_a_box_through_the_hub_and_a_broken_release_rolls_back() {
     assert_eq!(sim.slot_bytes(Slot::B, IMAGE), v2, "2.0.0 still runs");
     let events = hub.events(&id, Some("upgrade.rolled-back"));
     assert_eq!(events.len(), 1, "{events:?}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && agent.exited().is_none() {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Back online on 2.0.0, every report delivered; it did not stop again.
+    wait_for(
+        "the agent back online with its reports delivered",
+        Duration::from_secs(60),
+        || hub.device(&id)["device"]["connected"] == true && agent.status()["outbox_depth"] == 0,
+    );
     assert_eq!(agent.exited(), None, "the agent keeps running on 2.0.0");
 }
