@@ -325,15 +325,16 @@ async fn upgrade_loop(
             .ok()
             .flatten()
             .and_then(|d| {
-                d.resources.into_iter().find_map(|(_, r)| match r {
-                    cairn_sync_protocol::state::Resource::Os(os) => {
-                        let hash = cairn_sync_protocol::state::Resource::Os(os.clone())
-                            .hash()
-                            .0;
-                        Some((hash, os))
-                    }
-                    _ => None,
-                })
+                use cairn_sync_protocol::state::Resource;
+                let r = d
+                    .resources
+                    .into_values()
+                    .find(|r| matches!(r, Resource::Os(_)))?;
+                let hash = r.hash().0;
+                match r {
+                    Resource::Os(os) => Some((hash, os)),
+                    Resource::File(_) => None,
+                }
             });
         let Some(mut e) = engine.take() else {
             if desired.is_some() {

@@ -405,10 +405,7 @@ impl Store {
             )
             .map_err(db)?;
         }
-        let mut last = 0;
-        for body in reports {
-            last = push_report(&tx, body).map_err(db)?;
-        }
+        let last = push_all(&tx, reports).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(last)
     }
@@ -421,10 +418,7 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(db)?;
-        let mut last = 0;
-        for body in bodies {
-            last = push_report(&tx, body).map_err(db)?;
-        }
+        let last = push_all(&tx, bodies).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(last)
     }
@@ -544,10 +538,7 @@ impl Store {
             )
             .map_err(db)?;
         }
-        let mut last = 0;
-        for body in reports {
-            last = push_report(&tx, body).map_err(db)?;
-        }
+        let last = push_all(&tx, reports).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(last)
     }
@@ -569,6 +560,15 @@ impl Store {
         f.copy_from_slice(&v[16..20]);
         Ok((u(0..8), u(8..16), u32::from_le_bytes(f)))
     }
+}
+
+/// Appends `reports` in order; the last sequence number given (0: none).
+fn push_all(tx: &rusqlite::Transaction<'_>, reports: Vec<ReportBody>) -> rusqlite::Result<u64> {
+    let mut last = 0;
+    for body in reports {
+        last = push_report(tx, body)?;
+    }
+    Ok(last)
 }
 
 fn push_report(tx: &rusqlite::Transaction<'_>, body: ReportBody) -> rusqlite::Result<u64> {

@@ -233,10 +233,10 @@ impl SimBox {
                 slot
             }
         };
-        let mut head = [0u8; 5];
-        let f = std::fs::File::open(&self.slots[slot.index()]).unwrap();
-        let _ = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0);
-        (slot, &head == b"PANIC")
+        (
+            slot,
+            cairn_examples::kernel_panics(&self.slots[slot.index()]).unwrap(),
+        )
     }
 
     /// The machine: boot, run `cmd()` (the agent), reboot on exit code 10, until the

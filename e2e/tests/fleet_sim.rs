@@ -56,21 +56,7 @@ fn ci_scenario_with_200_real_agents_holds_every_invariant() {
 /// must end on the release it committed, none on an unverified one.
 #[test]
 fn upgrade_scenario_ends_with_every_box_committed_or_rolled_back() {
-    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scenarios/upgrade.toml");
-    let out = Command::new(cairn_e2e::bin("fleet-sim"))
-        .arg("--scenario")
-        .arg(&scenario)
-        .args(["--json", "--pool-size", "100", "--enroll-timeout", "3m"])
-        .output()
-        .expect("run fleet-sim");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "fleet-sim failed ({}): {stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let report = run_scenario("upgrade");
     let invariants = report["invariants"].as_array().unwrap();
     assert_eq!(invariants.len(), 5, "{report}");
     assert!(invariants.iter().all(|i| i["ok"] == true), "{report}");

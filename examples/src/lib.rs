@@ -224,6 +224,14 @@ pub fn mutate_blocks(base: &[u8], fraction: f64, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Whether a simulated slot holds a kernel that panics: its image starts with `PANIC`.
+pub fn kernel_panics(slot: &Path) -> std::io::Result<bool> {
+    let mut head = [0u8; 5];
+    let f = std::fs::File::open(slot)?;
+    let n = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0)?;
+    Ok(n == head.len() && &head == b"PANIC")
+}
+
 /// Boots a simulated box with file-backed slots again (see [`AgentTask::start`]).
 pub fn reboot_sim_box(cfg: &AgentConfig) -> Result<cairn_agent::upgrade::boot::Slot> {
     use cairn_agent::upgrade::BootSpec;
@@ -235,10 +243,7 @@ pub fn reboot_sim_box(cfg: &AgentConfig) -> Result<cairn_agent::upgrade::boot::S
     };
     for _ in 0..8 {
         let slot = cairn_agent::upgrade::boot::file::firmware_boot(dir)?;
-        let mut head = [0u8; 5];
-        let f = std::fs::File::open(&u.slots.rootfs[slot.index()])?;
-        let _ = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0);
-        if &head != b"PANIC" {
+        if !kernel_panics(&u.slots.rootfs[slot.index()])? {
             return Ok(slot);
         }
         tracing::info!(%slot, "simulated kernel panic; the firmware resets");

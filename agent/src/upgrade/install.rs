@@ -33,17 +33,27 @@ pub enum SourceError {
 
 /// Where blocks the box does not hold come from.
 pub trait BlockSource: Send {
+    /// Appends exactly the bytes of `what` of payload `payload` to `out`: its block
+    /// index, or a run of its blocks (the last block of a payload may be short).
+    fn read(&mut self, payload: u8, what: FetchWhat, out: &mut Vec<u8>) -> Result<(), SourceError>;
+
     /// Raw block index of payload `payload` (checked by the caller against the manifest).
-    fn index(&mut self, payload: u8) -> Result<Vec<u8>, SourceError>;
-    /// Appends exactly the bytes of blocks `first .. first + count` of payload
-    /// `payload` to `out` (the last block of a payload may be short).
+    fn index(&mut self, payload: u8) -> Result<Vec<u8>, SourceError> {
+        let mut out = Vec::new();
+        self.read(payload, FetchWhat::Index, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends blocks `first .. first + count` of payload `payload` to `out`.
     fn blocks(
         &mut self,
         payload: u8,
         first: u64,
         count: u32,
         out: &mut Vec<u8>,
-    ) -> Result<(), SourceError>;
+    ) -> Result<(), SourceError> {
+        self.read(payload, FetchWhat::Blocks { first, count }, out)
+    }
 }
 
 /// Why installing a payload failed.
@@ -112,8 +122,8 @@ pub struct LocalBlocks {
     by_hash: HashMap<u64, u64>,
 }
 
-fn prefix(h: &[u8; 32]) -> u64 {
-    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+fn prefix(h: &[u8]) -> u64 {
+    u64::from_le_bytes(h.get(..8).and_then(|p| p.try_into().ok()).unwrap_or([0; 8]))
 }
 
 impl LocalBlocks {
@@ -135,9 +145,7 @@ impl LocalBlocks {
             }
             for c in buf[..n].chunks(BS as usize) {
                 if c.len() == BS as usize {
-                    by_hash
-                        .entry(prefix(&Sha256::digest(c).into()))
-                        .or_insert(block);
+                    by_hash.entry(prefix(&Sha256::digest(c))).or_insert(block);
                 }
                 block += 1;
             }
@@ -153,11 +161,12 @@ impl LocalBlocks {
         })
     }
 
-    /// Uses a stored block index of `path` instead of hashing it.
-    pub fn from_index(path: &Path, index: &[[u8; 32]]) -> Result<Self, InstallError> {
+    /// Uses a stored block index of `path` (32-byte hashes, block by block) instead of
+    /// hashing it.
+    pub fn from_index(path: &Path, index: &[u8]) -> Result<Self, InstallError> {
         let file = File::open(path).map_err(io("opening", path))?;
-        let mut by_hash = HashMap::with_capacity(index.len());
-        for (i, h) in index.iter().enumerate() {
+        let mut by_hash = HashMap::with_capacity(index.len() / 32);
+        for (i, h) in index.chunks_exact(32).enumerate() {
             by_hash.entry(prefix(h)).or_insert(i as u64);
         }
         Ok(Self {
@@ -573,7 +582,7 @@ impl BundleSource {
         &self.manifest
     }
 
-    fn read(&self, what: FetchWhat, payload: u8, out: &mut Vec<u8>) -> Result<(), SourceError> {
+    fn section(&self, what: FetchWhat, payload: u8, out: &mut Vec<u8>) -> Result<(), SourceError> {
         let p = usize::from(payload);
         let (Some(&(index_at, data_at)), Some(&(index_len, size))) =
             (self.layout.sections.get(p), self.sizes.get(p))
@@ -604,20 +613,8 @@ impl BundleSource {
 }
 
 impl BlockSource for BundleSource {
-    fn index(&mut self, payload: u8) -> Result<Vec<u8>, SourceError> {
-        let mut out = Vec::new();
-        self.read(FetchWhat::Index, payload, &mut out)?;
-        Ok(out)
-    }
-
-    fn blocks(
-        &mut self,
-        payload: u8,
-        first: u64,
-        count: u32,
-        out: &mut Vec<u8>,
-    ) -> Result<(), SourceError> {
-        self.read(FetchWhat::Blocks { first, count }, payload, out)
+    fn read(&mut self, payload: u8, what: FetchWhat, out: &mut Vec<u8>) -> Result<(), SourceError> {
+        self.section(what, payload, out)
     }
 }
 
@@ -636,16 +633,11 @@ mod tests {
     }
 
     impl BlockSource for Mem {
-        fn index(&mut self, _: u8) -> Result<Vec<u8>, SourceError> {
-            Ok(self.index.clone())
-        }
-        fn blocks(
-            &mut self,
-            _: u8,
-            first: u64,
-            count: u32,
-            out: &mut Vec<u8>,
-        ) -> Result<(), SourceError> {
+        fn read(&mut self, _: u8, what: FetchWhat, out: &mut Vec<u8>) -> Result<(), SourceError> {
+            let FetchWhat::Blocks { first, count } = what else {
+                out.extend_from_slice(&self.index);
+                return Ok(());
+            };
             let start = (first * BS) as usize;
             let end = (((first + u64::from(count)) * BS) as usize).min(self.bytes.len());
             let old = out.len();

@@ -343,6 +343,8 @@ pub struct Engine {
     /// Result of the custom health checks in this boot.
     checks: Option<Result<(), String>>,
     last_progress_report: Option<(Instant, u64)>,
+    /// The running slot's blocks of one payload, kept across download steps.
+    local: Option<(String, LocalBlocks)>,
 }
 
 const META_VERSION: &str = "os_version";
@@ -373,6 +375,7 @@ impl Engine {
             boot_judged: false,
             checks: None,
             last_progress_report: None,
+            local: None,
         })
     }
 
@@ -738,6 +741,16 @@ impl Engine {
         Ok(Next::Idle)
     }
 
+    /// The blocks of payload `name` in the running slot: from the index kept when
+    /// this slot was written, else by reading and hashing it.
+    fn local_blocks(&self, name: &str) -> Option<LocalBlocks> {
+        let active = self.cfg.slots.target(name, self.booted)?;
+        match std::fs::read(self.index_path(self.booted, name)) {
+            Ok(index) => LocalBlocks::from_index(active, &index).ok(),
+            Err(_) => LocalBlocks::scan(active, None).ok(),
+        }
+    }
+
     /// Where payload `name` goes in `slot` (checked to exist at admission).
     fn slot_path(&self, name: &str, slot: Slot) -> PathBuf {
         self.cfg
@@ -813,29 +826,13 @@ impl Engine {
                     index
                 }
             };
-            // Blocks the active slot holds are copied, not downloaded.
-            let active = self
-                .cfg
-                .slots
-                .target(&name, self.booted)
-                .map(Path::to_path_buf);
-            let local = active.as_deref().and_then(|a| {
-                let from_index = std::fs::read(self.index_path(self.booted, &name))
-                    .ok()
-                    .map(|b| {
-                        b.chunks_exact(32)
-                            .map(|c| {
-                                let mut h = [0u8; 32];
-                                h.copy_from_slice(c);
-                                h
-                            })
-                            .collect::<Vec<_>>()
-                    });
-                match from_index {
-                    Some(idx) => LocalBlocks::from_index(a, &idx).ok(),
-                    None => LocalBlocks::scan(a, None).ok(),
-                }
-            });
+            // Blocks the active slot holds are copied, not downloaded. Its index is
+            // kept between steps: a download that resumes after a link loss does not
+            // read the whole active slot again.
+            let local = match self.local.take() {
+                Some((n, l)) if n == name => Some(l),
+                _ => self.local_blocks(&name),
+            };
             if src.is_none() {
                 src = (ctx.source)(&signed);
             }
@@ -872,6 +869,7 @@ impl Engine {
                     Ok(())
                 })
             };
+            self.local = local.map(|l| (name.clone(), l));
             if let Some(e) = cp_err {
                 return Err(e);
             }

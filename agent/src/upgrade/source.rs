@@ -199,19 +199,7 @@ impl QuicSource {
 }
 
 impl BlockSource for QuicSource {
-    fn index(&mut self, payload: u8) -> Result<Vec<u8>, SourceError> {
-        let mut out = Vec::new();
-        self.fetch(payload, FetchWhat::Index, &mut out)?;
-        Ok(out)
-    }
-
-    fn blocks(
-        &mut self,
-        payload: u8,
-        first: u64,
-        count: u32,
-        out: &mut Vec<u8>,
-    ) -> Result<(), SourceError> {
-        self.fetch(payload, FetchWhat::Blocks { first, count }, out)
+    fn read(&mut self, payload: u8, what: FetchWhat, out: &mut Vec<u8>) -> Result<(), SourceError> {
+        self.fetch(payload, what, out)
     }
 }
