@@ -1,0 +1,61 @@
+#!/bin/busybox sh
+# Cairn OS initramfs: load the drivers, mount this slot's read-only root, the data
+# partition and the ESP, and hand over to the root's init. Nothing here is
+# interactive: on any failure it says why on the console and the kernel panics
+# (`panic=N` on the command line reboots the box, and the boot loader falls back).
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+fail() {
+	echo "cairn-initramfs: $*" >/dev/console
+	exit 1
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+dmesg -n 1
+echo "cairn-initramfs: @VERSION@ ($(uname -r))" >/dev/console
+@FAULT@
+while read -r m; do
+	insmod "/lib/modules/$m" 2>/dev/null
+done </lib/modules/load.list
+
+slot=$(sed -n 's/.*cairn\.slot=\([ab]\).*/\1/p' /proc/cmdline)
+[ -n "$slot" ] || fail "no cairn.slot=a|b on the kernel command line"
+
+# No udev: name the partitions ourselves, by GPT partition name.
+mkdir -p /dev/disk/by-partlabel
+tries=0
+while :; do
+	for u in /sys/class/block/*/uevent; do
+		name=$(sed -n 's/^PARTNAME=//p' "$u")
+		dev=$(sed -n 's/^DEVNAME=//p' "$u")
+		[ -n "$name" ] && [ -n "$dev" ] && ln -sf "/dev/$dev" "/dev/disk/by-partlabel/$name"
+	done
+	[ -e "/dev/disk/by-partlabel/cairn-$slot" ] && [ -e /dev/disk/by-partlabel/cairn-data ] && break
+	tries=$((tries + 1))
+	[ $tries -lt 100 ] || fail "no partitions named cairn-$slot and cairn-data after 10 s: is this a Cairn disk?"
+	sleep 0.1
+done
+
+mkdir -p /root
+mount -t squashfs -o ro "/dev/disk/by-partlabel/cairn-$slot" /root ||
+	fail "slot $slot holds no root file system"
+mount -t ext4 -o noatime,errors=remount-ro /dev/disk/by-partlabel/cairn-data /root/var/lib/cairn ||
+	fail "the data partition does not mount"
+for esp in esp boot; do
+	if [ -e "/dev/disk/by-partlabel/$esp" ]; then
+		mount -t vfat -o noatime,umask=0077,flush "/dev/disk/by-partlabel/$esp" /root/boot/efi ||
+			fail "the boot partition does not mount"
+		break
+	fi
+done
+if [ -d /sys/firmware/efi ]; then
+	mount -t efivarfs efivarfs /sys/firmware/efi/efivars || echo "cairn-initramfs: no efivarfs" >/dev/console
+fi
+mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+for d in dev proc sys; do
+	mount --move "/$d" "/root/$d"
+done
+exec switch_root /root /sbin/init

@@ -1,0 +1,134 @@
+//! `cairn-image`: builds flashable Cairn OS disk images and the slot contents of the
+//! matching A/B release, from Debian packages and our own binaries, without root.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cairn_hwtests::Arch;
+use cairn_hwtests::image::{self, Fault, Layout};
+use clap::{Parser, Subcommand};
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 built, 1 the build failed (the error says which step), 2 bad usage.
+
+Example (a NUC image of version 1.0.0, then its release):
+  cairn-image build --arch x86_64 --board nuc --version 1.0.0 \\
+    --agent target/release/cairn-agent --out out/1.0.0
+  cairn-hub image configure out/1.0.0/cairn-nuc-1.0.0.img --hub hub.example.net:7440 --token cairn1_...
+  cairn-hub release build --version 1.0.0 --arch x86_64 --board nuc \\
+    --input rootfs=out/1.0.0/rootfs.squashfs --input uki=out/1.0.0/cairn.efi ...
+
+Needs: apt-get (packages are downloaded, not installed), dpkg-deb, sgdisk, mtools,
+mksquashfs, mke2fs, cpio, objcopy. Logs: RUST_LOG=debug.";
+
+/// Builds Cairn OS images.
+#[derive(Parser)]
+#[command(name = "cairn-image", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a disk image (GPT: ESP, slot A, slot B, data) and its slot contents.
+    Build(Build),
+}
+
+#[derive(clap::Args)]
+struct Build {
+    /// x86_64 (NUC, UEFI + systemd-boot) or aarch64.
+    #[arg(long, default_value = "x86_64")]
+    arch: Arch,
+    /// Board family releases for this image must name (nuc, rpi4, …).
+    #[arg(long, default_value = "nuc")]
+    board: String,
+    /// OS version (semver).
+    #[arg(long)]
+    version: String,
+    /// The cairn-agent binary built for --arch.
+    #[arg(long)]
+    agent: PathBuf,
+    /// Output directory: cairn-BOARD-VERSION.img, rootfs.squashfs, cairn.efi, image.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Where downloaded Debian packages are kept.
+    #[arg(long, default_value = "target/cairn-image-cache")]
+    cache: PathBuf,
+    /// ESP size.
+    #[arg(long, default_value_t = Layout::default().esp_mib)]
+    esp_mib: u64,
+    /// Size of each slot.
+    #[arg(long, default_value_t = Layout::default().slot_mib)]
+    slot_mib: u64,
+    /// Data partition size.
+    #[arg(long, default_value_t = Layout::default().data_mib)]
+    data_mib: u64,
+    /// Kernel console arguments.
+    #[arg(long, default_value = "console=tty0 console=ttyS0,115200")]
+    console: String,
+    /// Extra argument for `cairn-agent run` in the image; repeat.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Build a deliberately broken image (for rollback tests): init-panic.
+    #[arg(long)]
+    fault: Option<Fault>,
+    /// Print what was built as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Cmd::Build(b) = Cli::parse().cmd;
+    let spec = image::Spec {
+        arch: b.arch,
+        board: b.board,
+        version: b.version,
+        agent: b.agent,
+        out: b.out,
+        cache: b.cache,
+        layout: Layout {
+            esp_mib: b.esp_mib,
+            slot_mib: b.slot_mib,
+            data_mib: b.data_mib,
+        },
+        fault: b.fault,
+        agent_args: b.agent_args,
+        console: b.console,
+    };
+    match image::build(&spec) {
+        Ok(built) if b.json => match serde_json::to_string_pretty(&built) {
+            Ok(t) => {
+                println!("{t}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Ok(built) => {
+            println!("disk:    {}", built.disk.display());
+            println!("rootfs:  {}", built.rootfs.display());
+            println!(
+                "uki:     {} (authenticode sha256 {})",
+                built.uki.display(),
+                built.uki_authenticode
+            );
+            println!("kernel:  {}", built.kernel);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

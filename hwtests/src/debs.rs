@@ -1,0 +1,161 @@
+//! Debian packages as image inputs: downloaded with `apt-get download` into a cache,
+//! unpacked with `dpkg-deb -x`. Nothing is installed on the build machine and nothing
+//! needs root mounts; the image is made of exactly the files these packages ship plus
+//! our own binaries.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::Arch;
+use crate::tools::run;
+
+/// A download cache and unpack area for one architecture.
+#[derive(Debug, Clone)]
+pub struct Debs {
+    cache: PathBuf,
+    arch: Arch,
+}
+
+impl Debs {
+    /// Packages land in `cache/debs/`, unpacked trees in `cache/pkgs/ARCH/`.
+    pub fn new(cache: &Path, arch: Arch) -> Self {
+        Self {
+            cache: cache.to_path_buf(),
+            arch,
+        }
+    }
+
+    fn debs_dir(&self) -> PathBuf {
+        self.cache.join("debs")
+    }
+
+    /// The newest `linux-image-*` the distribution's meta package points at, e.g.
+    /// `linux-image-6.1.0-57-amd64`.
+    pub fn kernel_package(&self) -> Result<String> {
+        let meta = format!(
+            "linux-image-{}:{}",
+            self.arch.kernel_flavour(),
+            self.arch.deb()
+        );
+        let out = Command::new("apt-cache")
+            .args(["depends", &meta])
+            .output()
+            .context("running apt-cache (is this a Debian machine?)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .map(|p| p.split(':').next().unwrap_or(p).trim().to_string())
+            .find(|p| p.starts_with("linux-image-") && p != "linux-image-amd64")
+            .with_context(|| {
+                format!(
+                    "apt-cache knows no kernel for {meta}: run `apt-get update`{}",
+                    if self.arch == Arch::Aarch64 {
+                        " after `dpkg --add-architecture arm64`"
+                    } else {
+                        ""
+                    }
+                )
+            })
+    }
+
+    /// The `.deb` of `package` for this architecture, downloaded unless cached.
+    pub fn fetch(&self, package: &str) -> Result<PathBuf> {
+        let dir = self.debs_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(p) = self.cached(package)? {
+            return Ok(p);
+        }
+        let spec = format!("{package}:{}", self.arch.deb());
+        tracing::info!(package = %spec, "downloading");
+        let out = Command::new("apt-get")
+            .args(["download", "-q", &spec])
+            .current_dir(&dir)
+            .output()
+            .context("running apt-get download")?;
+        if !out.status.success() {
+            bail!(
+                "apt-get download {spec} failed: {}\n(run `apt-get update`{}; the package lists must know {spec})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                if self.arch == Arch::Aarch64 {
+                    " after `dpkg --add-architecture arm64`"
+                } else {
+                    ""
+                }
+            );
+        }
+        self.cached(package)?
+            .with_context(|| format!("apt-get download {spec} left no .deb in {}", dir.display()))
+    }
+
+    /// A cached `.deb` of `package` (`NAME_VERSION_ARCH.deb`, arch or `all`).
+    fn cached(&self, package: &str) -> Result<Option<PathBuf>> {
+        let dir = self.debs_dir();
+        let prefix = format!("{package}_");
+        let mut hits = Vec::new();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            let ok_arch =
+                name.ends_with(&format!("_{}.deb", self.arch.deb())) || name.ends_with("_all.deb");
+            if name.starts_with(&prefix) && ok_arch {
+                hits.push(dir.join(name));
+            }
+        }
+        hits.sort();
+        Ok(hits.pop())
+    }
+
+    /// Downloads every package of `packages` not cached yet, in one `apt-get` call.
+    pub fn fetch_all(&self, packages: &[&str]) -> Result<()> {
+        let dir = self.debs_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut missing = Vec::new();
+        for p in packages {
+            if self.cached(p)?.is_none() {
+                missing.push(format!("{p}:{}", self.arch.deb()));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(packages = %missing.join(" "), "downloading");
+        let out = Command::new("apt-get")
+            .args(["download", "-q"])
+            .args(&missing)
+            .current_dir(&dir)
+            .output()
+            .context("running apt-get download")?;
+        if !out.status.success() {
+            bail!(
+                "apt-get download {} failed: {}\n(run `apt-get update`{})",
+                missing.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                if self.arch == Arch::Aarch64 {
+                    " after `dpkg --add-architecture arm64`"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(())
+    }
+
+    /// The unpacked tree of `package` (downloaded and unpacked once, then cached).
+    pub fn unpack(&self, package: &str) -> Result<PathBuf> {
+        let deb = self.fetch(package)?;
+        let stem = deb
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| package.to_string());
+        let root = self.cache.join("pkgs").join(stem);
+        if root.join(".unpacked").exists() {
+            return Ok(root);
+        }
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        std::fs::write(root.join(".unpacked"), b"")?;
+        Ok(root)
+    }
+}
