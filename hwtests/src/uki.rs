@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use object::read::pe::PeFile64;
+use object::read::pe::{ImageNtHeaders, PeFile64};
 use sha2::{Digest, Sha256};
 
 use crate::tools::run;
