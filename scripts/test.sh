@@ -18,9 +18,21 @@ command -v sgdisk >/dev/null || need_apt+=(gdisk)
 command -v mcopy >/dev/null || need_apt+=(mtools)
 command -v fw_printenv >/dev/null || need_apt+=(libubootenv-tool)
 command -v efibootmgr >/dev/null || need_apt+=(efibootmgr)
+# The hardware tests build Cairn OS images (squashfs, ext4, cpio, objcopy; Debian
+# packages are downloaded with apt-get, not installed) and boot them under QEMU with
+# OVMF and swtpm.
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_apt+=(ovmf)
+command -v mksquashfs >/dev/null || need_apt+=(squashfs-tools)
+command -v mke2fs >/dev/null || need_apt+=(e2fsprogs)
+command -v cpio >/dev/null || need_apt+=(cpio)
+command -v objcopy >/dev/null || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+elif ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+  # The image builder downloads Debian packages: it needs the package lists.
+  apt-get update -qq
 fi
 # The C library logs to stderr unless told not to.
 export TSS2_LOG=all+NONE
@@ -38,7 +50,11 @@ echo "== build binaries (the end-to-end tests run them as processes)"
 cargo build --workspace --bins --locked
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
+  cargo nextest run --workspace --locked --no-fail-fast "${features[@]}" -E 'not binary(virtual_rig)'
 else
-  cargo test --workspace --locked --no-fail-fast "${features[@]}"
+  cargo test --workspace --locked --no-fail-fast "${features[@]}" --exclude cairn-hwtests
+  cargo test -p cairn-hwtests --locked --no-fail-fast --lib --bins
 fi
+# Alone, so that the boots under TCG do not compete with the other tests for the cores.
+echo "== hardware tests: virtual rig (QEMU + OVMF + swtpm)"
+cargo test -p cairn-hwtests --locked --test virtual_rig -- --nocapture

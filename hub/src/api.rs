@@ -2,6 +2,7 @@
 //! OpenAPI document it serves at `/v1/openapi.json`. The operator CLI and (later) the web
 //! dashboard are its clients; nothing else changes hub state.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -321,6 +322,44 @@ async fn show_attestation(
         )),
         None => Err(ApiError::not_found(&id)),
     }
+}
+
+/// The boot event log a device's last verified evidence replayed to.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventLogView {
+    pub device: String,
+    /// When that evidence verified.
+    pub verified_ms: Option<u64>,
+    /// The PCR values (hex) it replays to.
+    pub pcrs: BTreeMap<u32, String>,
+    /// The TCG PC Client log (crypto-agile), base64.
+    pub log_base64: String,
+    pub len: usize,
+}
+
+#[utoipa::path(get, path = "/v1/devices/{id}/attestation/log", params(("id" = String, Path)),
+    responses((status = 200, body = EventLogView), (status = 404, body = ApiError)))]
+async fn show_event_log(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<EventLogView> {
+    use base64::Engine as _;
+    let d = parse_device(&id)?;
+    let Some(rec) = api.store.attestation(&d).await? else {
+        return Err(ApiError::not_found(&id));
+    };
+    if rec.log.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "device {id} has sent no boot event log (no measured boot, or not attested yet)"
+            ),
+        ));
+    }
+    Ok(Json(EventLogView {
+        device: id,
+        verified_ms: rec.verified_ms,
+        pcrs: rec.pcrs.clone(),
+        log_base64: base64::engine::general_purpose::STANDARD.encode(&rec.log),
+        len: rec.log.len(),
+    }))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -719,6 +758,7 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         show_device,
         revoke_device,
         show_attestation,
+        show_event_log,
         accept_measurements,
         expect_measurements,
         retire_measurements,
@@ -748,6 +788,7 @@ async fn health(State(api): State<Api>) -> Json<Health> {
         DeviceRecord,
         Revoked,
         AttestRecord,
+        EventLogView,
         AcceptRequest,
         AttestPolicy,
         MeasurementSet,
@@ -812,6 +853,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/devices/{id}/revoke", post(revoke_device))
         .route("/v1/devices/{id}/labels", put(set_labels))
         .route("/v1/devices/{id}/attestation", get(show_attestation))
+        .route("/v1/devices/{id}/attestation/log", get(show_event_log))
         .route(
             "/v1/devices/{id}/attestation/accept",
             post(accept_measurements),

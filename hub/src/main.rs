@@ -208,6 +208,15 @@ fn parse_pcrs(s: &str) -> CliResult<Vec<u32>> {
 enum DeviceCmd {
     /// Show one device with its attestation and recent events.
     Show { id: String },
+    /// Save the boot event log of a device's last verified attestation (TCG PC Client
+    /// format, as the firmware wrote it): the reference for predicting what a new
+    /// release will measure (`cairn-image predict`), or for `tpm2_eventlog`.
+    Eventlog {
+        id: String,
+        /// File to write; `-` for stdout.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Accept a quarantined device's current measurements (e.g. after a firmware update
     /// you made on purpose): they become its accepted set and desired state flows again.
     Accept { id: String },
@@ -473,6 +482,36 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                     "labels of {id} set to {labels}; desired state {}",
                     if changed > 0 { "changed" } else { "unchanged" }
                 );
+            }
+        }
+        Cmd::Device {
+            cmd: DeviceCmd::Eventlog { id, out },
+        } => {
+            use anyhow::Context as _;
+            let v: Value = client
+                .get(&format!("/v1/devices/{id}/attestation/log"))
+                .await?;
+            let log = base64::engine::general_purpose::STANDARD
+                .decode(v["log_base64"].as_str().unwrap_or_default())
+                .context("the hub sent a log that is not base64")?;
+            if out.as_os_str() == "-" {
+                use std::io::Write as _;
+                std::io::stdout()
+                    .write_all(&log)
+                    .context("writing the log to stdout")?;
+            } else {
+                std::fs::write(&out, &log).with_context(|| format!("writing {}", out.display()))?;
+                if json {
+                    cli::print_json(
+                        &json!({"device": id, "out": out, "len": log.len(), "pcrs": v["pcrs"]}),
+                    )?;
+                } else {
+                    println!(
+                        "{} bytes of boot event log of {id} written to {}",
+                        log.len(),
+                        out.display()
+                    );
+                }
             }
         }
         Cmd::Device {

@@ -7,11 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod debs;
+pub mod hub;
 pub mod image;
 pub mod kmod;
+pub mod machine;
 pub mod predict;
+pub mod scenario;
 pub mod tools;
 pub mod uki;
+pub mod vm;
 
 /// The CPU architectures images are built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -61,4 +61,3 @@ pub fn authenticode_sha256(image: &[u8]) -> Result<[u8; 32]> {
         .map_err(|e| anyhow::anyhow!("computing the Authenticode digest: {e}"))?;
     Ok(h.finalize().into())
 }
-

@@ -355,6 +355,17 @@ impl Swtpm {
         Ok(())
     }
 
+    /// Stops swtpm and hands over its provisioned directory (`state/` holds the TPM:
+    /// EK certificates in NV) and CA, for a TPM another program serves — QEMU's
+    /// `-tpmdev emulator` over a swtpm of its own.
+    pub fn into_state(mut self) -> Result<(tempfile::TempDir, Option<TestCa>), TestkitError> {
+        let spare = tempfile::tempdir().map_err(io("creating a directory"))?;
+        let _ = self.child.kill();
+        self.child.wait().map_err(io("waiting for swtpm"))?;
+        let dir = std::mem::replace(&mut self.dir, spare);
+        Ok((dir, self.ca.take()))
+    }
+
     fn add_ecc_ek_certificate(&self) -> Result<(), TestkitError> {
         let ca = self
             .ca

@@ -150,7 +150,9 @@ impl BootSpec {
 pub struct SlotLayout {
     /// The slots themselves (partitions or files): the `rootfs` payload.
     pub rootfs: [PathBuf; 2],
-    /// Other payloads by name (`kernel`, `uki`): a file per slot.
+    /// Other payloads by name (`kernel`, `uki`): a file per slot, on a file system
+    /// (the ESP). A file payload is resized to what the release holds; the rootfs
+    /// target keeps its size (a partition, or a file standing in for one).
     pub extra: Vec<(String, [PathBuf; 2])>,
 }
 
@@ -163,6 +165,11 @@ impl SlotLayout {
             .iter()
             .find(|(n, _)| n == payload)
             .map(|(_, p)| p[slot.index()].as_path())
+    }
+
+    /// Whether `payload` goes into a file on a file system, sized to the payload.
+    pub fn is_file(&self, payload: &str) -> bool {
+        payload != "rootfs" && self.extra.iter().any(|(n, _)| n == payload)
     }
 }
 
@@ -784,7 +791,8 @@ impl Engine {
             let Some(target) = self.cfg.slots.target(p.name.as_str(), job.target) else {
                 return self.fail(ctx, job, format!("no slot for payload {}", p.name));
             };
-            if let Err(e) = source::check_capacity(target, p.size, job.target) {
+            let file = self.cfg.slots.is_file(p.name.as_str());
+            if let Err(e) = source::check_capacity(target, p.size, job.target, file) {
                 return self.fail(ctx, job, e);
             }
         }
@@ -890,6 +898,17 @@ impl Engine {
                     return Ok(Next::Offline);
                 }
                 Err(e) => return self.fail(ctx, job, e.to_string()),
+            }
+        }
+        // File payloads end where the payload ends (the old file may have been
+        // longer). Idempotent: done again after a crash here.
+        for p in &m.payloads {
+            let name = p.name.to_string();
+            if self.cfg.slots.is_file(&name) {
+                let target = self.slot_path(&name, job.target);
+                if let Err(e) = trim_file(&target, p.size) {
+                    return self.fail(ctx, job, e);
+                }
             }
         }
         job.phase = UpgradePhase::Written;
@@ -1006,4 +1025,22 @@ fn hash_from_hex(s: &str) -> [u8; 32] {
 fn release_from_hex(s: &str) -> Option<ReleaseId> {
     let b = hex::decode(s).ok()?;
     Some(ReleaseId(b.try_into().ok()?))
+}
+
+/// Cuts `path` to `size` bytes and makes that durable.
+fn trim_file(path: &Path, size: u64) -> Result<(), String> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .len();
+    if len != size {
+        f.set_len(size)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| format!("resizing {} to {size} bytes: {e}", path.display()))?;
+    }
+    Ok(())
 }

@@ -19,9 +19,13 @@ fn mib(n: u64) -> String {
 /// Checks that `size` bytes fit into `target` (slot `slot`): a block device by its
 /// size; a file by its length when it has one (a preallocated slot) and by the free
 /// space its file system has for the bytes not yet allocated.
-pub fn check_capacity(target: &Path, size: u64, slot: Slot) -> Result<(), String> {
+///
+/// A `file` target is a file on a file system that takes the payload's size (a UKI
+/// on the ESP): only free space counts. Otherwise a regular file stands in for a
+/// partition and keeps its size.
+pub fn check_capacity(target: &Path, size: u64, slot: Slot, file: bool) -> Result<(), String> {
     let meta = std::fs::metadata(target).ok();
-    if let Some(m) = &meta {
+    if let Some(m) = meta.as_ref().filter(|_| !file) {
         if m.file_type().is_block_device() {
             let cap = std::fs::File::open(target)
                 .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
@@ -201,5 +205,25 @@ impl QuicSource {
 impl BlockSource for QuicSource {
     fn read(&mut self, payload: u8, what: FetchWhat, out: &mut Vec<u8>) -> Result<(), SourceError> {
         self.fetch(payload, what, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_file_keeps_its_size_and_a_file_payload_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("slot-b");
+        std::fs::write(&slot, vec![1u8; 8192]).unwrap();
+        // As a stand-in for a partition, 8 KiB cannot take 64 KiB.
+        let e = check_capacity(&slot, 65536, Slot::B, false).unwrap_err();
+        assert!(e.contains("holds"), "{e}");
+        // As a UKI on the ESP, it is rewritten at the payload's size.
+        check_capacity(&slot, 65536, Slot::B, true).unwrap();
+        // A file system too small for either is refused with the free space.
+        let e = check_capacity(&slot, u64::MAX / 2, Slot::B, true).unwrap_err();
+        assert!(e.contains("not enough space"), "{e}");
     }
 }

@@ -306,10 +306,32 @@ pub(super) fn accept(
     Ok(Ok(rec))
 }
 
-pub(super) fn expect(conn: &Connection, device: &DeviceId, set: MeasurementSet) -> Result<bool> {
+/// Adds (or replaces, by source) an expected set. A set names the PCRs that are
+/// about to change (a release predicts PCR 4, a firmware update PCR 0); the PCRs it
+/// does not name keep the values the device has now: its last trusted measurements,
+/// else its newest accepted set.
+pub(super) fn expect(
+    conn: &Connection,
+    device: &DeviceId,
+    mut set: MeasurementSet,
+) -> Result<bool> {
     let Some(mut rec) = load(conn, device)? else {
         return Ok(false);
     };
+    let base = if rec.status == attest_status::TRUSTED && !rec.pcrs.is_empty() {
+        Some(&rec.pcrs)
+    } else {
+        rec.accepted
+            .iter()
+            .filter(|s| s.source != set.source)
+            .max_by_key(|s| s.added_ms)
+            .map(|s| &s.pcrs)
+    };
+    if let Some(base) = base {
+        for (pcr, v) in base {
+            set.pcrs.entry(*pcr).or_insert_with(|| v.clone());
+        }
+    }
     rec.accepted.retain(|s| s.source != set.source);
     rec.accepted.push(set);
     conn.execute(
