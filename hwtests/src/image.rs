@@ -343,8 +343,13 @@ fn find_kernel(root: &Path) -> Result<(String, PathBuf, PathBuf)> {
     bail!("no vmlinuz-* in {}", boot.display())
 }
 
-/// A newc cpio archive of `dir`, owned by root, in sorted order.
+/// A newc cpio archive of `dir`, owned by root, in sorted order, every time stamp
+/// at the epoch: the same inputs give the same bytes (and the same PCR 4).
 fn cpio_newc(dir: &Path, out: &Path) -> Result<()> {
+    run(Command::new("find")
+        .arg(".")
+        .args(["-exec", "touch", "-h", "-d", "@0", "{}", "+"])
+        .current_dir(dir))?;
     let list = output(Command::new("find").arg(".").current_dir(dir))?;
     let mut names: Vec<&str> = list.lines().collect();
     names.sort_unstable();

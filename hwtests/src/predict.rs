@@ -67,3 +67,79 @@ pub fn replay(log: &[u8]) -> Result<BTreeMap<u32, [u8; 32]>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/ovmf-swtpm")
+            .join(name);
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    fn pcr_file(name: &str) -> BTreeMap<u32, String> {
+        String::from_utf8(fixture(name))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(i, v)| (i.parse().unwrap(), v.trim().to_lowercase()))
+            .collect()
+    }
+
+    /// The last boot application in PCR 4 of a real OVMF log: the UKI.
+    fn last_app(log: &[u8]) -> [u8; 32] {
+        let log = eventlog::parse(log).unwrap();
+        let e = log
+            .events
+            .iter()
+            .rfind(|e| e.pcr == 4 && e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
+            .unwrap();
+        e.digest(eventlog::alg::SHA256).unwrap().try_into().unwrap()
+    }
+
+    #[test]
+    fn a_real_log_replays_to_its_pcrs() {
+        let pcrs = replay(&fixture("boot-uki.eventlog")).unwrap();
+        for (i, v) in pcr_file("boot-uki.pcrs-sha256") {
+            if let Some(ours) = pcrs.get(&i) {
+                assert_eq!(hex::encode(ours), v, "PCR {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn swapping_the_uki_changes_pcr_4_only_and_as_the_tpm_would() {
+        let log = fixture("boot-uki.eventlog");
+        let old = last_app(&log);
+        let new = [0x5a; 32];
+        let p = with_uki(&log, &old, &new).unwrap();
+        assert_eq!(p.keys().copied().collect::<Vec<_>>(), vec![4]);
+        // Independently: PCR 4 is the extend chain of its events, the last one swapped.
+        let parsed = eventlog::parse(&log).unwrap();
+        let mut pcr = [0u8; 32];
+        for e in parsed
+            .events
+            .iter()
+            .filter(|e| e.pcr == 4 && e.event_type != 3)
+        {
+            let d = e.digest(eventlog::alg::SHA256).unwrap();
+            let d = if d == old { &new[..] } else { d };
+            let mut h = Sha256::new();
+            h.update(pcr);
+            h.update(d);
+            pcr = h.finalize().into();
+        }
+        assert_eq!(p[&4], pcr);
+        // Swapping for itself predicts the PCR the log already has.
+        assert!(with_uki(&log, &old, &old).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_log_of_another_image_is_refused() {
+        let e = with_uki(&fixture("boot-uki.eventlog"), &[1; 32], &[2; 32]).unwrap_err();
+        assert!(e.to_string().contains("not a boot of that image"), "{e}");
+    }
+}

@@ -49,7 +49,31 @@ pub fn build(stub: &Path, sections: &[(&str, &Path)], out: &Path) -> Result<()> 
         vma += len.div_ceil(align) * align;
     }
     cmd.arg(stub).arg(out);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    clear_timestamp(out)
+}
+
+/// objcopy stamps the PE header with the time of the build; zero it (and the header
+/// checksum, which covered it and which UEFI does not check), so that building the
+/// same inputs again gives the same image and the same measurement.
+fn clear_timestamp(path: &Path) -> Result<()> {
+    let mut b = std::fs::read(path)?;
+    let pe = b
+        .get(0x3c..0x40)
+        .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize)
+        .context("no DOS header")?;
+    if b.get(pe..pe + 4) != Some(b"PE\0\0".as_slice()) {
+        bail!("{}: no PE signature", path.display());
+    }
+    let stamp = pe + 8;
+    let checksum = pe + 24 + 64;
+    if b.len() < checksum + 4 {
+        bail!("{}: truncated PE header", path.display());
+    }
+    b[stamp..stamp + 4].fill(0);
+    b[checksum..checksum + 4].fill(0);
+    std::fs::write(path, b)?;
+    Ok(())
 }
 
 /// The SHA-256 Authenticode digest of a PE image: what UEFI's image verification
