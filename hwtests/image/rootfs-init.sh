@@ -18,10 +18,10 @@ for n in /sys/class/net/*; do
 	udhcpc -b -S -i "$i" -s /usr/share/udhcpc/default.script >/dev/null 2>&1
 done
 
-# SPIKE: one file until --config repeats
-cat /etc/cairn/agent.toml > /run/agent.toml
-[ -f /boot/efi/cairn/agent.toml ] && cat /boot/efi/cairn/agent.toml >> /run/agent.toml
-set -- --config /run/agent.toml
+# The image's configuration, then the first-boot one (hub, join token) that
+# `cairn-hub image configure` put on the ESP.
+set -- --config /etc/cairn/agent.toml
+[ -f /boot/efi/cairn/agent.toml ] && set -- "$@" --config /boot/efi/cairn/agent.toml
 starts=0
 while :; do
 	starts=$((starts + 1))

@@ -240,6 +240,7 @@ pub fn build(spec: &Spec) -> Result<Built> {
     )?;
     let uki_path = spec.out.join("cairn.efi");
     uki::build(
+        spec.arch.objcopy(),
         &stub,
         &[(".osrel", &osrel), (".linux", &vmlinuz), (".initrd", &cpio)],
         &uki_path,
@@ -414,11 +415,9 @@ fn build_rootfs(spec: &Spec, debs: &Debs, busybox: &Path, osrel: &Path, root: &P
     let agent = root.join("usr/bin/cairn-agent");
     std::fs::copy(&spec.agent, &agent)
         .with_context(|| format!("copying the agent from {}", spec.agent.display()))?;
-    let objcopy = match spec.arch {
-        Arch::X86_64 => "objcopy",
-        Arch::Aarch64 => "aarch64-linux-gnu-objcopy",
-    };
-    run(Command::new(objcopy).arg("--strip-debug").arg(&agent))?;
+    run(Command::new(spec.arch.objcopy())
+        .arg("--strip-debug")
+        .arg(&agent))?;
     write_file(
         &root.join("sbin/init"),
         include_str!("../image/rootfs-init.sh")

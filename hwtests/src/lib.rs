@@ -58,6 +58,14 @@ impl Arch {
         }
     }
 
+    /// The binutils objcopy that handles this architecture's ELF and PE files.
+    pub fn objcopy(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "objcopy",
+            Arch::Aarch64 => "aarch64-linux-gnu-objcopy",
+        }
+    }
+
     /// The file name suffix of systemd's EFI binaries.
     pub fn efi_suffix(self) -> &'static str {
         match self {

@@ -34,10 +34,10 @@ fn sections_end(stub: &[u8]) -> Result<(u64, u64)> {
 /// Builds `out` from `stub` (`linuxx64.efi.stub` / `linuxaa64.efi.stub`) and the
 /// given sections, in order. No `.cmdline`: the boot loader entry passes it, so one
 /// image serves both slots (`cairn.slot=a|b`).
-pub fn build(stub: &Path, sections: &[(&str, &Path)], out: &Path) -> Result<()> {
+pub fn build(objcopy: &str, stub: &Path, sections: &[(&str, &Path)], out: &Path) -> Result<()> {
     let bytes = std::fs::read(stub).with_context(|| format!("reading {}", stub.display()))?;
     let (mut vma, align) = sections_end(&bytes)?;
-    let mut cmd = Command::new("objcopy");
+    let mut cmd = Command::new(objcopy);
     for (name, path) in sections {
         let len = std::fs::metadata(path)
             .with_context(|| format!("reading {}", path.display()))?

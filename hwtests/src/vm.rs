@@ -15,15 +15,35 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use cairn_tpm::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa};
 
+use crate::Arch;
 use crate::machine::Machine;
 
-/// OVMF as Debian's `ovmf` package installs it.
-pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The UEFI firmware of each architecture, as Debian's `ovmf` and
+/// `qemu-efi-aarch64` packages install it: (code, variable store template).
+pub fn firmware(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => (
+            "/usr/share/OVMF/OVMF_CODE_4M.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+        ),
+        Arch::Aarch64 => (
+            "/usr/share/AAVMF/AAVMF_CODE.fd",
+            "/usr/share/AAVMF/AAVMF_VARS.fd",
+        ),
+    }
+}
+
+fn qemu(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "qemu-system-x86_64",
+        Arch::Aarch64 => "qemu-system-aarch64",
+    }
+}
 
 /// One virtual box.
 pub struct Vm {
     name: String,
+    arch: Arch,
     dir: PathBuf,
     disk: PathBuf,
     mem_mib: u32,
@@ -39,16 +59,16 @@ impl Vm {
     /// A box in `dir` booting `disk` (used in place: copy the image first), with a
     /// fresh firmware variable store and a TPM provisioned with an ECC EK certificate
     /// signed by its own manufacturer CA ([`Vm::ek_ca_pem`]).
-    pub fn create(name: &str, dir: &Path, disk: &Path) -> Result<Vm> {
-        for tool in ["qemu-system-x86_64", "swtpm"] {
+    pub fn create(name: &str, arch: Arch, dir: &Path, disk: &Path) -> Result<Vm> {
+        for tool in [qemu(arch), "swtpm"] {
             which(tool)?;
         }
-        if !Path::new(OVMF_CODE).exists() {
-            bail!("{OVMF_CODE} is missing: apt-get install ovmf");
+        let (code, vars) = firmware(arch);
+        if !Path::new(code).exists() {
+            bail!("{code} is missing: apt-get install ovmf qemu-efi-aarch64");
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::copy(OVMF_VARS, dir.join("OVMF_VARS.fd"))
-            .context("copying the OVMF variable store")?;
+        std::fs::copy(vars, dir.join("VARS.fd")).context("copying the UEFI variable store")?;
         let tpm = Swtpm::start(SwtpmOptions {
             ek_cert: EkCert::Ecc,
             ca: None,
@@ -70,6 +90,7 @@ impl Vm {
         );
         Ok(Vm {
             name: name.to_string(),
+            arch,
             dir: dir.to_path_buf(),
             disk: disk.to_path_buf(),
             mem_mib: 512,
@@ -165,27 +186,29 @@ impl Machine for Vm {
         }
         self.start_swtpm()?;
         let console = self.console_log();
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-machine",
-                "q35",
-                "-smp",
-                "1",
-                "-nodefaults",
-            ])
+        let (code, _) = firmware(self.arch);
+        let mut cmd = Command::new(qemu(self.arch));
+        match self.arch {
+            Arch::X86_64 => cmd.args(["-machine", "q35", "-smp", "1"]),
+            Arch::Aarch64 => cmd.args(["-machine", "virt", "-cpu", "cortex-a57", "-smp", "1"]),
+        };
+        let tpm_device = match self.arch {
+            Arch::X86_64 => "tpm-tis,tpmdev=tpm0",
+            Arch::Aarch64 => "tpm-tis-device,tpmdev=tpm0",
+        };
+        let child = cmd
+            .args(["-accel", "tcg", "-nodefaults"])
             .args(["-m", &self.mem_mib.to_string(), "-uuid", &self.uuid])
             .args(["-display", "none", "-monitor", "none"])
             .arg("-chardev")
             .arg(format!("file,id=con,path={},append=on", console.display()))
             .args(["-serial", "chardev:con"])
             .arg("-drive")
-            .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+            .arg(format!("if=pflash,format=raw,readonly=on,file={code}"))
             .arg("-drive")
             .arg(format!(
                 "if=pflash,format=raw,file={}",
-                self.dir.join("OVMF_VARS.fd").display()
+                self.dir.join("VARS.fd").display()
             ))
             .arg("-chardev")
             .arg(format!("socket,id=chrtpm,path={}", self.sock().display()))
@@ -193,7 +216,7 @@ impl Machine for Vm {
                 "-tpmdev",
                 "emulator,id=tpm0,chardev=chrtpm",
                 "-device",
-                "tpm-tis,tpmdev=tpm0",
+                tpm_device,
             ])
             .arg("-drive")
             .arg(format!(
@@ -206,7 +229,7 @@ impl Machine for Vm {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("qemu.log"))?)
             .spawn()
-            .context("starting qemu-system-x86_64")?;
+            .with_context(|| format!("starting {}", qemu(self.arch)))?;
         self.qemu = Some(child);
         self.started = Some(Instant::now());
         tracing::info!(vm = %self.name, "power on");
