@@ -12,10 +12,12 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 pkg-config --exists tss2-esys 2>/dev/null || need_apt+=(libtss2-dev)
 command -v swtpm >/dev/null || need_apt+=(swtpm swtpm-tools)
 command -v tpm2_checkquote >/dev/null || need_apt+=(tpm2-tools)
-# Boot-control backends are cross-checked with the tools that own the formats: GPT
-# (sgdisk), FAT (mtools), U-Boot environments (fw_printenv), UEFI variables (efibootmgr).
+# Boot-control backends and `cairn-hub image` are cross-checked with the tools that own
+# the formats: GPT (sgdisk), FAT (mtools, fsck.fat), U-Boot environments (fw_printenv),
+# UEFI variables (efibootmgr).
 command -v sgdisk >/dev/null || need_apt+=(gdisk)
 command -v mcopy >/dev/null || need_apt+=(mtools)
+command -v fsck.fat >/dev/null || need_apt+=(dosfstools)
 command -v fw_printenv >/dev/null || need_apt+=(libubootenv-tool)
 command -v efibootmgr >/dev/null || need_apt+=(efibootmgr)
 # The hardware tests build Cairn OS images (squashfs, ext4, cpio, objcopy; Debian

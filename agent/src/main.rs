@@ -21,6 +21,8 @@ First start (the token is needed only once):
 Afterwards:
   cairn-agent run --data-dir /var/lib/cairn
   cairn-agent status --data-dir /var/lib/cairn
+From a flashed image (`cairn-hub image configure` put hub and token on its ESP):
+  cairn-agent run --config /etc/cairn/agent.toml --config /boot/efi/cairn/agent.toml
 
 Logs: RUST_LOG=debug or RUST_LOG=cairn_agent=debug,quinn=warn (default info).";
 
@@ -110,6 +112,10 @@ impl SlotArgs {
         self.board = self.board.or(file.board.clone());
         self.os_version = self.os_version.or(file.os_version.clone());
         self.reboot = self.reboot.or(file.reboot.clone());
+        if self.slot_payload.is_empty() {
+            self.slot_payload = file.slot_payload.clone().unwrap_or_default();
+        }
+        self.checkpoint_mib = self.checkpoint_mib.or(file.checkpoint_mib);
         self
     }
 
@@ -186,11 +192,14 @@ struct OsInstallArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// TOML file with any of: hub, data_dir, files_root, join_token, reconcile_interval,
-    /// tpm, event_log, ima_log.
-    /// Flags override it.
-    #[arg(long, env = "CAIRN_AGENT_CONFIG")]
-    config: Option<PathBuf>,
+    /// TOML file with any of: hub, join_token, data_dir, files_root, reconcile_interval,
+    /// backoff_max, keep_alive, hostname, tpm, event_log, ima_log, boot, slot_a, slot_b,
+    /// slot_payload (a list of "NAME=PATH_A,PATH_B"), board, os_version, reboot,
+    /// checkpoint_mib; durations as for the flags ("30s"). Repeatable: a later file
+    /// overrides an earlier one key by key (a list as a whole); flags override them all.
+    /// E.g. --config /etc/cairn/agent.toml --config /boot/efi/cairn/agent.toml.
+    #[arg(long, value_name = "FILE", env = "CAIRN_AGENT_CONFIG")]
+    config: Vec<PathBuf>,
     /// Hub QUIC address, host:port (remembered after enrollment).
     #[arg(long, env = "CAIRN_HUB")]
     hub: Option<String>,
@@ -233,7 +242,8 @@ struct RunArgs {
     slots: SlotArgs,
 }
 
-#[derive(Deserialize, Default)]
+/// A config file (`run --config`): the flags' names as keys, each optional.
+#[derive(Deserialize, Default, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     hub: Option<String>,
@@ -242,15 +252,86 @@ struct FileConfig {
     files_root: Option<PathBuf>,
     #[serde(default, with = "humantime_serde_opt")]
     reconcile_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    backoff_max: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    keep_alive: Option<Duration>,
+    hostname: Option<String>,
     tpm: Option<String>,
     event_log: Option<PathBuf>,
     ima_log: Option<PathBuf>,
     boot: Option<String>,
     slot_a: Option<PathBuf>,
     slot_b: Option<PathBuf>,
+    /// As `--slot-payload`, one string per payload.
+    slot_payload: Option<Vec<String>>,
     board: Option<String>,
     os_version: Option<String>,
     reboot: Option<String>,
+    checkpoint_mib: Option<u64>,
+}
+
+impl FileConfig {
+    /// Reads one file; errors name it (and toml's name the line and the key).
+    fn load(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// The files in order, each over the ones before it.
+    fn load_all(paths: &[PathBuf]) -> Result<Self, String> {
+        paths
+            .iter()
+            .try_fold(Self::default(), |acc, p| Ok(acc.then(Self::load(p)?)))
+    }
+
+    /// `later` over `self`: every key `later` has replaces this one's (a list as a
+    /// whole). Destructured, so that a new key cannot be forgotten here.
+    fn then(self, later: FileConfig) -> FileConfig {
+        let FileConfig {
+            hub,
+            join_token,
+            data_dir,
+            files_root,
+            reconcile_interval,
+            backoff_max,
+            keep_alive,
+            hostname,
+            tpm,
+            event_log,
+            ima_log,
+            boot,
+            slot_a,
+            slot_b,
+            slot_payload,
+            board,
+            os_version,
+            reboot,
+            checkpoint_mib,
+        } = later;
+        FileConfig {
+            hub: hub.or(self.hub),
+            join_token: join_token.or(self.join_token),
+            data_dir: data_dir.or(self.data_dir),
+            files_root: files_root.or(self.files_root),
+            reconcile_interval: reconcile_interval.or(self.reconcile_interval),
+            backoff_max: backoff_max.or(self.backoff_max),
+            keep_alive: keep_alive.or(self.keep_alive),
+            hostname: hostname.or(self.hostname),
+            tpm: tpm.or(self.tpm),
+            event_log: event_log.or(self.event_log),
+            ima_log: ima_log.or(self.ima_log),
+            boot: boot.or(self.boot),
+            slot_a: slot_a.or(self.slot_a),
+            slot_b: slot_b.or(self.slot_b),
+            slot_payload: slot_payload.or(self.slot_payload),
+            board: board.or(self.board),
+            os_version: os_version.or(self.os_version),
+            reboot: reboot.or(self.reboot),
+            checkpoint_mib: checkpoint_mib.or(self.checkpoint_mib),
+        }
+    }
 }
 
 mod humantime_serde_opt {
@@ -348,20 +429,10 @@ fn status(data_dir: &std::path::Path, json: bool) -> ExitCode {
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let file = match &args.config {
-        Some(p) => match std::fs::read_to_string(p)
-            .map_err(anyhow::Error::from)
-            .and_then(|t| toml::from_str::<FileConfig>(&t).map_err(Into::into))
-        {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("error: config file {}: {e:#}", p.display());
-                return ExitCode::from(2);
-            }
-        },
-        None => FileConfig::default(),
-    };
+/// The agent's configuration: the config files in order, then the flags over them.
+/// An error is bad usage (exit code 2).
+fn agent_config(args: RunArgs) -> Result<AgentConfig, String> {
+    let file = FileConfig::load_all(&args.config)?;
     let slots = args.slots.clone().merge(&file);
     let data_dir = args
         .data_dir
@@ -370,8 +441,7 @@ fn run(args: RunArgs) -> ExitCode {
     // The hub address is remembered after enrollment.
     let remembered = cairn_agent::status(&data_dir).ok().and_then(|s| s.hub);
     let Some(hub) = args.hub.or(file.hub).or(remembered) else {
-        eprintln!("error: no hub address: pass --hub HOST:PORT (or `hub` in the config file)");
-        return ExitCode::from(2);
+        return Err("no hub address: pass --hub HOST:PORT (or `hub` in a config file)".into());
     };
     let mut cfg = AgentConfig::new(hub, &data_dir);
     cfg.join_token = args.join_token.or(file.join_token);
@@ -381,23 +451,16 @@ fn run(args: RunArgs) -> ExitCode {
     if let Some(i) = args.reconcile_interval.or(file.reconcile_interval) {
         cfg.reconcile_interval = i;
     }
-    if let Some(b) = args.backoff_max {
+    if let Some(b) = args.backoff_max.or(file.backoff_max) {
         cfg.backoff_max = b;
     }
-    if let Some(k) = args.keep_alive {
+    if let Some(k) = args.keep_alive.or(file.keep_alive) {
         cfg.keep_alive = k;
     }
-    if let Some(h) = args.hostname {
+    if let Some(h) = args.hostname.or(file.hostname) {
         cfg.hostname = h;
     }
-    match slots.config(&data_dir) {
-        Ok(u) => cfg.upgrade = u,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    }
-    let reboot = cfg.upgrade.as_ref().map(|u| u.reboot.clone());
+    cfg.upgrade = slots.config(&data_dir)?;
     let tpm = args.tpm.or(file.tpm).unwrap_or_else(|| "auto".into());
     match cairn_agent::attest::AttestSource::parse(&tpm) {
         Ok(cairn_agent::attest::AttestSource::Tpm { tcti, .. }) => {
@@ -416,11 +479,20 @@ fn run(args: RunArgs) -> ExitCode {
             };
         }
         Ok(source) => cfg.attest = source,
+        Err(e) => return Err(format!("{e:#}")),
+    }
+    Ok(cfg)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let cfg = match agent_config(args) {
+        Ok(cfg) => cfg,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
-    }
+    };
+    let reboot = cfg.upgrade.as_ref().map(|u| u.reboot.clone());
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -538,5 +610,206 @@ fn os_install(args: OsInstallArgs) -> ExitCode {
                 1
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::path::Path;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let argv = ["cairn-agent", "run"].iter().chain(argv);
+        match Cli::try_parse_from(argv).unwrap().cmd {
+            Cmd::Run(a) => *a,
+            _ => unreachable!(),
+        }
+    }
+
+    /// The image's own defaults (/etc/cairn/agent.toml in its root filesystem).
+    fn image_defaults(dir: &Path) -> PathBuf {
+        let data = dir.join("data");
+        write(
+            dir,
+            "etc.toml",
+            &format!(
+                r#"
+hub = "default.example:7440"
+data_dir = "{}"
+tpm = "none"
+reconcile_interval = "1m"
+keep_alive = "5s"
+hostname = "cairn-box"
+boot = "file:{}"
+slot_a = "/dev/disk/by-partlabel/slot-a"
+slot_b = "/dev/disk/by-partlabel/slot-b"
+slot_payload = ["uki=/boot/efi/EFI/Linux/a.efi,/boot/efi/EFI/Linux/b.efi"]
+board = "nuc"
+checkpoint_mib = 8
+"#,
+                data.display(),
+                dir.join("boot").display()
+            ),
+        )
+    }
+
+    #[test]
+    fn later_config_files_override_earlier_ones_key_by_key_and_flags_override_all() {
+        let d = tempfile::tempdir().unwrap();
+        let etc = image_defaults(d.path());
+        let esp = write(
+            d.path(),
+            "esp.toml",
+            r#"
+hub = "hub.example.net:7440"
+join_token = "cairn1_x"
+keep_alive = "7s"
+backoff_max = "2m"
+slot_payload = ["kernel=/boot/a/vmlinuz,/boot/b/vmlinuz"]
+"#,
+        );
+        let merged = FileConfig::load_all(&[etc.clone(), esp.clone()]).unwrap();
+        assert_eq!(merged.hub.as_deref(), Some("hub.example.net:7440"));
+        assert_eq!(merged.join_token.as_deref(), Some("cairn1_x"));
+        assert_eq!(merged.keep_alive, Some(Duration::from_secs(7)));
+        assert_eq!(merged.reconcile_interval, Some(Duration::from_secs(60)));
+        assert_eq!(merged.board.as_deref(), Some("nuc"));
+        // A list is replaced as a whole.
+        assert_eq!(
+            merged.slot_payload,
+            Some(vec!["kernel=/boot/a/vmlinuz,/boot/b/vmlinuz".to_string()])
+        );
+        // The other order: the image defaults win.
+        let reversed = FileConfig::load_all(&[esp.clone(), etc.clone()]).unwrap();
+        assert_eq!(reversed.hub.as_deref(), Some("default.example:7440"));
+        assert_eq!(reversed.keep_alive, Some(Duration::from_secs(5)));
+        assert_eq!(reversed.join_token.as_deref(), Some("cairn1_x"));
+
+        // Through `run`'s own resolution: files, then flags.
+        let (etc_s, esp_s) = (etc.to_str().unwrap(), esp.to_str().unwrap());
+        let cfg = agent_config(run_args(&["--config", etc_s, "--config", esp_s])).unwrap();
+        assert_eq!(cfg.hub, "hub.example.net:7440");
+        assert_eq!(cfg.join_token.as_deref(), Some("cairn1_x"));
+        assert_eq!(cfg.data_dir, d.path().join("data"));
+        assert_eq!(cfg.keep_alive, Duration::from_secs(7));
+        assert_eq!(cfg.backoff_max, Duration::from_secs(120));
+        assert_eq!(cfg.reconcile_interval, Duration::from_secs(60));
+        assert_eq!(cfg.hostname, "cairn-box");
+        let up = cfg.upgrade.unwrap();
+        assert_eq!(up.board, "nuc");
+        assert_eq!(up.checkpoint_bytes, 8 << 20);
+        assert_eq!(
+            up.slots.extra,
+            [(
+                "kernel".to_string(),
+                [
+                    PathBuf::from("/boot/a/vmlinuz"),
+                    PathBuf::from("/boot/b/vmlinuz")
+                ]
+            )]
+        );
+
+        let cfg = agent_config(run_args(&[
+            "--config",
+            etc_s,
+            "--config",
+            esp_s,
+            "--hub",
+            "flag.example:1",
+            "--keep-alive",
+            "3s",
+            "--backoff-max",
+            "9s",
+            "--hostname",
+            "from-flag",
+            "--slot-payload",
+            "uki=/u/a,/u/b",
+            "--checkpoint-mib",
+            "4",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.hub, "flag.example:1");
+        assert_eq!(cfg.keep_alive, Duration::from_secs(3));
+        assert_eq!(cfg.backoff_max, Duration::from_secs(9));
+        assert_eq!(cfg.hostname, "from-flag");
+        assert_eq!(cfg.join_token.as_deref(), Some("cairn1_x"));
+        let up = cfg.upgrade.unwrap();
+        assert_eq!(up.checkpoint_bytes, 4 << 20);
+        assert_eq!(up.slots.extra[0].0, "uki");
+        assert_eq!(up.slots.extra.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_config_file_is_named_with_the_key_or_line_at_fault() {
+        let d = tempfile::tempdir().unwrap();
+        let good = image_defaults(d.path());
+        let cases = [
+            (
+                "unknown.toml",
+                "hub = \"h:1\"\nslot_payloads = []\n",
+                "slot_payloads",
+            ),
+            ("syntax.toml", "hub = \"h:1\njoin_token = 1\n", "line 1"),
+            ("type.toml", "checkpoint_mib = \"lots\"\n", "checkpoint_mib"),
+            ("duration.toml", "keep_alive = \"soon\"\n", "keep_alive"),
+        ];
+        for (name, text, want) in cases {
+            let bad = write(d.path(), name, text);
+            let args = run_args(&[
+                "--config",
+                good.to_str().unwrap(),
+                "--config",
+                bad.to_str().unwrap(),
+            ]);
+            let e = agent_config(args).unwrap_err();
+            assert!(
+                e.contains(&format!("config file {}", bad.display())) && e.contains(want),
+                "{name}: {e}"
+            );
+            assert!(!e.contains("etc.toml"), "{name}: blames the good file: {e}");
+        }
+        let missing = d.path().join("missing.toml");
+        let e = FileConfig::load_all(std::slice::from_ref(&missing)).unwrap_err();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+    }
+
+    /// What `cairn-hub image configure` writes onto an image's ESP (the hub's unit test
+    /// checks it writes exactly this file) is a valid config file for this agent.
+    #[test]
+    fn the_first_boot_file_the_hub_writes_is_a_valid_config_file() {
+        let text = include_str!("../../hub/tests/data/first-boot.toml");
+        let f: FileConfig = toml::from_str(text).unwrap();
+        let token = f.join_token.clone().unwrap();
+        assert_eq!(
+            f,
+            FileConfig {
+                hub: Some("hub.example.net:7440".into()),
+                join_token: Some(token.clone()),
+                ..FileConfig::default()
+            }
+        );
+        let t = cairn_sync_protocol::token::JoinToken::parse(&token).unwrap();
+        assert_eq!(t.ca_fingerprint, [0x33; 32]);
+        // Over the image's defaults it sets exactly the hub and the token.
+        let d = tempfile::tempdir().unwrap();
+        let etc = image_defaults(d.path());
+        let esp = write(d.path(), "agent.toml", text);
+        let cfg = agent_config(run_args(&[
+            "--config",
+            etc.to_str().unwrap(),
+            "--config",
+            esp.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.hub, "hub.example.net:7440");
+        assert_eq!(cfg.join_token, Some(token));
+        assert_eq!(cfg.keep_alive, Duration::from_secs(5));
     }
 }

@@ -29,6 +29,9 @@ pub mod exit {
     pub const UNAUTHORIZED: u8 = 4;
     /// The hub could not be reached, or its certificate did not verify.
     pub const UNREACHABLE: u8 = 5;
+    /// What an offline command would create is there already (an image's first-boot
+    /// configuration; `--force` replaces it).
+    pub const EXISTS: u8 = 6;
 }
 
 /// A failure with the exit code it maps to.

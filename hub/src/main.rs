@@ -1,6 +1,7 @@
 //! `cairn-hub`: the hub server (`serve`) and the operator CLI (everything else).
 #![forbid(unsafe_code)]
 
+mod image_cmd;
 mod release_cmd;
 
 use std::net::SocketAddr;
@@ -16,7 +17,8 @@ use serde_json::{Value, json};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 ok, 1 the hub refused or failed, 2 bad usage or no hub configured,
-3 no such device, 4 admin token refused, 5 hub unreachable.
+3 no such device, 4 admin token refused, 5 hub unreachable, 6 already there
+(`image configure` without --force). `cairn-hub image --help` has the image's.
 
 Getting started on one machine:
   cairn-hub serve &                                  # creates keys and DB, writes cli.toml
@@ -32,6 +34,11 @@ OS upgrades (A/B):
   cairn-hub release push os-1.2.0.cairn
   cairn-hub os set --selector site=paris 1.2.0
   cairn-hub release status 1.2.0
+
+Flashable images (offline; the first-boot configuration goes onto the image's ESP):
+  cairn-hub token create --ttl 24h --uses 20 --labels site=paris > batch.token
+  cairn-hub image configure cairn.img --hub hub.example.net:7440 --token-file batch.token
+  cairn-hub image show cairn.img
 
 Logs: RUST_LOG=cairn_hub=debug (default info).";
 
@@ -85,6 +92,10 @@ enum Cmd {
     /// The desired OS release of devices (A/B upgrade with trial boot and rollback).
     #[command(subcommand)]
     Os(release_cmd::OsCmd),
+    /// Disk images to flash: write or show the first-boot configuration (hub address,
+    /// join token) on an image's EFI System Partition, offline.
+    #[command(subcommand, after_help = image_cmd::AFTER_HELP)]
+    Image(image_cmd::ImageCmd),
 }
 
 #[derive(Subcommand)]
@@ -333,6 +344,7 @@ async fn run(cli: Cli) -> CliResult<()> {
     match cli.cmd {
         Cmd::Serve(a) => serve(a).await,
         Cmd::Release(r) if release_cmd::is_offline(&r) => release_cmd::offline(r, json),
+        Cmd::Image(i) => image_cmd::run(i, json),
         cmd => {
             let client = Client::from_connect(&cli.connect)?;
             operate(&client, cmd, json).await
@@ -390,7 +402,7 @@ fn parse_mode(s: &str) -> CliResult<u32> {
 
 async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
     match cmd {
-        Cmd::Serve(_) => unreachable!("handled by run"),
+        Cmd::Serve(_) | Cmd::Image(_) => unreachable!("handled by run"),
         Cmd::Token(TokenCmd::Create { ttl, uses, labels }) => {
             let body = json!({ "ttl_secs": ttl.as_secs().max(1), "uses": uses, "labels": labels });
             let t: Value = client.post("/v1/tokens", &body).await?;

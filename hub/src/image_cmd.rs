@@ -1,0 +1,1538 @@
+//! `cairn-hub image configure|show`: the first-boot configuration of a flashable disk
+//! image. (Part of the `cairn-hub` binary; offline: these commands touch a file, never
+//! the hub.)
+//!
+//! One generic image serves a whole fleet; what makes it a box of *this* fleet is one
+//! file, `cairn/agent.toml` on the image's EFI System Partition: the first GPT partition
+//! of type C12A7328-F81F-11D2-BA4B-00A0C93EC93B (named `esp` on x86; on a Raspberry Pi
+//! image the firmware's FAT boot partition, `boot`, has that type too). A box's init
+//! mounts it at /boot/efi and runs
+//! `cairn-agent run --config /etc/cairn/agent.toml --config /boot/efi/cairn/agent.toml`.
+//!
+//! Everything happens on the image file itself, without root, loop devices or mounts:
+//! [`Gpt::read`] reads and checks the partition table (signature, header and entry-array
+//! CRC32s of the primary copy; a damaged backup copy is a warning), and the `fatfs` crate
+//! reads and writes the FAT inside the ESP through [`PartIo`], a window of the file.
+//! The new file is written as `agent.toml.new` and renamed over the old one, so an ESP
+//! that fills up midway keeps the configuration it had.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_hub::cli::{self, CliError, CliResult, exit};
+use cairn_sync_protocol::token::JoinToken;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// Where the agent looks for the file, relative to the ESP's root.
+pub const CONFIG_PATH: &str = "cairn/agent.toml";
+const CONFIG_DIR: &str = "cairn";
+const CONFIG_NAME: &str = "agent.toml";
+/// Written first, then renamed to [`CONFIG_NAME`].
+const CONFIG_TMP: &str = "agent.toml.new";
+/// A first-boot file larger than this is not one of ours.
+const MAX_CONFIG: u64 = 64 << 10;
+
+pub const AFTER_HELP: &str = "\
+Exit codes: 0 done; 1 the image cannot be used as asked (no valid GPT, no EFI System
+Partition, ESP not FAT, ESP full, image read-only; the message says which and what
+to do); 2 bad usage (no such image file, invalid join token, --hub not HOST:PORT,
+--ca-pin not the token's); 3 `show` only: the image has no first-boot configuration;
+6 `configure` only: the image is configured already (--force replaces it).
+
+Operator flow (the image: a raw GPT disk image, uncompressed):
+  cairn-hub token create --ttl 24h --uses 20 --labels site=paris > batch.token
+  cairn-hub image configure cairn-nuc.img --hub hub.example.net:7440 --token-file batch.token
+  cairn-hub image show cairn-nuc.img
+  dd if=cairn-nuc.img of=/dev/sdX bs=4M conv=fsync      # flash it
+The join token sits in clear on the image until the box enrolls: give each batch its
+own token with few uses and a short expiry (SECURITY.md).";
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Write the first-boot configuration (hub address, join token) onto a disk image.
+    ///
+    /// Writes `cairn/agent.toml` on the image's EFI System Partition (the first GPT
+    /// partition of that type), without root or mounts. The token is checked and the
+    /// hub CA fingerprint it pins is printed: the agent trusts only that CA when it
+    /// enrolls. Nothing is sent to the hub.
+    ///   cairn-hub image configure cairn.img --hub hub.example.net:7440 --token-file batch.token
+    ///   cairn-hub token create --uses 5 | cairn-hub image configure cairn.img \
+    ///       --hub hub.example.net:7440 --token-file - --ca-pin 3f1c…
+    #[command(verbatim_doc_comment, after_help = AFTER_HELP)]
+    Configure(ConfigureArgs),
+    /// Print an image's first-boot configuration, the join token shown by its id only.
+    #[command(after_help = AFTER_HELP)]
+    Show {
+        /// The disk image (raw, uncompressed), or a disk device.
+        image: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct ConfigureArgs {
+    /// The disk image (raw, uncompressed), or a disk device.
+    image: PathBuf,
+    /// The hub's QUIC address as the boxes reach it, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    hub: String,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// SHA-256 fingerprint (hex) of the hub CA the token must pin; a check that the
+    /// token is from the hub you mean (its `endpoints.json` has `ca_fingerprint`).
+    #[arg(long, value_name = "HEX")]
+    ca_pin: Option<String>,
+    /// Replace the image's existing first-boot configuration.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+#[group(id = "token_source", required = true, multiple = false)]
+pub struct TokenArgs {
+    /// The join token (`cairn-hub token create` prints it). Visible to other local
+    /// users and kept in shell history: --token-file is safer.
+    #[arg(long, group = "token_source")]
+    token: Option<String>,
+    /// Read the join token from this file; `-` reads standard input.
+    #[arg(long, value_name = "FILE", group = "token_source")]
+    token_file: Option<PathBuf>,
+}
+
+/// What can go wrong with the image (not with the command line).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: no such file; give the path of a raw disk image (or disk device)")]
+    Missing { path: String },
+    #[error("opening {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("{path} is a directory; give the path of a raw disk image")]
+    Directory { path: String },
+    #[error(
+        "{path} is {format}-compressed: decompress it first ({hint}), then configure and flash the raw image"
+    )]
+    Compressed {
+        path: String,
+        format: &'static str,
+        hint: String,
+    },
+    #[error(
+        "{path} is not a Cairn disk image: {why}. Cairn images have a GPT with an EFI System \
+         Partition; check the path, or build the image with a GPT (e.g. sgdisk)"
+    )]
+    NoGpt { path: String, why: String },
+    #[error(
+        "{path}: the GPT is damaged: {why}; rebuild the image, or see `sgdisk --verify {path}`"
+    )]
+    BadGpt { path: String, why: String },
+    #[error(
+        "{path}: the GPT has no EFI System Partition (partitions: {parts}); Cairn images need a \
+         FAT partition of type EF00 (C12A7328-F81F-11D2-BA4B-00A0C93EC93B), `esp` on x86, \
+         `boot` on a Raspberry Pi"
+    )]
+    NoEsp { path: String, parts: String },
+    #[error(
+        "{path}: {esp} is not a FAT filesystem ({why}); format it (mkfs.vfat -F 32) or rebuild \
+         the image"
+    )]
+    NotFat {
+        path: String,
+        esp: String,
+        why: String,
+    },
+    #[error(
+        "{path}: {esp} is full ({free} bytes free, {need} needed); delete files from it or \
+         make it larger"
+    )]
+    EspFull {
+        path: String,
+        esp: String,
+        free: u64,
+        need: u64,
+    },
+    #[error(
+        "{path} is read-only ({source}); make it writable (chmod u+w {path}) or configure a \
+         writable copy"
+    )]
+    ReadOnly { path: String, source: io::Error },
+    #[error("{path} is configured already ({current}); give --force to replace its configuration")]
+    Configured { path: String, current: String },
+    #[error("{path}: {what} {CONFIG_PATH} on {esp}: {source}")]
+    Fat {
+        path: String,
+        esp: String,
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: String,
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+impl ImageError {
+    /// The exit code, as `AFTER_HELP` documents it.
+    fn code(&self) -> u8 {
+        match self {
+            ImageError::Missing { .. } | ImageError::Directory { .. } => exit::USAGE,
+            ImageError::Configured { .. } => exit::EXISTS,
+            _ => exit::FAILED,
+        }
+    }
+}
+
+fn cli_error(e: ImageError) -> CliError {
+    CliError {
+        code: e.code(),
+        error: anyhow::Error::new(e),
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> CliError {
+    CliError {
+        code: exit::USAGE,
+        error: anyhow::anyhow!("{e}"),
+    }
+}
+
+pub fn run(cmd: ImageCmd, json: bool) -> CliResult<()> {
+    match cmd {
+        ImageCmd::Configure(a) => configure(a, json),
+        ImageCmd::Show { image } => show(&image, json),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The command line's inputs.
+
+/// The join token's text, from `--token` or `--token-file`.
+fn token_text(a: &TokenArgs) -> CliResult<(String, &'static str)> {
+    match (&a.token, &a.token_file) {
+        (Some(t), _) => Ok((t.trim().to_string(), "--token")),
+        (None, Some(f)) => {
+            let mut text = String::new();
+            let read = if f.as_os_str() == "-" {
+                io::stdin().read_to_string(&mut text).map(|_| ())
+            } else {
+                std::fs::read_to_string(f).map(|t| text = t)
+            };
+            read.map_err(|e| usage(format!("reading --token-file {}: {e}", f.display())))?;
+            let t = text.trim();
+            if t.split_whitespace().nth(1).is_some() {
+                return Err(usage(format!(
+                    "--token-file {}: holds more than one word; put only the token \
+                     `cairn-hub token create` printed in it",
+                    f.display()
+                )));
+            }
+            Ok((t.to_string(), "--token-file"))
+        }
+        (None, None) => Err(usage("give --token or --token-file")),
+    }
+}
+
+/// Checks HOST:PORT the way the agent will resolve it (`host:port` or `[v6]:port`).
+fn check_hub(s: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        format!(
+            "--hub {s:?}: {why}; write HOST:PORT, e.g. hub.example.net:7440 or [2001:db8::1]:7440"
+        )
+    };
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return if addr.port() == 0 {
+            Err(bad("port 0 is not a port"))
+        } else {
+            Ok(())
+        };
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("the port must be a number from 1 to 65535")),
+    }
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if host.contains(':') || host.starts_with('[') {
+        return Err(bad(
+            "not a valid IPv6 address (IPv6 addresses go in brackets)",
+        ));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(bad("the host is neither an IP address nor a DNS name"));
+    }
+    if name
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+        && name.parse::<Ipv4Addr>().is_err()
+    {
+        return Err(bad("not a valid IPv4 address"));
+    }
+    Ok(())
+}
+
+/// Whether the boxes would look for the hub on themselves.
+fn is_loopback(hub: &str) -> bool {
+    match hub.parse::<SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        Err(_) => hub
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| h.eq_ignore_ascii_case("localhost")),
+    }
+}
+
+/// `--ca-pin`: 64 hex digits, optionally `sha256:`-prefixed or colon-separated.
+fn parse_pin(s: &str) -> Result<[u8; 32], String> {
+    let t = s.trim();
+    let t = t.strip_prefix("sha256:").unwrap_or(t);
+    let digits: String = t.chars().filter(|c| *c != ':').collect();
+    let mut pin = [0u8; 32];
+    hex::decode_to_slice(&digits, &mut pin).map_err(|_| {
+        format!("--ca-pin {s:?}: give the hub CA's SHA-256 fingerprint as 64 hex digits")
+    })?;
+    Ok(pin)
+}
+
+// ---------------------------------------------------------------------------------------
+// The partition table.
+
+const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
+/// C12A7328-F81F-11D2-BA4B-00A0C93EC93B as stored (first three fields little-endian).
+const ESP_TYPE: [u8; 16] = [
+    0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9, 0x3b,
+];
+/// The smallest header the UEFI specification allows.
+const MIN_HEADER: usize = 92;
+/// Entry arrays larger than this are refused (the usual one is 16 KiB).
+const MAX_ENTRIES: u64 = 4 << 20;
+
+/// One partition of the table.
+#[derive(Debug, Clone)]
+struct Partition {
+    /// From 1, as sgdisk and /dev/sdaN count.
+    number: u32,
+    name: String,
+    type_guid: [u8; 16],
+    /// Where it is in the image, in bytes.
+    offset: u64,
+    len: u64,
+}
+
+impl Partition {
+    fn describe(&self) -> String {
+        if self.name.is_empty() {
+            format!("partition {}", self.number)
+        } else {
+            format!("partition {} {:?}", self.number, self.name)
+        }
+    }
+}
+
+/// A GPT as read from the primary copy, with what is wrong with the backup.
+#[derive(Debug)]
+struct Gpt {
+    sector: u64,
+    partitions: Vec<Partition>,
+    warnings: Vec<String>,
+}
+
+#[derive(Debug, PartialEq)]
+enum GptError {
+    /// There is no GPT at all.
+    Absent(String),
+    /// There is one, but it does not check out.
+    Damaged(String),
+}
+
+/// The fields of a header this reader uses.
+struct Header {
+    alternate_lba: u64,
+    first_usable: u64,
+    last_usable: u64,
+    entries_lba: u64,
+    num_entries: u32,
+    entry_size: u32,
+    entries_crc: u32,
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// `n` bytes at `at`, or why not (past the end, an I/O error).
+fn read_exact(disk: &File, disk_len: u64, at: u64, n: u64) -> Result<Vec<u8>, String> {
+    if at.checked_add(n).is_none_or(|end| end > disk_len) {
+        return Err(format!(
+            "{n} bytes at offset {at} lie past the end of the image ({disk_len} bytes; truncated?)"
+        ));
+    }
+    let mut buf = vec![0u8; usize::try_from(n).map_err(|e| e.to_string())?];
+    disk.read_exact_at(&mut buf, at)
+        .map_err(|e| format!("reading {n} bytes at offset {at}: {e}"))?;
+    Ok(buf)
+}
+
+impl Header {
+    /// Checks the header in `sector`, which was read at `lba`.
+    fn check(sector: &[u8], lba: u64) -> Result<Header, String> {
+        if &sector[..8] != GPT_SIGNATURE {
+            return Err("no \"EFI PART\" signature".into());
+        }
+        let size = le_u32(sector, 12) as usize;
+        if !(MIN_HEADER..=sector.len()).contains(&size) {
+            return Err(format!("header size {size} is out of range"));
+        }
+        let stored = le_u32(sector, 16);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&sector[..16]);
+        crc.update(&[0; 4]);
+        crc.update(&sector[20..size]);
+        let computed = crc.finalize();
+        if stored != computed {
+            return Err(format!(
+                "header CRC32 mismatch (stored {stored:08x}, computed {computed:08x})"
+            ));
+        }
+        let my_lba = le_u64(sector, 24);
+        if my_lba != lba {
+            return Err(format!(
+                "header read at LBA {lba} says it is at LBA {my_lba}"
+            ));
+        }
+        let h = Header {
+            alternate_lba: le_u64(sector, 32),
+            first_usable: le_u64(sector, 40),
+            last_usable: le_u64(sector, 48),
+            entries_lba: le_u64(sector, 72),
+            num_entries: le_u32(sector, 80),
+            entry_size: le_u32(sector, 84),
+            entries_crc: le_u32(sector, 88),
+        };
+        if h.entry_size < 128 || !h.entry_size.is_multiple_of(8) || h.num_entries == 0 {
+            return Err(format!(
+                "bad entry array shape ({} entries of {} bytes)",
+                h.num_entries, h.entry_size
+            ));
+        }
+        if h.entries_len() > MAX_ENTRIES {
+            return Err(format!(
+                "an entry array of {} bytes is too large",
+                h.entries_len()
+            ));
+        }
+        if h.first_usable > h.last_usable {
+            return Err(format!(
+                "usable LBAs {}..={} are empty",
+                h.first_usable, h.last_usable
+            ));
+        }
+        Ok(h)
+    }
+
+    fn entries_len(&self) -> u64 {
+        u64::from(self.num_entries) * u64::from(self.entry_size)
+    }
+
+    /// Reads the entry array and checks its CRC32.
+    fn entries(&self, disk: &File, disk_len: u64, ss: u64) -> Result<Vec<u8>, String> {
+        let at = self
+            .entries_lba
+            .checked_mul(ss)
+            .ok_or_else(|| format!("entry array LBA {} is out of range", self.entries_lba))?;
+        let entries = read_exact(disk, disk_len, at, self.entries_len())
+            .map_err(|e| format!("entry array: {e}"))?;
+        let computed = crc32fast::hash(&entries);
+        if computed != self.entries_crc {
+            return Err(format!(
+                "entry array CRC32 mismatch (stored {:08x}, computed {computed:08x})",
+                self.entries_crc
+            ));
+        }
+        Ok(entries)
+    }
+}
+
+impl Gpt {
+    /// Reads the table of a disk image of `disk_len` bytes, with 512- or 4096-byte
+    /// sectors (the first size whose LBA 1 holds a GPT signature).
+    fn read(disk: &File, disk_len: u64) -> Result<Gpt, GptError> {
+        for ss in [512u64, 4096] {
+            if disk_len < 3 * ss {
+                continue;
+            }
+            let sector = read_exact(disk, disk_len, ss, ss).map_err(GptError::Damaged)?;
+            if &sector[..8] == GPT_SIGNATURE {
+                return Self::parse(disk, disk_len, ss, &sector);
+            }
+        }
+        Err(Self::why_absent(disk, disk_len))
+    }
+
+    fn parse(disk: &File, disk_len: u64, ss: u64, sector: &[u8]) -> Result<Gpt, GptError> {
+        let damaged = |what: &str, e: String| GptError::Damaged(format!("{what}: {e}"));
+        let h = Header::check(sector, 1).map_err(|e| damaged("primary header at LBA 1", e))?;
+        let entries = h
+            .entries(disk, disk_len, ss)
+            .map_err(|e| damaged("primary table", e))?;
+        let mut partitions = Vec::new();
+        for (i, e) in entries.chunks_exact(h.entry_size as usize).enumerate() {
+            if e[..16].iter().all(|b| *b == 0) {
+                continue;
+            }
+            let mut type_guid = [0u8; 16];
+            type_guid.copy_from_slice(&e[..16]);
+            let (first, last) = (le_u64(e, 32), le_u64(e, 40));
+            let units: Vec<u16> = e[56..128]
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .take_while(|u| *u != 0)
+                .collect();
+            let p = Partition {
+                number: i as u32 + 1,
+                name: String::from_utf16_lossy(&units),
+                type_guid,
+                offset: first.saturating_mul(ss),
+                len: last
+                    .saturating_sub(first)
+                    .saturating_add(1)
+                    .saturating_mul(ss),
+            };
+            if first > last || first < h.first_usable || last > h.last_usable {
+                return Err(GptError::Damaged(format!(
+                    "{} spans LBAs {first}..={last}, outside the usable LBAs {}..={}",
+                    p.describe(),
+                    h.first_usable,
+                    h.last_usable
+                )));
+            }
+            if p.offset.saturating_add(p.len) > disk_len {
+                return Err(GptError::Damaged(format!(
+                    "{} ends at byte {}, past the end of the image ({disk_len} bytes; truncated?)",
+                    p.describe(),
+                    p.offset.saturating_add(p.len)
+                )));
+            }
+            partitions.push(p);
+        }
+        let warnings = Self::check_backup(disk, disk_len, ss, &h, &entries)
+            .err()
+            .map(|e| {
+                format!(
+                    "the backup GPT (LBA {}) is damaged: {e}; the primary is valid and was used \
+                     (sgdisk --verify tells more)",
+                    h.alternate_lba
+                )
+            })
+            .into_iter()
+            .collect();
+        Ok(Gpt {
+            sector: ss,
+            partitions,
+            warnings,
+        })
+    }
+
+    fn check_backup(
+        disk: &File,
+        disk_len: u64,
+        ss: u64,
+        primary: &Header,
+        primary_entries: &[u8],
+    ) -> Result<(), String> {
+        let lba = primary.alternate_lba;
+        let at = lba
+            .checked_mul(ss)
+            .ok_or_else(|| format!("LBA {lba} is out of range"))?;
+        let sector = read_exact(disk, disk_len, at, ss)?;
+        let h = Header::check(&sector, lba)?;
+        if h.entries(disk, disk_len, ss)? != primary_entries {
+            return Err("its entries differ from the primary's".into());
+        }
+        Ok(())
+    }
+
+    /// Why an image with no GPT signature has none, for the error message.
+    fn why_absent(disk: &File, disk_len: u64) -> GptError {
+        if disk_len < 3 * 512 {
+            return GptError::Absent(format!("it is only {disk_len} bytes long"));
+        }
+        let tail = read_exact(disk, disk_len, disk_len - 512, 512).unwrap_or_default();
+        if tail.starts_with(GPT_SIGNATURE) {
+            return GptError::Damaged(
+                "the primary header at LBA 1 is gone, but a backup header is at the end".into(),
+            );
+        }
+        let mbr = read_exact(disk, disk_len, 0, 512).unwrap_or_default();
+        if mbr.len() < 512 || mbr[510..512] != [0x55, 0xaa] {
+            return GptError::Absent("it has no partition table".into());
+        }
+        let bare_fat = &mbr[0x36..0x39] == b"FAT" || &mbr[0x52..0x57] == b"FAT32";
+        // A partition entry starts with its status, 0x00 or 0x80.
+        let entries: Vec<&[u8]> = (0..4).map(|i| &mbr[446 + 16 * i..462 + 16 * i]).collect();
+        let types: Vec<u8> = if entries.iter().all(|e| e[0] & 0x7f == 0) {
+            entries.iter().map(|e| e[4]).collect()
+        } else {
+            Vec::new()
+        };
+        if bare_fat {
+            GptError::Absent("it is a bare FAT filesystem, not a partitioned disk image".into())
+        } else if types.contains(&0xee) {
+            GptError::Damaged("a protective MBR, but no GPT header at LBA 1".into())
+        } else if types.iter().any(|t| *t != 0) {
+            GptError::Absent("it has an MBR (DOS) partition table, not a GPT".into())
+        } else {
+            GptError::Absent(
+                "it has a boot sector but no partition table (a bare filesystem image?)".into(),
+            )
+        }
+    }
+
+    /// The first partition of the EFI System Partition type.
+    fn esp(&self) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.type_guid == ESP_TYPE)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The image and the FAT on its ESP.
+
+/// A window of the image file: one partition, seen as a whole device by `fatfs`.
+struct PartIo<'f> {
+    file: &'f File,
+    offset: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Read for PartIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..n], self.offset + self.pos)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Write for PartIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let left = self.len.saturating_sub(self.pos);
+        if left == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the partition",
+            ));
+        }
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let put = self.file.write_at(&buf[..n], self.offset + self.pos)?;
+        self.pos += put as u64;
+        Ok(put)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for PartIo<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let pos = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        }
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the partition",
+            )
+        })?;
+        self.pos = pos;
+        Ok(pos)
+    }
+}
+
+/// File times on the FAT: now, in UTC (FAT has no time zone; a config file's time is
+/// only informative).
+#[derive(Debug)]
+struct UtcClock;
+
+static UTC_CLOCK: UtcClock = UtcClock;
+
+impl fatfs::TimeProvider for UtcClock {
+    fn get_current_date(&self) -> fatfs::Date {
+        self.get_current_date_time().date
+    }
+
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        // "YYYY-MM-DDTHH:MM:SSZ"
+        let s = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let field = |r: std::ops::Range<usize>| s.get(r).and_then(|f| f.parse::<u16>().ok());
+        let fat = |year: Option<u16>| {
+            Some(fatfs::DateTime {
+                date: fatfs::Date {
+                    // The years FAT can store.
+                    year: year?.clamp(1980, 2107),
+                    month: field(5..7)?,
+                    day: field(8..10)?,
+                },
+                time: fatfs::Time {
+                    hour: field(11..13)?,
+                    min: field(14..16)?,
+                    sec: field(17..19)?,
+                    millis: 0,
+                },
+            })
+        };
+        fat(field(0..4)).unwrap_or(fatfs::DateTime {
+            date: fatfs::Date {
+                year: 1980,
+                month: 1,
+                day: 1,
+            },
+            time: fatfs::Time {
+                hour: 0,
+                min: 0,
+                sec: 0,
+                millis: 0,
+            },
+        })
+    }
+}
+
+type Fat<'f> = fatfs::FileSystem<PartIo<'f>>;
+
+/// An image opened and its partition table read.
+struct Image {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    gpt: Gpt,
+}
+
+/// Magic numbers of what images are usually shipped in.
+fn compression(head: &[u8]) -> Option<(&'static str, &'static str)> {
+    const FORMATS: [(&[u8], &str, &str); 5] = [
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz", "xz -dk"),
+        (&[0x1f, 0x8b], "gzip", "gunzip -k"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd", "zstd -d"),
+        (b"BZh", "bzip2", "bunzip2 -k"),
+        (b"PK\x03\x04", "zip", "unzip"),
+    ];
+    FORMATS
+        .iter()
+        .find(|(magic, ..)| head.starts_with(magic))
+        .map(|(_, f, h)| (*f, *h))
+}
+
+impl Image {
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Opens the image read-only and reads its partition table.
+    fn open(path: &Path) -> Result<Image, ImageError> {
+        let shown = path.display().to_string();
+        let mut file = File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ImageError::Missing {
+                path: shown.clone(),
+            },
+            _ => ImageError::Open {
+                path: shown.clone(),
+                source: e,
+            },
+        })?;
+        let io_err = |what| {
+            let path = shown.clone();
+            move |source| ImageError::Io { path, what, source }
+        };
+        if file
+            .metadata()
+            .map_err(io_err("reading metadata"))?
+            .is_dir()
+        {
+            return Err(ImageError::Directory { path: shown });
+        }
+        // Seeking to the end gives the size of block devices too.
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(io_err("measuring the image"))?;
+        let mut head = [0u8; 8];
+        let n = file.read_at(&mut head, 0).map_err(io_err("reading"))?;
+        if let Some((format, cmd)) = compression(&head[..n]) {
+            return Err(ImageError::Compressed {
+                hint: format!("{cmd} {shown}"),
+                path: shown,
+                format,
+            });
+        }
+        let gpt = Gpt::read(&file, len).map_err(|e| match e {
+            GptError::Absent(why) => ImageError::NoGpt {
+                path: shown.clone(),
+                why,
+            },
+            GptError::Damaged(why) => ImageError::BadGpt {
+                path: shown.clone(),
+                why,
+            },
+        })?;
+        Ok(Image {
+            path: path.to_path_buf(),
+            file,
+            len,
+            gpt,
+        })
+    }
+
+    /// The same image, opened for writing as well.
+    fn reopen_writable(&self) -> Result<File, ImageError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| match (e.kind(), e.raw_os_error()) {
+                // EROFS: a read-only mount, a write-protected card.
+                (io::ErrorKind::PermissionDenied, _) | (_, Some(30)) => ImageError::ReadOnly {
+                    path: self.shown(),
+                    source: e,
+                },
+                _ => ImageError::Open {
+                    path: self.shown(),
+                    source: e,
+                },
+            })
+    }
+
+    fn esp(&self) -> Result<&Partition, ImageError> {
+        self.gpt.esp().ok_or_else(|| ImageError::NoEsp {
+            path: self.shown(),
+            parts: if self.gpt.partitions.is_empty() {
+                "none".into()
+            } else {
+                self.gpt
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {}",
+                            p.number,
+                            if p.name.is_empty() { "-" } else { &p.name }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+
+    /// The FAT filesystem on `esp`, through `file` (this image, opened as needed).
+    fn mount<'f>(&self, file: &'f File, esp: &Partition) -> Result<Fat<'f>, ImageError> {
+        let io = PartIo {
+            file,
+            offset: esp.offset,
+            len: esp.len,
+            pos: 0,
+        };
+        let options = fatfs::FsOptions::new()
+            .update_accessed_date(false)
+            .time_provider(&UTC_CLOCK);
+        fatfs::FileSystem::new(io, options).map_err(|e| ImageError::NotFat {
+            path: self.shown(),
+            esp: esp.describe(),
+            why: e.to_string(),
+        })
+    }
+
+    fn fat_error(
+        &self,
+        esp: &Partition,
+        what: &'static str,
+    ) -> impl FnOnce(io::Error) -> ImageError {
+        let (path, esp) = (self.shown(), esp.describe());
+        move |source| ImageError::Fat {
+            path,
+            esp,
+            what,
+            source,
+        }
+    }
+}
+
+fn fat_name(t: fatfs::FatType) -> &'static str {
+    match t {
+        fatfs::FatType::Fat12 => "FAT12",
+        fatfs::FatType::Fat16 => "FAT16",
+        fatfs::FatType::Fat32 => "FAT32",
+    }
+}
+
+/// `cairn/agent.toml` on the FAT, if there is one.
+fn read_config(fs: &Fat<'_>) -> io::Result<Option<String>> {
+    let dir = match fs.root_dir().open_dir(CONFIG_DIR) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let file = match dir.open_file(CONFIG_NAME) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut buf = Vec::new();
+    file.take(MAX_CONFIG + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_CONFIG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {MAX_CONFIG} bytes: not a first-boot configuration"),
+        ));
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// Writes `text` as `cairn/agent.toml` (the directory exists): into `agent.toml.new`,
+/// then renamed over the old file, so the old one stays whole if the ESP fills up.
+fn write_config(fs: &Fat<'_>, text: &str) -> io::Result<()> {
+    let dir = fs.root_dir().open_dir(CONFIG_DIR)?;
+    let gone_ok = |r: io::Result<()>| match r {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    // A leftover of an interrupted run.
+    gone_ok(dir.remove(CONFIG_TMP))?;
+    {
+        let mut f = dir.create_file(CONFIG_TMP)?;
+        f.truncate()?;
+        f.write_all(text.as_bytes())?;
+        f.flush()?;
+    }
+    gone_ok(dir.remove(CONFIG_NAME))?;
+    dir.rename(CONFIG_TMP, &dir, CONFIG_NAME)
+}
+
+fn has_config_dir(fs: &Fat<'_>) -> io::Result<bool> {
+    match fs.root_dir().open_dir(CONFIG_DIR) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The 8.3 name fatfs gives [`CONFIG_DIR`], as stored.
+const CONFIG_DIR_SFN: &[u8; 11] = b"CAIRN      ";
+const DOT: &[u8; 11] = b".          ";
+const DOTDOT: &[u8; 11] = b"..         ";
+const ATTR_LFN: u8 = 0x0f;
+const ATTR_DIR: u8 = 0x10;
+
+/// Puts "." and ".." back into the first two slots of the directory fatfs just created
+/// as [`CONFIG_DIR`] in the root directory.
+///
+/// fatfs 0.3.6, the newest release, writes a long-name entry before each of them
+/// (rafalh/rust-fatfs#117): [LFN, ".", LFN, ".."]. FAT requires "." and ".." first, and
+/// fsck.fat "repairs" such a directory by moving and renaming entries — which is what
+/// systemd-fsck would do at a box's first boot. This rewrites the four slots as [".",
+/// "..", end, end] when, and only when, they are laid out that way (a fixed fatfs
+/// leaves nothing to do; returns whether it changed anything). On FAT32 it also sets
+/// the cluster of ".." to 0, as FAT wants for a directory in the root (fatfs writes the
+/// root's cluster). Reads the boot sector and the root directory itself, since fatfs
+/// does not expose cluster positions.
+fn fix_dot_entries(part: &mut PartIo<'_>, fat32: bool) -> io::Result<bool> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut boot = [0u8; 512];
+    part.seek(SeekFrom::Start(0))?;
+    part.read_exact(&mut boot)?;
+    let u16_at = |at: usize| u64::from(u16::from_le_bytes([boot[at], boot[at + 1]]));
+    let bps = u16_at(11);
+    let spc = u64::from(boot[13]);
+    let reserved = u16_at(14);
+    let fats = u64::from(boot[16]);
+    let root_entries = u16_at(17);
+    let spf = match u16_at(22) {
+        0 => u64::from(le_u32(&boot, 36)),
+        n => n,
+    };
+    if bps == 0 || spc == 0 {
+        return Err(invalid("boot sector without sector or cluster size"));
+    }
+    let root_sectors = (root_entries * 32).div_ceil(bps);
+    let first_data = reserved + fats * spf + root_sectors;
+    let cluster_len = spc * bps;
+    let cluster_at = |c: u64| (first_data + c.saturating_sub(2) * spc) * bps;
+
+    // The root directory as (offset, length) runs.
+    let mut runs = Vec::new();
+    if fat32 {
+        let mut c = u64::from(le_u32(&boot, 44));
+        while (2..0x0fff_fff8).contains(&c) && runs.len() < 4096 {
+            runs.push((cluster_at(c), cluster_len));
+            let mut next = [0u8; 4];
+            part.seek(SeekFrom::Start(reserved * bps + c * 4))?;
+            part.read_exact(&mut next)?;
+            c = u64::from(u32::from_le_bytes(next) & 0x0fff_ffff);
+        }
+    } else {
+        runs.push(((reserved + fats * spf) * bps, root_entries * 32));
+    }
+    let mut cluster = None;
+    'runs: for (at, len) in runs {
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| invalid("huge cluster"))?];
+        part.seek(SeekFrom::Start(at))?;
+        part.read_exact(&mut buf)?;
+        for e in buf.chunks_exact(32) {
+            if e[0] == 0 {
+                break 'runs;
+            }
+            if e[0] != 0xe5
+                && e[11] != ATTR_LFN
+                && e[11] & ATTR_DIR != 0
+                && &e[..11] == CONFIG_DIR_SFN
+            {
+                let hi = if fat32 {
+                    u16::from_le_bytes([e[20], e[21]])
+                } else {
+                    0
+                };
+                let lo = u16::from_le_bytes([e[26], e[27]]);
+                cluster = Some((u64::from(hi) << 16) | u64::from(lo));
+                break 'runs;
+            }
+        }
+    }
+    let Some(c) = cluster else {
+        return Err(invalid("the new directory is not in the root directory"));
+    };
+    let mut slots = [0u8; 128];
+    part.seek(SeekFrom::Start(cluster_at(c)))?;
+    part.read_exact(&mut slots)?;
+    let mut fixed = slots;
+    let (lfn1, dot, lfn2, dotdot) = (&slots[..32], &slots[32..64], &slots[64..96], &slots[96..]);
+    if lfn1[11] == ATTR_LFN && &dot[..11] == DOT && lfn2[11] == ATTR_LFN && &dotdot[..11] == DOTDOT
+    {
+        fixed = [0u8; 128];
+        fixed[..32].copy_from_slice(dot);
+        fixed[32..64].copy_from_slice(dotdot);
+    }
+    // ".." of a directory in the root says cluster 0 (fatfs writes the FAT32 root's).
+    if &fixed[32..43] == DOTDOT {
+        fixed[32 + 20..32 + 22].fill(0);
+        fixed[32 + 26..32 + 28].fill(0);
+    }
+    if fixed == slots {
+        return Ok(false);
+    }
+    part.seek(SeekFrom::Start(cluster_at(c)))?;
+    part.write_all(&fixed)?;
+    Ok(true)
+}
+
+/// Whether the FAT has room for `text` (and the directory, if it is missing).
+fn free_space(fs: &Fat<'_>, text: &str) -> io::Result<(u64, u64)> {
+    let stats = fs.stats()?;
+    let cluster = u64::from(stats.cluster_size());
+    let free = u64::from(stats.free_clusters()) * cluster;
+    let dir_missing = !has_config_dir(fs)?;
+    let clusters = (text.len() as u64).div_ceil(cluster).max(1) + u64::from(dir_missing);
+    Ok((free, clusters * cluster))
+}
+
+/// fatfs says "No space left on device" as `ErrorKind::Other`.
+fn is_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.to_string().contains("No space left")
+}
+
+// ---------------------------------------------------------------------------------------
+// The file's contents.
+
+/// The first-boot file: exactly the keys of the agent's config file (`hub`,
+/// `join_token`), with a comment saying what it is.
+fn render(hub: &str, token: &str, token_id: &str) -> Result<String, toml::ser::Error> {
+    #[derive(serde::Serialize)]
+    struct FirstBoot<'a> {
+        hub: &'a str,
+        join_token: &'a str,
+    }
+    let body = toml::to_string(&FirstBoot {
+        hub,
+        join_token: token,
+    })?;
+    Ok(format!(
+        "# Cairn first-boot configuration, written by `cairn-hub image configure`.\n\
+         # The agent reads it with --config /boot/efi/cairn/agent.toml. The join token\n\
+         # (id {token_id}) matters only until the box has enrolled.\n\
+         {body}"
+    ))
+}
+
+/// What an image's first-boot file says, the token reduced to its id and CA pin.
+#[derive(Debug)]
+struct Summary {
+    hub: Option<String>,
+    token: Option<Result<JoinToken, String>>,
+    /// Keys other than `hub` and `join_token`.
+    other: toml::Table,
+}
+
+impl Summary {
+    fn of(text: &str) -> Result<Summary, String> {
+        let mut t: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let hub = t.remove("hub").map(|v| match v {
+            toml::Value::String(s) => s,
+            v => v.to_string(),
+        });
+        let token = t.remove("join_token").map(|v| match v {
+            toml::Value::String(s) => JoinToken::parse(&s).map_err(|e| e.to_string()),
+            _ => Err("join_token is not a string".into()),
+        });
+        Ok(Summary {
+            hub,
+            token,
+            other: t,
+        })
+    }
+
+    /// "hub X, token Y", for messages.
+    fn brief(&self) -> String {
+        format!(
+            "hub {}, token {}",
+            self.hub.as_deref().unwrap_or("(none)"),
+            match &self.token {
+                None => "(none)".into(),
+                Some(Ok(t)) => t.id_hex(),
+                Some(Err(_)) => "(invalid)".into(),
+            }
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "hub": self.hub,
+            "join_token": match &self.token {
+                None => Value::Null,
+                Some(Ok(t)) => json!({
+                    "id": t.id_hex(),
+                    "ca_fingerprint": hex::encode(t.ca_fingerprint),
+                }),
+                Some(Err(e)) => json!({ "error": e }),
+            },
+            "other_keys": serde_json::to_value(&self.other).unwrap_or(Value::Null),
+        })
+    }
+}
+
+fn esp_json(esp: &Partition, fat: &str) -> Value {
+    json!({
+        "partition": esp.number,
+        "name": esp.name,
+        "offset": esp.offset,
+        "size": esp.len,
+        "filesystem": fat,
+    })
+}
+
+fn warn(warnings: &[String], json: bool) {
+    if !json {
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The subcommands.
+
+fn configure(a: ConfigureArgs, json: bool) -> CliResult<()> {
+    let (token_text, from) = token_text(&a.token)?;
+    let token = JoinToken::parse(&token_text).map_err(|e| usage(format!("{from}: {e}")))?;
+    let pin = hex::encode(token.ca_fingerprint);
+    if let Some(p) = &a.ca_pin
+        && parse_pin(p).map_err(usage)? != token.ca_fingerprint
+    {
+        return Err(usage(format!(
+            "--ca-pin {p} is not the hub CA this token pins (sha256:{pin}): the token \
+             comes from another hub, or the pin is wrong; create the token on the hub \
+             whose endpoints.json has that ca_fingerprint"
+        )));
+    }
+    check_hub(&a.hub).map_err(usage)?;
+    let mut warnings = Vec::new();
+    if is_loopback(&a.hub) {
+        warnings.push(format!(
+            "--hub {} is a loopback address: each box would look for the hub on itself",
+            a.hub
+        ));
+    }
+    let text = render(&a.hub, &token_text, &token.id_hex())?;
+
+    // Everything about the image is checked read-only first, so that a read-only
+    // image that is not a Cairn image says the latter.
+    let image = Image::open(&a.image).map_err(cli_error)?;
+    warnings.extend(
+        image
+            .gpt
+            .warnings
+            .iter()
+            .map(|w| format!("{}: {w}", image.shown())),
+    );
+    let esp = image.esp().map_err(cli_error)?.clone();
+    let previous = {
+        let fs = image.mount(&image.file, &esp).map_err(cli_error)?;
+        read_config(&fs).map_err(|e| cli_error(image.fat_error(&esp, "reading")(e)))?
+    };
+    let previous = previous.map(|t| Summary::of(&t));
+    if let Some(p) = &previous
+        && !a.force
+    {
+        let current = match p {
+            Ok(s) => s.brief(),
+            Err(e) => format!("its {CONFIG_PATH} does not parse: {e}"),
+        };
+        return Err(cli_error(ImageError::Configured {
+            path: image.shown(),
+            current,
+        }));
+    }
+
+    let file = image.reopen_writable().map_err(cli_error)?;
+    let write_error = |e: io::Error| cli_error(image.fat_error(&esp, "writing")(e));
+    let fs = image.mount(&file, &esp).map_err(cli_error)?;
+    let fat = fat_name(fs.fat_type());
+    let full = |free, need| {
+        cli_error(ImageError::EspFull {
+            path: image.shown(),
+            esp: esp.describe(),
+            free,
+            need,
+        })
+    };
+    let (free, need) = free_space(&fs, &text).map_err(write_error)?;
+    if free < need {
+        return Err(full(free, need));
+    }
+    let fs = if has_config_dir(&fs).map_err(write_error)? {
+        fs
+    } else {
+        // Created and unmounted, then fixed up underneath fatfs, then mounted again.
+        let fat32 = fs.fat_type() == fatfs::FatType::Fat32;
+        let created = fs.root_dir().create_dir(CONFIG_DIR).map(drop);
+        created.and_then(|()| fs.unmount()).map_err(|e| {
+            if is_full(&e) {
+                full(free, need)
+            } else {
+                write_error(e)
+            }
+        })?;
+        let mut part = PartIo {
+            file: &file,
+            offset: esp.offset,
+            len: esp.len,
+            pos: 0,
+        };
+        fix_dot_entries(&mut part, fat32).map_err(write_error)?;
+        image.mount(&file, &esp).map_err(cli_error)?
+    };
+    write_config(&fs, &text)
+        .and_then(|()| fs.unmount())
+        .map_err(|e| {
+            if is_full(&e) {
+                full(free, need)
+            } else {
+                write_error(e)
+            }
+        })?;
+    file.sync_all()
+        .map_err(|e| cli_error(image.fat_error(&esp, "syncing")(e)))?;
+
+    let replaced = previous.is_some();
+    if json {
+        cli::print_json(&json!({
+            "image": image.shown(),
+            "outcome": if replaced { "replaced" } else { "configured" },
+            "esp": esp_json(&esp, fat),
+            "file": CONFIG_PATH,
+            "hub": a.hub,
+            "token_id": token.id_hex(),
+            "ca_fingerprint": pin,
+            "previous": previous.map(|p| match p {
+                Ok(s) => s.json(),
+                Err(e) => json!({ "error": e }),
+            }),
+            "warnings": warnings,
+        }))?;
+    } else {
+        warn(&warnings, json);
+        println!(
+            "{} {}: {CONFIG_PATH} written on {} ({fat})",
+            if replaced {
+                "reconfigured"
+            } else {
+                "configured"
+            },
+            image.shown(),
+            esp.describe()
+        );
+        if let Some(Ok(p)) = &previous {
+            println!("  replaced    {}", p.brief());
+        }
+        println!("  hub         {}", a.hub);
+        println!(
+            "  join token  id {} (its secret is now on the image, in clear)",
+            token.id_hex()
+        );
+        println!("  hub CA      sha256:{pin} (pinned by the token; the agent trusts only this CA)");
+        eprintln!(
+            "next: flash it, e.g. dd if={} of=/dev/sdX bs=4M conv=fsync; the token's uses and \
+             expiry are on the hub: cairn-hub token list",
+            image.shown()
+        );
+    }
+    Ok(())
+}
+
+fn show(path: &Path, json: bool) -> CliResult<()> {
+    let image = Image::open(path).map_err(cli_error)?;
+    let warnings: Vec<String> = image
+        .gpt
+        .warnings
+        .iter()
+        .map(|w| format!("{}: {w}", image.shown()))
+        .collect();
+    let esp = image.esp().map_err(cli_error)?;
+    let fs = image.mount(&image.file, esp).map_err(cli_error)?;
+    let fat = fat_name(fs.fat_type());
+    let text = read_config(&fs).map_err(|e| cli_error(image.fat_error(esp, "reading")(e)))?;
+    let summary = text.as_deref().map(Summary::of);
+    let mut out = json!({
+        "image": image.shown(),
+        "image_size": image.len,
+        "sector_size": image.gpt.sector,
+        "esp": esp_json(esp, fat),
+        "file": CONFIG_PATH,
+        "configured": text.is_some(),
+        "warnings": warnings,
+    });
+    let Some(summary) = summary else {
+        let error = anyhow::anyhow!(
+            "{} is not configured: there is no {CONFIG_PATH} on its {} ({fat}); write one \
+             with: cairn-hub image configure {} --hub HOST:PORT --token-file FILE",
+            image.shown(),
+            esp.describe(),
+            image.shown()
+        );
+        if json {
+            cli::print_json(&out)?;
+        } else {
+            warn(&warnings, json);
+        }
+        return Err(CliError {
+            code: exit::NOT_FOUND,
+            error,
+        });
+    };
+    let summary = summary.map_err(|e| {
+        cli_error(ImageError::Fat {
+            path: image.shown(),
+            esp: esp.describe(),
+            what: "parsing",
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })
+    })?;
+    if json {
+        if let (Some(o), Value::Object(s)) = (out.as_object_mut(), summary.json()) {
+            o.extend(s);
+        }
+        return cli::print_json(&out);
+    }
+    warn(&warnings, json);
+    println!(
+        "{}: first-boot configuration in {CONFIG_PATH} on {} ({fat})",
+        image.shown(),
+        esp.describe()
+    );
+    println!(
+        "  hub         {}",
+        summary.hub.as_deref().unwrap_or("(none)")
+    );
+    match &summary.token {
+        None => println!("  join token  (none)"),
+        Some(Ok(t)) => {
+            println!("  join token  id {} (secret not shown)", t.id_hex());
+            println!("  hub CA      sha256:{}", hex::encode(t.ca_fingerprint));
+        }
+        Some(Err(e)) => println!("  join token  INVALID: {e}"),
+    }
+    for (k, v) in &summary.other {
+        println!("  {k:<11} {v}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn token() -> JoinToken {
+        JoinToken {
+            id: [0x11; 8],
+            secret: [0x22; 16],
+            ca_fingerprint: [0x33; 32],
+        }
+    }
+
+    /// The file the agent reads, byte for byte: `agent` parses the same fixture with
+    /// its `FileConfig` (agent/src/main.rs), so the two cannot drift apart.
+    #[test]
+    fn rendered_file_is_the_fixture_the_agent_parses() {
+        let t = token();
+        let text = render("hub.example.net:7440", &t.encode(), &t.id_hex()).unwrap();
+        assert_eq!(text, include_str!("../tests/data/first-boot.toml"));
+        let s = Summary::of(&text).unwrap();
+        assert_eq!(s.hub.as_deref(), Some("hub.example.net:7440"));
+        assert_eq!(s.token, Some(Ok(t)));
+        assert!(s.other.is_empty());
+    }
+
+    #[test]
+    fn hub_addresses() {
+        for ok in [
+            "hub.example.net:7440",
+            "hub:1",
+            "10.0.0.1:7440",
+            "[2001:db8::1]:7440",
+            "localhost:7440",
+            "hub.example.net.:7440",
+        ] {
+            assert_eq!(check_hub(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("hub.example.net", "no port"),
+            ("hub:0", "port must be"),
+            ("hub:http", "port must be"),
+            (":7440", "no host"),
+            ("2001:db8::1:7440", "IPv6"),
+            ("[2001:db8::zz]:7440", "IPv6"),
+            ("hub example:7440", "neither"),
+            ("-hub:7440", "neither"),
+            ("300.1.2.3:7440", "IPv4"),
+            ("10.0.0.1:0", "port 0"),
+        ] {
+            let e = check_hub(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains("HOST:PORT"), "{bad}: {e}");
+        }
+        assert!(is_loopback("127.0.0.1:7440"));
+        assert!(is_loopback("[::1]:7440"));
+        assert!(is_loopback("LocalHost:7440"));
+        assert!(!is_loopback("hub.example.net:7440"));
+    }
+
+    #[test]
+    fn ca_pins() {
+        let hex64 = "33".repeat(32);
+        assert_eq!(parse_pin(&hex64), Ok([0x33; 32]));
+        assert_eq!(
+            parse_pin(&format!("sha256:{}", hex64.to_uppercase())),
+            Ok([0x33; 32])
+        );
+        let colons: Vec<&str> = (0..32).map(|_| "33").collect();
+        assert_eq!(parse_pin(&colons.join(":")), Ok([0x33; 32]));
+        assert!(parse_pin("33").unwrap_err().contains("64 hex digits"));
+        assert!(parse_pin(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn summaries_redact_and_keep_other_keys() {
+        let s = Summary::of("hub = \"h:1\"\njoin_token = \"nope\"\nboard = \"rpi4\"\n").unwrap();
+        assert_eq!(s.brief(), "hub h:1, token (invalid)");
+        let j = s.json();
+        assert!(
+            j["join_token"]["error"]
+                .as_str()
+                .unwrap()
+                .contains("cairn1_")
+        );
+        assert_eq!(j["other_keys"]["board"], "rpi4");
+        let t = token();
+        let s = Summary::of(&format!("join_token = \"{}\"", t.encode())).unwrap();
+        let j = s.json().to_string();
+        assert!(j.contains(&t.id_hex()) && !j.contains(&t.encode()) && !j.contains("2222"));
+        assert!(Summary::of("hub = ").is_err());
+    }
+
+    #[test]
+    fn compressed_images_are_recognised() {
+        assert_eq!(
+            compression(&[0xfd, b'7', b'z', b'X', b'Z', 0, 0, 4])
+                .unwrap()
+                .0,
+            "xz"
+        );
+        assert_eq!(compression(&[0x1f, 0x8b, 8]).unwrap().0, "gzip");
+        assert_eq!(compression(&[0; 8]), None);
+    }
+
+    #[test]
+    fn partition_windows_stay_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![0u8; 100]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let mut w = PartIo {
+            file: &f,
+            offset: 10,
+            len: 20,
+            pos: 0,
+        };
+        assert_eq!(w.seek(SeekFrom::End(-5)).unwrap(), 15);
+        assert_eq!(w.write(&[1; 10]).unwrap(), 5);
+        assert_eq!(w.write(&[1]).unwrap_err().kind(), io::ErrorKind::WriteZero);
+        assert!(w.seek(SeekFrom::Current(-100)).is_err());
+        w.seek(SeekFrom::Start(0)).unwrap();
+        let mut all = Vec::new();
+        w.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 20);
+        let disk = std::fs::read(&p).unwrap();
+        assert_eq!(&disk[25..30], &[1; 5]);
+        assert!(disk[..25].iter().chain(&disk[30..]).all(|b| *b == 0));
+    }
+
+    #[test]
+    fn fat_clock_is_a_valid_date() {
+        use fatfs::TimeProvider;
+        let now = UTC_CLOCK.get_current_date_time();
+        assert!((2024..=2107).contains(&now.date.year));
+        assert!((1..=12).contains(&now.date.month) && (1..=31).contains(&now.date.day));
+        assert!(now.time.hour < 24 && now.time.min < 60 && now.time.sec < 61);
+    }
+}
