@@ -28,6 +28,7 @@ command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 command -v mksquashfs >/dev/null || need_apt+=(squashfs-tools)
 command -v mke2fs >/dev/null || need_apt+=(e2fsprogs)
 command -v cpio >/dev/null || need_apt+=(cpio)
+command -v zstd >/dev/null || need_apt+=(zstd)
 command -v objcopy >/dev/null || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"

@@ -21,6 +21,12 @@ while read -r m; do
 	insmod "/lib/modules/$m" 2>/dev/null
 done </lib/modules/load.list
 
+if [ -e /dev/tpmrm0 ]; then
+	echo "cairn-initramfs: TPM found" >/dev/console
+else
+	echo "cairn-initramfs: no TPM: the agent will enroll without hardware attestation" >/dev/console
+fi
+
 slot=$(sed -n 's/.*cairn\.slot=\([ab]\).*/\1/p' /proc/cmdline)
 [ -n "$slot" ] || fail "no cairn.slot=a|b on the kernel command line"
 

@@ -148,6 +148,7 @@ const MODULES_OPTIONAL: &[&str] = &[
     "igb",
     "r8169",
     "tpm_crb",
+    "tpm_tis_spi",
     "tpm_tis",
 ];
 
@@ -225,6 +226,13 @@ pub fn build(spec: &Spec) -> Result<Built> {
     write_file(&initramfs.join("init"), init.as_bytes(), 0o755)?;
     let cpio = work.join("initrd.cpio");
     cpio_newc(&initramfs, &cpio)?;
+    // zstd (the kernels have RD_ZSTD): the modules are most of it.
+    let initrd = work.join("initrd.cpio.zst");
+    run(Command::new("zstd")
+        .args(["-q", "-f", "-12", "--no-progress"])
+        .arg(&cpio)
+        .arg("-o")
+        .arg(&initrd))?;
 
     // The UKI: kernel + initramfs + os-release, no command line.
     let osrel = work.join("os-release");
@@ -242,7 +250,11 @@ pub fn build(spec: &Spec) -> Result<Built> {
     uki::build(
         spec.arch.objcopy(),
         &stub,
-        &[(".osrel", &osrel), (".linux", &vmlinuz), (".initrd", &cpio)],
+        &[
+            (".osrel", &osrel),
+            (".linux", &vmlinuz),
+            (".initrd", &initrd),
+        ],
         &uki_path,
     )?;
     let uki_bytes = std::fs::read(&uki_path)?;
