@@ -162,6 +162,21 @@ impl Run<'_> {
         }
     }
 
+    /// `os set` of `version` for this box, with room for a trial boot under emulation.
+    fn os_set(&self, version: &str) -> Result<()> {
+        let id = self.report.device.clone().context("no device")?;
+        self.hub().cli(&[
+            "os",
+            "set",
+            "--device",
+            &id,
+            version,
+            "--health-timeout",
+            "5m",
+        ])?;
+        Ok(())
+    }
+
     fn device(&self) -> Result<Value> {
         let id = self.report.device.clone().context("no device yet")?;
         self.hub().json(&["device", "show", &id])
@@ -366,16 +381,7 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
     })?;
 
     run.step("v2: power cut while slot B is written", |r| {
-        let id = r.report.device.clone().context("no device")?;
-        r.hub().cli(&[
-            "os",
-            "set",
-            "--device",
-            &id,
-            "2.0.0",
-            "--health-timeout",
-            "5m",
-        ])?;
+        r.os_set("2.0.0")?;
         let console_before = console_text(r.m).len();
         let mut at = String::new();
         r.wait(
@@ -434,16 +440,7 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
     let v3_bundle = work.join("os-3.0.0.cairn");
     run.step("v3 (broken): falls back to v2", |r| {
         build_release(r.hub(), v3, &key, &v3_bundle, None)?;
-        let id = r.report.device.clone().context("no device")?;
-        r.hub().cli(&[
-            "os",
-            "set",
-            "--device",
-            &id,
-            "3.0.0",
-            "--health-timeout",
-            "5m",
-        ])?;
+        r.os_set("3.0.0")?;
         let limit = r.env.timeouts.rollback;
         r.wait("3.0.0 rolled back", limit, |r| {
             let d = r.device()?;

@@ -78,50 +78,17 @@ fn nuc_image_enrolls_upgrades_through_a_power_cut_and_rolls_back_a_broken_releas
     let v2 = build("2.0.0", None, &images);
     let v3 = build("3.0.0", Some(Fault::InitPanic), &images);
 
-    let mut vm = Vm::create(
+    rig(
         "nuc-1",
         Arch::X86_64,
-        &tmp.path().join("vm"),
-        &tmp.path().join("vm/disk.img"),
-    )
-    .unwrap();
-    let ek_ca = tmp.path().join("ek-ca.pem");
-    std::fs::write(&ek_ca, vm.ek_ca_pem().unwrap()).unwrap();
-    let hub = HubProc::start(
-        &tmp.path().join("hub"),
-        "127.0.0.1:0",
-        &["--ek-ca", ek_ca.to_str().unwrap()],
-    )
-    .unwrap();
-    let env = Env {
-        hub: &hub,
-        // QEMU user networking: the host's loopback is 10.0.2.2 inside the guest.
-        box_hub: format!("10.0.2.2:{}", hub.port()),
-        work: tmp.path().join("work"),
-        timeouts: Timeouts::default(),
-        tpm: true,
-    };
-    let report = scenario::run(
-        &mut vm,
-        &env,
+        tmp.path(),
         &Releases {
             v1: &v1,
             v2: Some(&v2),
             v3: Some(&v3),
         },
+        true,
     );
-    eprintln!("{}", report.table());
-    if !report.ok {
-        panic!(
-            "the virtual rig scenario failed:\n{}\n--- console (last lines) ---\n{}\n--- hub log ---\n{}",
-            report.table(),
-            report
-                .console_tail
-                .clone()
-                .unwrap_or_else(|| console_tail(&vm, 60)),
-            hub.log_tail(30)
-        );
-    }
 }
 
 /// The aarch64 image on QEMU `virt` with UEFI (AAVMF): the nearest real check of the
@@ -153,41 +120,46 @@ fn arm64_image_boots_on_uefi_and_enrolls() {
         None,
         &tmp.path().join("images"),
     );
-    let mut vm = Vm::create(
+    // Debian's arm64 kernel has no driver for QEMU's memory-mapped TPM
+    // (CONFIG_TCG_TIS is off; a Pi's SPI TPM uses tpm_tis_spi, which it has).
+    rig(
         "virt-1",
         Arch::Aarch64,
-        &tmp.path().join("vm"),
-        &tmp.path().join("vm/disk.img"),
-    )
-    .unwrap();
-    let ek_ca = tmp.path().join("ek-ca.pem");
+        tmp.path(),
+        &Releases {
+            v1: &v1,
+            v2: None,
+            v3: None,
+        },
+        false,
+    );
+}
+
+/// One box in `dir` against a fresh hub that trusts its TPM's EK CA; panics with the
+/// report, the console's tail and the hub's log if the scenario fails.
+fn rig(name: &str, arch: Arch, dir: &Path, releases: &Releases<'_>, tpm: bool) {
+    let mut vm = Vm::create(name, arch, &dir.join("vm"), &dir.join("vm/disk.img")).unwrap();
+    let ek_ca = dir.join("ek-ca.pem");
     std::fs::write(&ek_ca, vm.ek_ca_pem().unwrap()).unwrap();
     let hub = HubProc::start(
-        &tmp.path().join("hub"),
+        &dir.join("hub"),
         "127.0.0.1:0",
         &["--ek-ca", ek_ca.to_str().unwrap()],
     )
     .unwrap();
     let env = Env {
         hub: &hub,
+        // QEMU user networking: the host's loopback is 10.0.2.2 inside the guest.
         box_hub: format!("10.0.2.2:{}", hub.port()),
-        work: tmp.path().join("work"),
+        work: dir.join("work"),
         timeouts: Timeouts::default(),
-        tpm: true,
+        tpm,
     };
-    let report = scenario::run(
-        &mut vm,
-        &env,
-        &Releases {
-            v1: &v1,
-            v2: None,
-            v3: None,
-        },
-    );
+    let report = scenario::run(&mut vm, &env, releases);
     eprintln!("{}", report.table());
     if !report.ok {
         panic!(
-            "the arm64 virtual rig failed:\n{}\n--- console (last lines) ---\n{}\n--- hub log ---\n{}",
+            "the virtual rig scenario failed on {name}:\n{}\n--- console (last lines) ---\n{}\n--- hub log ---\n{}",
             report.table(),
             report
                 .console_tail
