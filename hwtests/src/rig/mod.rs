@@ -2,5 +2,10 @@
 //! host's LAN.
 //!
 //! - [`config`] reads `rig.toml` (`rig/rig.example.toml` documents it).
+//! - [`console`] captures a box's serial console, [`power`] switches it.
 
 pub mod config;
+pub mod console;
+pub mod power;
+pub mod serial;
+pub mod shell;
