@@ -2,10 +2,12 @@
 //! host's LAN.
 //!
 //! - [`config`] reads `rig.toml` (`rig/rig.example.toml` documents it).
-//! - [`console`] captures a box's serial console, [`power`] switches it.
+//! - [`console`] captures a box's serial console, [`power`] switches it, [`flash`]
+//!   writes its boot medium.
 
 pub mod config;
 pub mod console;
+pub mod flash;
 pub mod power;
 pub mod serial;
 pub mod shell;

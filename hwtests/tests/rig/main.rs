@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod config;
+mod flash;
 mod parts;
 
 use std::os::fd::{AsFd, OwnedFd};
