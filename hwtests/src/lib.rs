@@ -4,7 +4,8 @@
 //!   root mounts: GPT with an ESP, slot A, slot B and a data partition.
 //! - [`predict`] computes the PCRs a release will measure from a reference event log.
 //! - [`vm`] is the virtual rig: QEMU (TCG) + OVMF + swtpm.
-//! - [`rig`] is the real rig: real boxes described in `rig.toml`.
+//! - [`rig`] is the real rig: real boxes with relays or PDUs, serial consoles and
+//!   flashing from the rig host (`cairn-rig`).
 #![forbid(unsafe_code)]
 
 pub mod debs;

@@ -4,6 +4,7 @@
 //! is built, no box booted.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cli;
 mod config;
 mod flash;
 mod parts;

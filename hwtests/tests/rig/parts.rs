@@ -1,12 +1,15 @@
-//! Consoles and power kinds against real stand-ins.
+//! Consoles, power kinds and a whole `RealBox` against real stand-ins.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cairn_hwtests::machine::{Machine, console_text};
+use cairn_hwtests::rig::RealBox;
 use cairn_hwtests::rig::config::{ButtonConfig, HttpRequestConfig, PowerConfig};
 use cairn_hwtests::rig::console::{Console, ConsoleSource};
-use cairn_hwtests::rig::power::{CommandPower, HttpPdu, ManualPower, UsbRelay};
+use cairn_hwtests::rig::flash::Flasher;
+use cairn_hwtests::rig::power::{CommandPower, HttpPdu, ManualPower, Power, UsbRelay};
 use rustix::termios::{LocalModes, tcgetattr};
 
 use super::{Pty, read, wait_until};
@@ -376,4 +379,66 @@ fn http_pdu_sends_the_configured_requests_with_basic_auth() {
         HttpPdu::new(&cfg, None).unwrap().set(true).unwrap_err()
     );
     assert!(e.contains(&format!("PDU POST {url}")), "{e}");
+}
+
+#[test]
+fn a_real_box_from_its_parts_flashes_switches_and_captures() {
+    let pty = Pty::open();
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join("events");
+    let ev = events.display();
+    let power = Power::Command(CommandPower::new(
+        "pi-1",
+        &format!("echo power-$CAIRN_POWER >> {ev}"),
+        &format!("echo power-$CAIRN_POWER >> {ev}"),
+        T,
+    ));
+    let flasher = Flasher::with_target(
+        &cairn_hwtests::rig::config::FlashConfig::Command {
+            command: format!("echo \"flash $CAIRN_BOX $(cat \"$1\")\" >> {ev}"),
+            timeout: T,
+        },
+        cairn_hwtests::rig::flash::Target::block_device,
+    );
+    let mut m = RealBox::new(
+        "pi-1",
+        &tmp.path().join("pi-1"),
+        Some(ConsoleSource::Serial {
+            device: pty.slave.clone(),
+            baud: 115_200,
+        }),
+        power,
+        flasher,
+    )
+    .unwrap();
+    assert!(!m.is_on());
+    let image = tmp.path().join("flash.img");
+    std::fs::write(&image, "IMAGE-1").unwrap();
+    // Not known to be off: switched off before it is written.
+    m.flash(&image).unwrap();
+    assert_eq!(read(&events), "power-off\nflash pi-1 IMAGE-1\n");
+    m.power_on().unwrap();
+    assert!(m.is_on());
+    pty.write(b"cairn: agent started\r\n");
+    wait_until("the console in the log", T, || {
+        console_text(&m).contains("cairn: agent started")
+    });
+    m.power_off().unwrap();
+    assert!(!m.is_on());
+    // Switched off already: flashing switches nothing.
+    m.flash(&image).unwrap();
+    assert_eq!(
+        read(&events),
+        "power-off\nflash pi-1 IMAGE-1\npower-on\npower-off\nflash pi-1 IMAGE-1\n"
+    );
+    let log = console_text(&m);
+    for w in [
+        "console of pi-1: ",
+        "power on (command)",
+        "] flashed\n",
+        "power off (command)",
+    ] {
+        assert!(log.contains(w), "{w:?} not in {log}");
+    }
+    assert_eq!(m.console_log(), tmp.path().join("pi-1/console.log"));
 }
