@@ -52,6 +52,18 @@ impl Pty {
         }
     }
 
+    /// The terminal settings the code under test left (opened without becoming the
+    /// test's controlling terminal).
+    pub fn attrs(&self) -> rustix::termios::Termios {
+        let fd = rustix::fs::open(
+            &self.slave,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::NONBLOCK,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        rustix::termios::tcgetattr(&fd).unwrap()
+    }
+
     /// Writes `bytes` as the box (or the operator) would.
     pub fn write(&self, bytes: &[u8]) {
         let mut done = 0;

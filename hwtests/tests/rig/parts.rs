@@ -10,7 +10,7 @@ use cairn_hwtests::rig::config::{ButtonConfig, HttpRequestConfig, PowerConfig};
 use cairn_hwtests::rig::console::{Console, ConsoleSource};
 use cairn_hwtests::rig::flash::Flasher;
 use cairn_hwtests::rig::power::{CommandPower, HttpPdu, ManualPower, Power, UsbRelay};
-use rustix::termios::{LocalModes, tcgetattr};
+use rustix::termios::LocalModes;
 
 use super::{Pty, read, wait_until};
 
@@ -36,7 +36,7 @@ fn serial_console_is_captured_raw_at_its_baud_and_restarts() {
     });
     // The box's bytes, unchanged (a cooked tty would have eaten or doubled the \r).
     assert!(read(&log).contains("U-Boot 2024.01\r\nStarting kernel ...\r\n"));
-    let t = tcgetattr(std::fs::File::open(&pty.slave).unwrap()).unwrap();
+    let t = pty.attrs();
     assert_eq!(t.output_speed(), 115_200);
     assert!(!t.local_modes.contains(LocalModes::ICANON));
     assert!(!t.local_modes.contains(LocalModes::ECHO));
@@ -139,7 +139,7 @@ fn usb_relay_writes_the_lcus_commands_at_9600_baud() {
     assert_eq!(pty.read_exact(4, T), [0xA0, 0x02, 0x01, 0xA3]);
     r.set(false).unwrap();
     assert_eq!(pty.read_exact(4, T), [0xA0, 0x02, 0x00, 0xA2]);
-    let t = tcgetattr(std::fs::File::open(&pty.slave).unwrap()).unwrap();
+    let t = pty.attrs();
     assert_eq!(t.output_speed(), 9600);
 
     // Wired to a power button: a press is close, wait, open.
