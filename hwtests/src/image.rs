@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::debs::Debs;
 use crate::tools::{copy_tree, output, run, symlink, write_file};
@@ -36,7 +36,7 @@ use crate::{Arch, kmod, uki};
 const MIB: u64 = 1 << 20;
 
 /// Partition sizes in MiB.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Layout {
     pub esp_mib: u64,
     pub slot_mib: u64,
@@ -54,7 +54,7 @@ impl Default for Layout {
 }
 
 /// A deliberate defect, for testing that broken releases roll back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fault {
     /// The initramfs exits before mounting anything: the kernel panics, `panic=5`
@@ -96,8 +96,9 @@ pub struct Spec {
     pub console: String,
 }
 
-/// What a build made.
-#[derive(Debug, Clone, Serialize)]
+/// What a build made; also written as `image.json` in the output directory (and read
+/// back from there by the real rig).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Built {
     pub arch: Arch,
     pub board: String,

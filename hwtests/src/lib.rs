@@ -4,6 +4,8 @@
 //!   root mounts: GPT with an ESP, slot A, slot B and a data partition.
 //! - [`predict`] computes the PCRs a release will measure from a reference event log.
 //! - [`vm`] is the virtual rig: QEMU (TCG) + OVMF + swtpm.
+//! - [`rig`] is the real rig: real boxes with relays or PDUs, serial consoles and
+//!   flashing from the rig host (`cairn-rig`).
 #![forbid(unsafe_code)]
 
 pub mod debs;
@@ -12,6 +14,7 @@ pub mod image;
 pub mod kmod;
 pub mod machine;
 pub mod predict;
+pub mod rig;
 pub mod scenario;
 pub mod tools;
 pub mod uki;

@@ -14,10 +14,16 @@ pub trait Machine {
     fn power_on(&mut self) -> Result<()>;
     /// Cuts power: no shutdown, no flush.
     fn power_off(&mut self) -> Result<()>;
-    /// Whether the box is powered (a real box that cannot tell says `true`).
+    /// Whether the box is powered; a box that cannot sense it says what it was last
+    /// told (on after `power_on`, off after `power_off`).
     fn is_on(&mut self) -> bool;
     /// The file the serial console is captured to.
     fn console_log(&self) -> PathBuf;
+    /// Whether the console is captured at all (a NUC without a serial port or
+    /// serial-over-LAN has none): checks that read it are then skipped.
+    fn has_console(&self) -> bool {
+        true
+    }
 }
 
 /// The last `lines` lines of a machine's console, without terminal escapes.

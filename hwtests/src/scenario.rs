@@ -458,7 +458,7 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
                 u["booted_slot"]
             );
         }
-        if !console_text(r.m).contains("built with --fault init-panic") {
+        if r.m.has_console() && !console_text(r.m).contains("built with --fault init-panic") {
             bail!("the console never showed v3's initramfs failing: did it boot at all?");
         }
         Ok(format!(
