@@ -98,10 +98,17 @@ fn nuc_image_enrolls_upgrades_through_a_power_cut_and_rolls_back_a_broken_releas
 /// kernel has no driver for QEMU's memory-mapped TIS device.
 #[test]
 fn arm64_image_boots_on_uefi_and_enrolls() {
+    // scripts/test-aarch64.sh builds the agent (for its integration tests) with the
+    // qemu-test profile; a plain cross build puts it under debug/.
     let agent = std::env::var_os("CAIRN_AARCH64_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            target_dir().join("aarch64/aarch64-unknown-linux-gnu/debug/cairn-agent")
+            let dir = target_dir().join("aarch64/aarch64-unknown-linux-gnu");
+            ["qemu-test", "debug"]
+                .iter()
+                .map(|p| dir.join(p).join("cairn-agent"))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| dir.join("qemu-test/cairn-agent"))
         });
     assert!(
         agent.exists(),
