@@ -42,3 +42,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi
+# The crates that run on the box again, built for aarch64 (Raspberry Pi) and run under
+# qemu-user; Debian's toolchain, its own target directory (target/aarch64).
+echo "== aarch64 tests (qemu-user)"
+./scripts/test-aarch64.sh
