@@ -25,6 +25,8 @@ command -v efibootmgr >/dev/null || need_apt+=(efibootmgr)
 # OVMF and swtpm.
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_apt+=(ovmf)
+command -v qemu-system-aarch64 >/dev/null || need_apt+=(qemu-system-arm)
+[ -e /usr/share/AAVMF/AAVMF_CODE.fd ] || need_apt+=(qemu-efi-aarch64)
 command -v mksquashfs >/dev/null || need_apt+=(squashfs-tools)
 command -v mke2fs >/dev/null || need_apt+=(e2fsprogs)
 command -v cpio >/dev/null || need_apt+=(cpio)
@@ -56,8 +58,13 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "${features[@]}" -E 'not binary(virtual_rig)'
 else
   cargo test --workspace --locked --no-fail-fast "${features[@]}" --exclude cairn-hwtests
-  cargo test -p cairn-hwtests --locked --no-fail-fast --lib --bins
+  cargo test -p cairn-hwtests --locked --no-fail-fast --lib --bins --test rig
 fi
+# The crates that run on the box again, built for aarch64 (Raspberry Pi) and run under
+# qemu-user; Debian's toolchain, its own target directory (target/aarch64). It also
+# cross-builds the agent the aarch64 image of the virtual rig carries.
+echo "== aarch64 tests (qemu-user)"
+./scripts/test-aarch64.sh
 # Alone, so that the boots under TCG do not compete with the other tests for the cores.
-echo "== hardware tests: virtual rig (QEMU + OVMF + swtpm)"
+echo "== hardware tests: virtual rig (QEMU + OVMF/AAVMF + swtpm)"
 cargo test -p cairn-hwtests --locked --test virtual_rig -- --nocapture
