@@ -17,5 +17,8 @@ export TSS2_LOG=all+NONE
 
 # The qemu-test profile (Cargo.toml): a debug build, no debug info, dependencies
 # unoptimised except the arithmetic the tests spend their emulated time in.
-"$AARCH64_CARGO" test --target "$AARCH64_TARGET" --profile qemu-test --locked --no-fail-fast \
+# A hung test under emulation must not hold CI until its limit: the build and the run
+# take about 6 minutes cold here, so 30 is a bound, not a budget.
+timeout --kill-after=30s 30m \
+  "$AARCH64_CARGO" test --target "$AARCH64_TARGET" --profile qemu-test --locked --no-fail-fast \
   -p cairn-agent -p cairn-sync-protocol -p cairn-tpm --features cairn-tpm/testkit "$@"
