@@ -73,6 +73,14 @@ fn ok(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `image configure IMAGE --hub HUB --token TOKEN`, which must succeed.
+fn configure(dir: &Path, image: &str, hub: &str, token: &str) -> String {
+    ok(
+        dir,
+        &["image", "configure", image, "--hub", hub, "--token", token],
+    )
+}
+
 fn ok_json(dir: &Path, args: &[&str]) -> Value {
     let mut args = args.to_vec();
     args.push("--json");
@@ -265,18 +273,7 @@ fn configures_an_x86_image_that_mtools_fsck_and_sgdisk_read_back() {
 
     // The human output of configure names the pin and the partition.
     let (img2, _) = disk(dir, "nuc2.img", X86);
-    let out = ok(
-        dir,
-        &[
-            "image",
-            "configure",
-            img2.to_str().unwrap(),
-            "--hub",
-            "10.1.2.3:7440",
-            "--token",
-            &t.encode(),
-        ],
-    );
+    let out = configure(dir, img2.to_str().unwrap(), "10.1.2.3:7440", &t.encode());
     assert!(
         out.contains("partition 1 \"esp\"") && out.contains("FAT32"),
         "{out}"
@@ -605,18 +602,7 @@ fn an_existing_configuration_needs_force_and_force_replaces_it() {
     let (img, offs) = disk(dir, "nuc.img", X86);
     let ims = img.to_str().unwrap();
     let (t1, t2) = (token(1), token(2));
-    ok(
-        dir,
-        &[
-            "image",
-            "configure",
-            ims,
-            "--hub",
-            "one.example:7440",
-            "--token",
-            &t1.encode(),
-        ],
-    );
+    configure(dir, ims, "one.example:7440", &t1.encode());
     let first = mtype(&img, offs[0]);
 
     let (code, err) = fails(
@@ -701,18 +687,7 @@ fn a_full_esp_is_refused_and_keeps_its_old_configuration() {
     let ims = img.to_str().unwrap();
     let target = format!("{ims}@@{}", offs[0]);
     let (t1, t2) = (token(1), token(2));
-    ok(
-        dir,
-        &[
-            "image",
-            "configure",
-            ims,
-            "--hub",
-            "one.example:7440",
-            "--token",
-            &t1.encode(),
-        ],
-    );
+    configure(dir, ims, "one.example:7440", &t1.encode());
     let first = mtype(&img, offs[0]);
     // Fill what is left.
     let filler = dir.join("filler");
