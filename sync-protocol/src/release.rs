@@ -521,6 +521,11 @@ pub enum FetchWhat {
     Blocks { first: u64, count: u32 },
 }
 
+/// How a refusal that only means "not yet in this session" begins: the session's
+/// attestation evidence has not verified yet. The agent retries such a fetch later
+/// instead of failing the upgrade.
+pub const REFUSED_NOT_YET: &str = "this session's attestation evidence has not verified yet";
+
 /// The hub's answer, followed on the stream by exactly `len` raw bytes when `Ok`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FetchResponse {

@@ -171,6 +171,14 @@ impl QuicSource {
             let resp: FetchResponse = frame::decode_payload(&body)
                 .map_err(|e| SourceError::Refused(format!("hub's fetch answer: {e}")))?;
             match resp {
+                // Not yet attested in this session: a moment's wait, not a failure.
+                FetchResponse::Refused(why)
+                    if why
+                        .as_str()
+                        .starts_with(cairn_sync_protocol::release::REFUSED_NOT_YET) =>
+                {
+                    Err(SourceError::Offline(why.to_string()))
+                }
                 FetchResponse::Refused(why) => Err(SourceError::Refused(why.to_string())),
                 FetchResponse::Ok { len } => {
                     let max = u64::from(cairn_sync_protocol::release::MAX_FETCH_BLOCKS)

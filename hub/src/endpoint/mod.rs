@@ -32,6 +32,14 @@ mod attest;
 mod fetch;
 pub(crate) use attest::EVIDENCE_REFUSED;
 use attest::{Gate, PendingChallenge, PendingEnroll};
+
+/// The fetch refusal while a session's evidence is pending: the agent retries it.
+static NOT_YET_REFUSAL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}; fetch once it has",
+        cairn_sync_protocol::release::REFUSED_NOT_YET
+    )
+});
 pub use fetch::MAX_FETCH_STREAMS;
 
 /// Transport knobs of the agent endpoint.
@@ -480,7 +488,7 @@ impl Connection {
                             // before this session's evidence verified, nor in quarantine.
                             let deny = match self.gate {
                                 Gate::Open => None,
-                                Gate::Evidence => Some("this session's attestation evidence has not verified yet; fetch once it has"),
+                                Gate::Evidence => Some(NOT_YET_REFUSAL.as_str()),
                                 Gate::Quarantined => Some("the device is quarantined; nothing is served until it is trusted again"),
                             };
                             self.fetches
