@@ -20,6 +20,17 @@ pub mod tools;
 pub mod uki;
 pub mod vm;
 
+/// Logs of the hwtests binaries: `tracing` to stderr, level from `RUST_LOG` (info).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// The CPU architectures images are built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -80,13 +80,7 @@ struct Build {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cairn_hwtests::init_logging();
     let Cmd::Build(b) = Cli::parse().cmd;
     let spec = image::Spec {
         arch: b.arch,

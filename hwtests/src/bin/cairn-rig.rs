@@ -103,13 +103,7 @@ enum PowerState {
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cairn_hwtests::init_logging();
     match Cli::parse().cmd {
         Cmd::Check { sel, json } => cmd_check(&sel, json),
         Cmd::Run { sel, work, report } => cmd_run(&sel, &work, report),
