@@ -22,7 +22,8 @@ command -v fw_printenv >/dev/null || need_apt+=(libubootenv-tool)
 command -v efibootmgr >/dev/null || need_apt+=(efibootmgr)
 # The hardware tests build Cairn OS images (squashfs, ext4, cpio, objcopy; Debian
 # packages are downloaded with apt-get, not installed) and boot them under QEMU with
-# OVMF and swtpm.
+# OVMF and swtpm; the Raspberry Pi image's firmware comes from Debian's
+# non-free-firmware component, fetched through a source list of the builder's own.
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_apt+=(ovmf)
 command -v qemu-system-aarch64 >/dev/null || need_apt+=(qemu-system-arm)
@@ -32,6 +33,8 @@ command -v mke2fs >/dev/null || need_apt+=(e2fsprogs)
 command -v cpio >/dev/null || need_apt+=(cpio)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v objcopy >/dev/null || need_apt+=(binutils)
+# The virtual Pi: its firmware model adds /chosen/bootloader to the device tree.
+command -v fdtput >/dev/null || need_apt+=(device-tree-compiler)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"

@@ -5,12 +5,13 @@
 //! - [`client`]: enrollment and sync sessions over QUIC, with backoff.
 //! - [`reconcile`] + [`apply`]: converge the box on the desired state, online or not.
 //! - [`tls`]: pinned-CA enrollment and mutual-TLS sync configurations.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod apply;
 pub mod attest;
 pub mod client;
 pub mod crashpoint;
+pub mod reboot;
 pub mod reconcile;
 pub mod store;
 pub mod tls;

@@ -43,6 +43,15 @@ enum Cmd {
     /// same job (trial boot, health checks, commit or roll back).
     #[command(after_help = OS_INSTALL_HELP)]
     OsInstall(Box<OsInstallArgs>),
+    /// Reboot the box now, after flushing every file system. ARG goes to the boot
+    /// firmware: `cairn-agent reboot "0 tryboot"` asks a Raspberry Pi for its one-shot
+    /// trial boot (with the Raspberry Pi kernel, whose firmware driver passes it on).
+    /// Cairn OS images on a Pi give `reboot = "/usr/bin/cairn-agent reboot"`, to which
+    /// the agent appends "0 tryboot" for a trial.
+    Reboot {
+        /// The restart argument (LINUX_REBOOT_CMD_RESTART2); none for a plain restart.
+        arg: Option<String>,
+    },
     /// Print identity, hub, connection, revisions and outbox depth.
     Status {
         #[arg(long, default_value = "/var/lib/cairn")]
@@ -71,7 +80,8 @@ struct SlotArgs {
     /// boot counting), efi:A,B[:EFIVARS] (UEFI BootNext/BootOrder; Boot#### numbers in
     /// hex), tryboot:BOOT_DIR:PA,PB (Raspberry Pi autoboot.txt; boot partition
     /// numbers), uboot:FW_ENV_CONFIG (U-Boot environment), file:DIR (the simulation).
-    /// The running slot is read from cairn.slot=a|b on the kernel command line.
+    /// The running slot is read from cairn.slot=a|b on the kernel command line (with
+    /// tryboot, first from the partition the Pi firmware reports in the device tree).
     /// Without it, OS releases in desired state are refused.
     #[arg(long)]
     boot: Option<String>,
@@ -361,6 +371,11 @@ fn main() -> ExitCode {
         Cmd::Status { data_dir, json } => status(&data_dir, json),
         Cmd::Run(args) => run(*args),
         Cmd::OsInstall(args) => os_install(*args),
+        Cmd::Reboot { arg } => {
+            let e = cairn_agent::reboot::restart_with(arg.as_deref());
+            eprintln!("error: rebooting: {e} (rebooting needs root, or CAP_SYS_BOOT)");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -393,3 +393,37 @@ fn a_power_cut_between_the_two_copies_leaves_a_valid_table_and_is_healed() {
     assert_eq!(std::fs::read(&p).unwrap(), after);
     verify(&p);
 }
+
+#[test]
+fn partitions_are_listed_as_sgdisk_made_them() {
+    let d = tempfile::tempdir().unwrap();
+    let p = image(d.path());
+    let parts = cairn_agent::upgrade::boot::gpt::partitions(&p).unwrap();
+    let names: Vec<(u32, &str)> = parts.iter().map(|x| (x.number, x.name.as_str())).collect();
+    assert_eq!(
+        names,
+        [(1, "esp"), (2, "slot-a"), (3, "slot-b"), (4, "data")]
+    );
+    assert_eq!((parts[0].offset, parts[0].len), (2048 * 512, 8 << 20));
+    assert_eq!(parts[1].offset, parts[0].offset + parts[0].len);
+    for x in &parts {
+        let out = sgdisk(&["-i", &x.number.to_string(), p.to_str().unwrap()]);
+        let first: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("First sector: "))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(first * 512, x.offset, "partition {}", x.number);
+    }
+    // A damaged table is an error that names the file, not a guess.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], 512).unwrap();
+    let len = f.metadata().unwrap().len();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], len - 512).unwrap();
+    let e = cairn_agent::upgrade::boot::gpt::partitions(&p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no valid GPT") && e.contains("disk.img"), "{e}");
+}

@@ -27,8 +27,17 @@ else
 	echo "cairn-initramfs: no TPM: the agent will enroll without hardware attestation" >/dev/console
 fi
 
+# The slot: cairn.slot=a|b from the boot loader's entry (UEFI), or on a Raspberry Pi
+# the partition the firmware booted, which it reports in the device tree (4 bytes,
+# big-endian): cairn-boot-a or cairn-boot-b by GPT name.
 slot=$(sed -n 's/.*cairn\.slot=\([ab]\).*/\1/p' /proc/cmdline)
-[ -n "$slot" ] || fail "no cairn.slot=a|b on the kernel command line"
+bootpart=
+if [ -z "$slot" ] && [ -e /proc/device-tree/chosen/bootloader/partition ]; then
+	set -- $(od -An -tu1 /proc/device-tree/chosen/bootloader/partition)
+	bootpart=$4
+fi
+[ -n "$slot" ] || [ -n "$bootpart" ] ||
+	fail "no cairn.slot=a|b on the kernel command line and no boot partition in the device tree"
 
 # No udev: name the partitions ourselves, by GPT partition name.
 mkdir -p /dev/disk/by-partlabel
@@ -38,10 +47,16 @@ while :; do
 		name=$(sed -n 's/^PARTNAME=//p' "$u")
 		dev=$(sed -n 's/^DEVNAME=//p' "$u")
 		[ -n "$name" ] && [ -n "$dev" ] && ln -sf "/dev/$dev" "/dev/disk/by-partlabel/$name"
+		if [ -z "$slot" ] && [ "$(sed -n 's/^PARTN=//p' "$u")" = "$bootpart" ]; then
+			case $name in
+			cairn-boot-a) slot=a ;;
+			cairn-boot-b) slot=b ;;
+			esac
+		fi
 	done
-	[ -e "/dev/disk/by-partlabel/cairn-$slot" ] && [ -e /dev/disk/by-partlabel/cairn-data ] && break
+	[ -n "$slot" ] && [ -e "/dev/disk/by-partlabel/cairn-$slot" ] && [ -e /dev/disk/by-partlabel/cairn-data ] && break
 	tries=$((tries + 1))
-	[ $tries -lt 100 ] || fail "no partitions named cairn-$slot and cairn-data after 10 s: is this a Cairn disk?"
+	[ $tries -lt 100 ] || fail "no partitions named cairn-${slot:-boot-? (partition $bootpart)} and cairn-data after 10 s: is this a Cairn disk?"
 	sleep 0.1
 done
 
@@ -64,4 +79,6 @@ mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
 for d in dev proc sys; do
 	mount --move "/$d" "/root/$d"
 done
+echo "cairn-initramfs: slot $slot" >/dev/console
+export CAIRN_SLOT=$slot
 exec switch_root /root /sbin/init

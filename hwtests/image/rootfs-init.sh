@@ -6,7 +6,7 @@ export PATH=/bin:/usr/bin
 export TSS2_LOG=all+NONE NO_COLOR=1
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
-echo "cairn: Cairn OS @VERSION@ (slot $(sed -n 's/.*cairn\.slot=\([ab]\).*/\1/p' /proc/cmdline))"
+echo "cairn: Cairn OS @VERSION@ (slot ${CAIRN_SLOT:-?})"
 
 id=$(cut -c1-8 /sys/class/dmi/id/product_uuid 2>/dev/null)
 hostname "cairn-${id:-box}"

@@ -141,9 +141,82 @@ impl Debs {
         Ok(())
     }
 
+    /// The `.deb` of `package` from Debian's `non-free-firmware` component (the
+    /// Raspberry Pi boot firmware is only there), downloaded unless cached. The
+    /// build machine's own sources may not list that component, so this uses a source
+    /// list and package lists of its own under the cache; nothing of the machine's
+    /// apt configuration changes.
+    pub fn fetch_firmware(&self, package: &str) -> Result<PathBuf> {
+        let dir = self.debs_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if let Some(p) = self.cached(package)? {
+            return Ok(p);
+        }
+        // apt reads relative Dir:: paths as relative to /etc/apt.
+        let apt = std::path::absolute(self.cache.join("apt-non-free-firmware"))?;
+        let parts = apt.join("sources");
+        let lists = apt.join("lists");
+        std::fs::create_dir_all(&parts)?;
+        std::fs::create_dir_all(lists.join("partial"))?;
+        let list = apt.join("sources.list");
+        std::fs::write(&list, "")?;
+        let suite = debian_suite()?;
+        std::fs::write(
+            parts.join("debian.sources"),
+            format!(
+                "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\n\
+                 Components: non-free-firmware\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            ),
+        )?;
+        let opts = [
+            "-o".to_string(),
+            format!("Dir::Etc::SourceList={}", list.display()),
+            "-o".to_string(),
+            format!("Dir::Etc::SourceParts={}", parts.display()),
+            "-o".to_string(),
+            format!("Dir::State::Lists={}", lists.display()),
+        ];
+        tracing::info!(package, suite = %suite, "downloading from non-free-firmware");
+        let update = Command::new("apt-get")
+            .args(&opts)
+            .args(["-q", "update"])
+            .output()
+            .context("running apt-get update")?;
+        if !update.status.success() {
+            bail!(
+                "apt-get update of Debian {suite} non-free-firmware failed: {}",
+                String::from_utf8_lossy(&update.stderr).trim()
+            );
+        }
+        let out = Command::new("apt-get")
+            .args(&opts)
+            .args(["-q", "download", package])
+            .current_dir(&dir)
+            .output()
+            .context("running apt-get download")?;
+        if !out.status.success() {
+            bail!(
+                "apt-get download {package} (non-free-firmware) failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.cached(package)?.with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                dir.display()
+            )
+        })
+    }
+
     /// The unpacked tree of `package` (downloaded and unpacked once, then cached).
     pub fn unpack(&self, package: &str) -> Result<PathBuf> {
         let deb = self.fetch(package)?;
+        self.unpack_deb(package, &deb)
+    }
+
+    /// The unpacked tree of the `.deb` file `deb` (once, then cached).
+    pub fn unpack_deb(&self, package: &str, deb: &Path) -> Result<PathBuf> {
         let stem = deb
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -154,8 +227,18 @@ impl Debs {
         }
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root))?;
         std::fs::write(root.join(".unpacked"), b"")?;
         Ok(root)
     }
+}
+
+/// The Debian release this machine's apt uses (`bookworm`), from `/etc/os-release`.
+fn debian_suite() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+        .context("/etc/os-release names no VERSION_CODENAME: is this Debian?")
 }

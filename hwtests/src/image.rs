@@ -2,7 +2,9 @@
 //! contents an A/B release is made of, so what is flashed and what is upgraded are
 //! the same bytes.
 //!
-//! Disk layout (GPT, 1 MiB aligned):
+//! Two boot schemes, by board ([`BootScheme::of`]); both GPT, 1 MiB aligned.
+//!
+//! **UEFI** (`nuc`, `virt`): systemd-boot with boot counting.
 //!
 //! | # | name | contents |
 //! |---|---|---|
@@ -12,14 +14,31 @@
 //! | 4 | `cairn-data` | ext4: the agent's database and keys |
 //!
 //! A slot is its root file system plus its UKI (systemd-stub + kernel + initramfs +
-//! os-release). The loader entry passes `cairn.slot=a|b` on the command line; the
-//! initramfs mounts that slot's root, the data partition and the ESP, then starts the
-//! root's init, which runs `cairn-agent` under a supervisor loop. There is no login,
-//! no getty and no SSH.
-//!
+//! os-release). The loader entry passes `cairn.slot=a|b` on the command line.
 //! Release payloads: `rootfs` (→ the slot partition) and `uki` (→ `cairn/X.efi` on the
-//! ESP). The agent is started with `--boot sdboot:/boot/efi` and
-//! `--slot-payload uki=/boot/efi/cairn/a.efi,/boot/efi/cairn/b.efi`.
+//! ESP); the agent runs with `--boot sdboot:/boot/efi`.
+//!
+//! **Raspberry Pi 4** (`rpi4`): the Pi firmware's A/B layout with `tryboot`.
+//!
+//! | # | name | contents |
+//! |---|---|---|
+//! | 1 | `boot` | FAT32 (ESP type): `autoboot.txt` (`tryboot_a_b=1`, `boot_partition=2`), later `cairn/agent.toml` |
+//! | 2 | `cairn-boot-a` | FAT32: slot A's boot files: `start4.elf`, `fixup4.dat`, the BCM2711 device trees, `config.txt`, `cmdline.txt`, `vmlinuz`, `initrd.img` |
+//! | 3 | `cairn-boot-b` | slot B's boot files, empty until the first upgrade (no `autoboot.txt` section names it) |
+//! | 4, 5 | `cairn-a`, `cairn-b` | the slots' roots (squashfs) |
+//! | 6 | `cairn-data` | ext4 |
+//!
+//! The EEPROM boot loader reads `autoboot.txt` and boots partition 2, or on a
+//! `reboot "0 tryboot"` the `[tryboot]` one, once. It reports the partition it booted
+//! in the device tree (`/chosen/bootloader/partition`), which is how the initramfs and
+//! the agent learn the slot: the two boot partitions carry the same bytes. Release
+//! payloads: `rootfs` and `boot` (the FAT image, → `cairn-boot-X`); the agent runs with
+//! `--boot tryboot:/boot/efi:2,3` and reboots itself (`cairn-agent reboot`, which
+//! passes the tryboot flag).
+//!
+//! In both, the initramfs mounts the slot's root, the data partition and the first FAT
+//! partition (at `/boot/efi`), then starts the root's init, which runs `cairn-agent`
+//! under a supervisor loop. There is no login, no getty and no SSH.
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
@@ -38,9 +57,18 @@ const MIB: u64 = 1 << 20;
 /// Partition sizes in MiB.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Layout {
+    /// The ESP (UEFI) or the Pi's firmware partition.
     pub esp_mib: u64,
+    /// Each slot's root partition.
     pub slot_mib: u64,
     pub data_mib: u64,
+    /// Each slot's boot partition (Raspberry Pi only).
+    #[serde(default = "default_boot_mib")]
+    pub boot_mib: u64,
+}
+
+fn default_boot_mib() -> u64 {
+    128
 }
 
 impl Default for Layout {
@@ -49,8 +77,42 @@ impl Default for Layout {
             esp_mib: 128,
             slot_mib: 512,
             data_mib: 256,
+            boot_mib: default_boot_mib(),
         }
     }
+}
+
+/// How a board boots its slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootScheme {
+    /// UEFI firmware and systemd-boot with boot counting; a slot's kernel is a UKI.
+    Uefi,
+    /// The Raspberry Pi 4 firmware: `autoboot.txt` with `tryboot_a_b`; a slot's kernel
+    /// is on its own FAT boot partition.
+    PiTryboot,
+}
+
+impl BootScheme {
+    /// The scheme of `board`: `rpi4` boots the Pi way (aarch64 only), every other
+    /// board with UEFI.
+    pub fn of(arch: Arch, board: &str) -> Result<Self> {
+        match (board, arch) {
+            ("rpi4", Arch::Aarch64) => Ok(Self::PiTryboot),
+            ("rpi4", _) => bail!("board rpi4 is aarch64: give --arch aarch64"),
+            ("rpi5", _) => bail!(
+                "board rpi5 is not supported yet: Debian's 6.1 kernel has no BCM2712/RP1 support (no device tree, no Ethernet); use rpi4"
+            ),
+            _ => Ok(Self::Uefi),
+        }
+    }
+}
+
+/// One slot payload besides the root: `uki` or `boot`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Payload {
+    pub name: String,
+    pub path: PathBuf,
 }
 
 /// A deliberate defect, for testing that broken releases roll back.
@@ -105,20 +167,36 @@ pub struct Built {
     pub version: String,
     /// The whole disk, to flash.
     pub disk: PathBuf,
-    /// Slot contents, the release payloads.
+    pub scheme: BootScheme,
+    /// Slot contents, the release payloads: the root and the rest (`uki`, `boot`).
     pub rootfs: PathBuf,
-    pub uki: PathBuf,
-    /// SHA-256 Authenticode digest of the UKI (what UEFI measures into PCR 4).
-    pub uki_authenticode: String,
+    pub extra: Vec<Payload>,
+    /// SHA-256 Authenticode digest of the UKI (what UEFI measures into PCR 4); none on
+    /// a Pi.
+    pub uki_authenticode: Option<String>,
     pub kernel: String,
     pub layout: Layout,
     pub fault: Option<Fault>,
 }
 
 impl Built {
-    /// `--input NAME=PATH` pairs for `cairn-hub release build`.
-    pub fn payloads(&self) -> [(&'static str, &Path); 2] {
-        [("rootfs", &self.rootfs), ("uki", &self.uki)]
+    /// Every payload as `(name, file)`, the root first.
+    pub fn payloads(&self) -> Vec<(&str, &Path)> {
+        std::iter::once(("rootfs", self.rootfs.as_path()))
+            .chain(
+                self.extra
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.path.as_path())),
+            )
+            .collect()
+    }
+
+    /// The file of payload `name`.
+    pub fn payload(&self, name: &str) -> Option<&Path> {
+        self.payloads()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| p)
     }
 }
 
@@ -151,6 +229,14 @@ const MODULES_OPTIONAL: &[&str] = &[
     "tpm_crb",
     "tpm_tis_spi",
     "tpm_tis",
+    // Raspberry Pi 4: SD card (emmc2, sdhost), Ethernet (GENET and its PHY), and the
+    // VL805 USB controller's firmware loader for USB boot.
+    "sdhci_iproc",
+    "bcm2835",
+    "genet",
+    "mdio_bcm_unimac",
+    "broadcom",
+    "reset_raspberrypi",
 ];
 
 /// Busybox applets the root file system links (the initramfs installs all of them).
@@ -176,32 +262,176 @@ const LIB_PACKAGES: &[&str] = &[
 /// Builds the image and its slot contents into `spec.out`.
 pub fn build(spec: &Spec) -> Result<Built> {
     cairn_version_ok(&spec.version)?;
+    let scheme = BootScheme::of(spec.arch, &spec.board)?;
     let debs = Debs::new(&spec.cache, spec.arch);
     let work = spec.out.join("work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
     let kernel_pkg = debs.kernel_package()?;
-    let mut packages = vec![kernel_pkg.as_str(), "busybox-static", "systemd-boot-efi"];
+    let mut packages = vec![kernel_pkg.as_str(), "busybox-static"];
+    if scheme == BootScheme::Uefi {
+        packages.push("systemd-boot-efi");
+    }
     packages.extend(LIB_PACKAGES);
     debs.fetch_all(&packages)?;
     let kernel_root = debs.unpack(&kernel_pkg)?;
     let (kernel_release, vmlinuz, modules) = find_kernel(&kernel_root)?;
     let busybox = debs.unpack("busybox-static")?.join("bin/busybox");
-    let sdboot = debs.unpack("systemd-boot-efi")?;
-    let efi_dir = sdboot.join("usr/lib/systemd/boot/efi");
-    let suffix = spec.arch.efi_suffix();
-    let loader = efi_dir.join(format!("systemd-boot{suffix}.efi"));
-    let stub = efi_dir.join(format!("linux{suffix}.efi.stub"));
 
-    // The initramfs.
+    let initrd = build_initramfs(spec, &work, &busybox, &modules)?;
+    let osrel = work.join("os-release");
+    write_file(
+        &osrel,
+        format!(
+            "NAME=\"Cairn OS\"\nID=cairn\nVERSION_ID={v}\nPRETTY_NAME=\"Cairn OS {v} ({b})\"\nIMAGE_ID=cairn-{b}\nIMAGE_VERSION={v}\n",
+            v = spec.version,
+            b = spec.board
+        )
+        .as_bytes(),
+        0o644,
+    )?;
+
+    // The root file system.
+    let rootfs = work.join("rootfs");
+    build_rootfs(spec, scheme, &debs, &busybox, &osrel, &rootfs)?;
+    let rootfs_img = spec.out.join("rootfs.squashfs");
+    let _ = std::fs::remove_file(&rootfs_img);
+    run(Command::new("mksquashfs")
+        .arg(&rootfs)
+        .arg(&rootfs_img)
+        .args([
+            "-noappend",
+            "-no-progress",
+            "-quiet",
+            "-all-root",
+            "-comp",
+            "zstd",
+        ])
+        .args(["-mkfs-time", "0", "-all-time", "0"]))?;
+    let squash_len = std::fs::metadata(&rootfs_img)?.len();
+    if squash_len > spec.layout.slot_mib * MIB {
+        bail!(
+            "the root file system is {} MiB, the slots {} MiB: give --slot-mib more",
+            squash_len.div_ceil(MIB),
+            spec.layout.slot_mib
+        );
+    }
+
+    // The data partition, empty.
+    let data = work.join("data.img");
+    run(Command::new("mke2fs")
+        .args([
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-L",
+            "cairn-data",
+            "-E",
+            "root_owner=0:0",
+        ])
+        .arg(&data)
+        .arg(format!("{}M", spec.layout.data_mib)))?;
+
+    let disk = spec
+        .out
+        .join(format!("cairn-{}-{}.img", spec.board, spec.version));
+    let l = &spec.layout;
+    let (extra, uki_authenticode) = match scheme {
+        BootScheme::Uefi => {
+            let sdboot = debs.unpack("systemd-boot-efi")?;
+            let efi_dir = sdboot.join("usr/lib/systemd/boot/efi");
+            let suffix = spec.arch.efi_suffix();
+            let loader = efi_dir.join(format!("systemd-boot{suffix}.efi"));
+            let stub = efi_dir.join(format!("linux{suffix}.efi.stub"));
+            // The UKI: kernel + initramfs + os-release, no command line.
+            let uki_path = spec.out.join("cairn.efi");
+            uki::build(
+                spec.arch.objcopy(),
+                &stub,
+                &[
+                    (".osrel", &osrel),
+                    (".linux", &vmlinuz),
+                    (".initrd", &initrd),
+                ],
+                &uki_path,
+            )?;
+            let uki_bytes = std::fs::read(&uki_path)?;
+            let digest = hex::encode(uki::authenticode_sha256(&uki_bytes)?);
+            let esp = work.join("esp.img");
+            build_esp(spec, &loader, &uki_path, &esp)?;
+            assemble(
+                &[
+                    Part::new("esp", ESP, l.esp_mib, Some(&esp)),
+                    Part::new("cairn-a", LINUX, l.slot_mib, Some(&rootfs_img)),
+                    Part::new("cairn-b", LINUX, l.slot_mib, None),
+                    Part::new("cairn-data", LINUX, l.data_mib, Some(&data)),
+                ],
+                &disk,
+            )?;
+            let uki = Payload {
+                name: "uki".into(),
+                path: uki_path,
+            };
+            (vec![uki], Some(digest))
+        }
+        BootScheme::PiTryboot => {
+            let deb = debs.fetch_firmware("raspi-firmware")?;
+            let firmware = debs.unpack_deb("raspi-firmware", &deb)?;
+            let boot_img = spec.out.join("boot.vfat");
+            build_pi_boot(spec, &firmware, &kernel_root, &vmlinuz, &initrd, &boot_img)?;
+            let fw = work.join("firmware.img");
+            build_pi_firmware_partition(spec, &fw)?;
+            assemble(
+                &[
+                    Part::new("boot", ESP, l.esp_mib, Some(&fw)),
+                    Part::new("cairn-boot-a", FAT, l.boot_mib, Some(&boot_img)),
+                    Part::new("cairn-boot-b", FAT, l.boot_mib, None),
+                    Part::new("cairn-a", LINUX, l.slot_mib, Some(&rootfs_img)),
+                    Part::new("cairn-b", LINUX, l.slot_mib, None),
+                    Part::new("cairn-data", LINUX, l.data_mib, Some(&data)),
+                ],
+                &disk,
+            )?;
+            let boot = Payload {
+                name: "boot".into(),
+                path: boot_img,
+            };
+            (vec![boot], None)
+        }
+    };
+
+    let built = Built {
+        arch: spec.arch,
+        board: spec.board.clone(),
+        version: spec.version.clone(),
+        disk,
+        scheme,
+        rootfs: rootfs_img,
+        extra,
+        uki_authenticode,
+        kernel: kernel_release,
+        layout: spec.layout,
+        fault: spec.fault,
+    };
+    std::fs::write(
+        spec.out.join("image.json"),
+        serde_json::to_vec_pretty(&built)?,
+    )?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(built)
+}
+
+/// The zstd-compressed initramfs: busybox, the modules the layout needs, our init.
+fn build_initramfs(spec: &Spec, work: &Path, busybox: &Path, modules: &Path) -> Result<PathBuf> {
     let initramfs = work.join("initramfs");
     for d in ["proc", "sys", "dev", "root", "bin", "lib/modules"] {
         std::fs::create_dir_all(initramfs.join(d))?;
     }
-    std::fs::copy(&busybox, initramfs.join("bin/busybox"))?;
+    std::fs::copy(busybox, initramfs.join("bin/busybox"))?;
     let mut list = String::new();
-    for m in kmod::closure(&modules, MODULES, MODULES_OPTIONAL)? {
+    for m in kmod::closure(modules, MODULES, MODULES_OPTIONAL)? {
         let name = m
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -234,101 +464,7 @@ pub fn build(spec: &Spec) -> Result<Built> {
         .arg(&cpio)
         .arg("-o")
         .arg(&initrd))?;
-
-    // The UKI: kernel + initramfs + os-release, no command line.
-    let osrel = work.join("os-release");
-    write_file(
-        &osrel,
-        format!(
-            "NAME=\"Cairn OS\"\nID=cairn\nVERSION_ID={v}\nPRETTY_NAME=\"Cairn OS {v} ({b})\"\nIMAGE_ID=cairn-{b}\nIMAGE_VERSION={v}\n",
-            v = spec.version,
-            b = spec.board
-        )
-        .as_bytes(),
-        0o644,
-    )?;
-    let uki_path = spec.out.join("cairn.efi");
-    uki::build(
-        spec.arch.objcopy(),
-        &stub,
-        &[
-            (".osrel", &osrel),
-            (".linux", &vmlinuz),
-            (".initrd", &initrd),
-        ],
-        &uki_path,
-    )?;
-    let uki_bytes = std::fs::read(&uki_path)?;
-    let uki_authenticode = hex::encode(uki::authenticode_sha256(&uki_bytes)?);
-
-    // The root file system.
-    let rootfs = work.join("rootfs");
-    build_rootfs(spec, &debs, &busybox, &osrel, &rootfs)?;
-    let rootfs_img = spec.out.join("rootfs.squashfs");
-    let _ = std::fs::remove_file(&rootfs_img);
-    run(Command::new("mksquashfs")
-        .arg(&rootfs)
-        .arg(&rootfs_img)
-        .args([
-            "-noappend",
-            "-no-progress",
-            "-quiet",
-            "-all-root",
-            "-comp",
-            "zstd",
-        ])
-        .args(["-mkfs-time", "0", "-all-time", "0"]))?;
-    let squash_len = std::fs::metadata(&rootfs_img)?.len();
-    if squash_len > spec.layout.slot_mib * MIB {
-        bail!(
-            "the root file system is {} MiB, the slots {} MiB: give --slot-mib more",
-            squash_len.div_ceil(MIB),
-            spec.layout.slot_mib
-        );
-    }
-
-    // The ESP.
-    let esp = work.join("esp.img");
-    build_esp(spec, &loader, &uki_path, &esp)?;
-    // The data partition, empty.
-    let data = work.join("data.img");
-    run(Command::new("mke2fs")
-        .args([
-            "-q",
-            "-F",
-            "-t",
-            "ext4",
-            "-L",
-            "cairn-data",
-            "-E",
-            "root_owner=0:0",
-        ])
-        .arg(&data)
-        .arg(format!("{}M", spec.layout.data_mib)))?;
-
-    let disk = spec
-        .out
-        .join(format!("cairn-{}-{}.img", spec.board, spec.version));
-    assemble(&spec.layout, &esp, &rootfs_img, &data, &disk)?;
-
-    let built = Built {
-        arch: spec.arch,
-        board: spec.board.clone(),
-        version: spec.version.clone(),
-        disk,
-        rootfs: rootfs_img,
-        uki: uki_path,
-        uki_authenticode,
-        kernel: kernel_release,
-        layout: spec.layout,
-        fault: spec.fault,
-    };
-    std::fs::write(
-        spec.out.join("image.json"),
-        serde_json::to_vec_pretty(&built)?,
-    )?;
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(built)
+    Ok(initrd)
 }
 
 fn cairn_version_ok(v: &str) -> Result<()> {
@@ -387,7 +523,14 @@ fn cpio_newc(dir: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn build_rootfs(spec: &Spec, debs: &Debs, busybox: &Path, osrel: &Path, root: &Path) -> Result<()> {
+fn build_rootfs(
+    spec: &Spec,
+    scheme: BootScheme,
+    debs: &Debs,
+    busybox: &Path,
+    osrel: &Path,
+    root: &Path,
+) -> Result<()> {
     for d in [
         "bin",
         "usr/bin",
@@ -437,9 +580,15 @@ fn build_rootfs(spec: &Spec, debs: &Debs, busybox: &Path, osrel: &Path, root: &P
             .replace("@VERSION@", &spec.version)
             .replace(
                 "@AGENT_ARGS@",
-                &std::iter::once(
-                    "--slot-payload uki=/boot/efi/cairn/a.efi,/boot/efi/cairn/b.efi".to_string(),
-                )
+                &std::iter::once(match scheme {
+                    BootScheme::Uefi => {
+                        "--slot-payload uki=/boot/efi/cairn/a.efi,/boot/efi/cairn/b.efi"
+                    }
+                    BootScheme::PiTryboot => {
+                        "--slot-payload boot=/dev/disk/by-partlabel/cairn-boot-a,/dev/disk/by-partlabel/cairn-boot-b"
+                    }
+                }
+                .to_string())
                 .chain(spec.agent_args.iter().map(|a| shell_quote(a)))
                 .collect::<Vec<_>>()
                 .join(" "),
@@ -460,17 +609,23 @@ fn build_rootfs(spec: &Spec, debs: &Debs, busybox: &Path, osrel: &Path, root: &P
         0o644,
     )?;
     write_file(&root.join("etc/group"), b"root:x:0:\n", 0o644)?;
+    // UEFI: the agent stops with exit code 10 and init reboots. A Pi's trial needs the
+    // tryboot flag passed with the reboot, which `cairn-agent reboot` does.
+    let (boot, reboot) = match scheme {
+        BootScheme::Uefi => ("sdboot:/boot/efi", "exit"),
+        BootScheme::PiTryboot => ("tryboot:/boot/efi:2,3", "/usr/bin/cairn-agent reboot"),
+    };
     let config = format!(
         "# Cairn OS {v}: how this image runs the agent. The first-boot configuration\n\
-         # (hub, join token) is on the ESP: /boot/efi/cairn/agent.toml.\n\
+         # (hub, join token) is on the first FAT partition: /boot/efi/cairn/agent.toml.\n\
          data_dir = \"/var/lib/cairn\"\n\
          tpm = \"auto\"\n\
-         boot = \"sdboot:/boot/efi\"\n\
+         boot = \"{boot}\"\n\
          slot_a = \"/dev/disk/by-partlabel/cairn-a\"\n\
          slot_b = \"/dev/disk/by-partlabel/cairn-b\"\n\
          board = \"{b}\"\n\
          os_version = \"{v}\"\n\
-         reboot = \"exit\"\n",
+         reboot = \"{reboot}\"\n",
         v = spec.version,
         b = spec.board
     );
@@ -539,15 +694,172 @@ fn build_esp(spec: &Spec, loader: &Path, uki: &Path, esp: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every FAT time stamp of a slot's boot partition (FAT cannot store the epoch):
+/// 2000-01-01, so that the same inputs give the same bytes.
+const FAT_TIME: &str = "@946684800";
+
+/// A FAT32 image of `mib` MiB with `files` (source, name in the root directory), the
+/// same bytes for the same inputs: a fixed volume serial number, the files copied in
+/// order with their time stamps set to [`FAT_TIME`].
+fn fat_image(out: &Path, mib: u64, label: &str, files: &[(&Path, &str)]) -> Result<()> {
+    let stage = out.with_extension("d");
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage)?;
+    let mut need = 0;
+    for (src, name) in files {
+        let dst = stage.join(name);
+        std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        need += std::fs::metadata(&dst)?.len();
+    }
+    // FAT32 reserves a few MiB for its tables; leave room for them.
+    if need + 4 * MIB > mib * MIB {
+        bail!(
+            "{label}: {} MiB of files do not fit a {mib} MiB partition: give --boot-mib more",
+            need.div_ceil(MIB)
+        );
+    }
+    run(Command::new("find")
+        .arg(".")
+        .args(["-exec", "touch", "-h", "-d", FAT_TIME, "{}", "+"])
+        .current_dir(&stage))?;
+    let f = std::fs::File::create(out)?;
+    f.set_len(mib * MIB)?;
+    drop(f);
+    let img = out.to_string_lossy().into_owned();
+    run(Command::new("mformat").args(["-i", &img, "-F", "-N", "ca1e0001", "-v", label, "::"]))?;
+    for (_, name) in files {
+        run(Command::new("mcopy")
+            .args(["-m", "-i", &img])
+            .arg(stage.join(name))
+            .arg(format!("::/{name}")))?;
+    }
+    let _ = std::fs::remove_dir_all(&stage);
+    Ok(())
+}
+
+/// A Pi slot's boot partition: the firmware (`start4.elf`, `fixup4.dat`), the BCM2711
+/// device trees of the kernel, `config.txt`, `cmdline.txt`, the kernel and the
+/// initramfs. Identical for both slots: the firmware reports which one it booted.
+fn build_pi_boot(
+    spec: &Spec,
+    firmware: &Path,
+    kernel_root: &Path,
+    vmlinuz: &Path,
+    initrd: &Path,
+    out: &Path,
+) -> Result<()> {
+    let work = out.with_extension("inputs");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let fw = firmware.join("usr/lib/raspi-firmware");
+    let config = work.join("config.txt");
+    write_file(
+        &config,
+        format!(
+            "# Cairn OS {v}: the Raspberry Pi firmware's configuration of this slot. Both\n\
+             # slots' boot partitions hold the same files; autoboot.txt on partition 1\n\
+             # picks the slot.\n\
+             arm_64bit=1\n\
+             enable_uart=1\n\
+             upstream_kernel=1\n\
+             kernel=vmlinuz\n\
+             initramfs initrd.img followkernel\n",
+            v = spec.version
+        )
+        .as_bytes(),
+        0o644,
+    )?;
+    let cmdline = work.join("cmdline.txt");
+    write_file(
+        &cmdline,
+        format!("{} panic=5 quiet loglevel=3\n", spec.console).as_bytes(),
+        0o644,
+    )?;
+    let mut dtbs = Vec::new();
+    let lib = kernel_root.join("usr/lib");
+    for e in std::fs::read_dir(&lib).with_context(|| format!("listing {}", lib.display()))? {
+        let dir = e?.path().join("broadcom");
+        if !dir.is_dir() {
+            continue;
+        }
+        for d in std::fs::read_dir(&dir)? {
+            let p = d?.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            if let Some(n) = name.filter(|n| n.starts_with("bcm2711-") && n.ends_with(".dtb")) {
+                dtbs.push((p, n));
+            }
+        }
+    }
+    dtbs.sort();
+    if dtbs.is_empty() {
+        bail!(
+            "the kernel package ships no bcm2711-*.dtb under {}: it cannot boot a Pi 4",
+            lib.display()
+        );
+    }
+    let (start, fixup) = (fw.join("start4.elf"), fw.join("fixup4.dat"));
+    let mut files: Vec<(&Path, &str)> = vec![(&start, "start4.elf"), (&fixup, "fixup4.dat")];
+    for (p, n) in &dtbs {
+        files.push((p, n));
+    }
+    files.extend([
+        (config.as_path(), "config.txt"),
+        (cmdline.as_path(), "cmdline.txt"),
+        (vmlinuz, "vmlinuz"),
+        (initrd, "initrd.img"),
+    ]);
+    fat_image(out, spec.layout.boot_mib, "CAIRN-BOOT", &files)?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// A Pi's partition 1: `autoboot.txt` as the agent's tryboot backend writes it for a
+/// fresh box (slot A on partition 2 the default, slot B on 3 not bootable yet), and an
+/// empty `cairn/` for the first-boot configuration.
+fn build_pi_firmware_partition(spec: &Spec, out: &Path) -> Result<()> {
+    let dir = out.with_extension("d");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    cairn_agent::upgrade::boot::tryboot::TryBoot::open(&dir, [2, 3])
+        .map_err(|e| anyhow::anyhow!("writing autoboot.txt: {e}"))?;
+    let f = std::fs::File::create(out)?;
+    f.set_len(spec.layout.esp_mib * MIB)?;
+    drop(f);
+    let img = out.to_string_lossy().into_owned();
+    run(Command::new("mformat").args(["-i", &img, "-F", "-v", "BOOT", "::"]))?;
+    run(Command::new("mmd").args(["-i", &img, "::/cairn"]))?;
+    run(Command::new("mcopy")
+        .args(["-i", &img])
+        .arg(dir.join(cairn_agent::upgrade::boot::tryboot::AUTOBOOT))
+        .arg("::/autoboot.txt"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// GPT partition type codes (sgdisk's short forms).
+const ESP: &str = "ef00";
+const LINUX: &str = "8300";
+/// Microsoft basic data: a FAT partition that is not an ESP (the Pi's slot boot
+/// partitions).
+const FAT: &str = "0700";
+
+/// One partition of the disk: its GPT name, type, size and contents (none: zeros).
+struct Part<'a> {
+    name: &'a str,
+    ty: &'a str,
+    mib: u64,
+    src: Option<&'a Path>,
+}
+
+impl<'a> Part<'a> {
+    fn new(name: &'a str, ty: &'a str, mib: u64, src: Option<&'a Path>) -> Self {
+        Self { name, ty, mib, src }
+    }
+}
+
 /// Partition table and contents in one sparse file.
-fn assemble(layout: &Layout, esp: &Path, rootfs: &Path, data: &Path, disk: &Path) -> Result<()> {
-    let parts: [(&str, &str, u64, Option<&Path>); 4] = [
-        ("esp", "ef00", layout.esp_mib, Some(esp)),
-        ("cairn-a", "8300", layout.slot_mib, Some(rootfs)),
-        ("cairn-b", "8300", layout.slot_mib, None),
-        ("cairn-data", "8300", layout.data_mib, Some(data)),
-    ];
-    let total = 1 + parts.iter().map(|p| p.2).sum::<u64>() + 1;
+fn assemble(parts: &[Part<'_>], disk: &Path) -> Result<()> {
+    let total = 1 + parts.iter().map(|p| p.mib).sum::<u64>() + 1;
     let _ = std::fs::remove_file(disk);
     let f = std::fs::File::create(disk)?;
     f.set_len(total * MIB)?;
@@ -556,20 +868,30 @@ fn assemble(layout: &Layout, esp: &Path, rootfs: &Path, data: &Path, disk: &Path
     sg.arg("--clear");
     let mut start = MIB;
     let mut offsets = Vec::new();
-    for (i, (name, ty, mib, _)) in parts.iter().enumerate() {
+    for (i, p) in parts.iter().enumerate() {
         let n = i + 1;
         let first = start / 512;
-        let last = (start + mib * MIB) / 512 - 1;
+        let last = (start + p.mib * MIB) / 512 - 1;
         sg.arg(format!("--new={n}:{first}:{last}"))
-            .arg(format!("--typecode={n}:{ty}"))
-            .arg(format!("--change-name={n}:{name}"));
+            .arg(format!("--typecode={n}:{}", p.ty))
+            .arg(format!("--change-name={n}:{}", p.name));
         offsets.push(start);
-        start += mib * MIB;
+        start += p.mib * MIB;
     }
     run(sg.arg(disk))?;
     let mut out = OpenOptions::new().write(true).open(disk)?;
-    for ((_, _, _, src), off) in parts.iter().zip(offsets) {
-        let Some(src) = src else { continue };
+    for (p, off) in parts.iter().zip(offsets) {
+        let Some(src) = p.src else { continue };
+        let len = std::fs::metadata(src)?.len();
+        if len > p.mib * MIB {
+            bail!(
+                "{} is {} MiB, partition {} {} MiB",
+                src.display(),
+                len.div_ceil(MIB),
+                p.name,
+                p.mib
+            );
+        }
         let mut inp = std::fs::File::open(src)?;
         out.seek(SeekFrom::Start(off))?;
         copy_sparse(&mut inp, &mut out)?;

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod image;
 pub mod kmod;
 pub mod machine;
+pub mod pivm;
 pub mod predict;
 pub mod rig;
 pub mod scenario;

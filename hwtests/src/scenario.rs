@@ -324,14 +324,47 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
     })?;
 
     let reference = work.join("v1.eventlog");
-    if !run.env.tpm {
-        return Ok(());
+    let measured = run.env.tpm;
+    if measured {
+        event_log_step(run, rel, &reference)?;
     }
+    let (Some(v2), Some(v3)) = (rel.v2, rel.v3) else {
+        return Ok(());
+    };
+
+    let mut predicted_pcr4 = String::new();
+    if measured {
+        run.step("predict v2's PCR 4", |_| {
+            let log = std::fs::read(&reference)?;
+            let old = uki_digest(rel.v1)?;
+            let new = uki_digest(v2)?;
+            let p = predict::with_uki(&log, &old, &new)?;
+            let v = p.get(&4).context("v2's UKI does not change PCR 4")?;
+            predicted_pcr4 = hex::encode(v);
+            Ok(format!("{} (v1's log, v2's UKI)", short_s(&predicted_pcr4)))
+        })?;
+    }
+    let expect_pcr4 = Some(predicted_pcr4.as_str()).filter(|p| !p.is_empty());
+
+    let v2_bundle = work.join("os-2.0.0.cairn");
+    run.step("build and push v2", |r| {
+        build_release(r.hub(), v2, &key, &v2_bundle, expect_pcr4)?;
+        Ok(format!(
+            "{} ({})",
+            v2_bundle.display(),
+            human(std::fs::metadata(&v2_bundle)?.len())
+        ))
+    })?;
+    upgrade_steps(run, v3, &key, expect_pcr4)
+}
+
+/// Checks the box's boot log (as the hub verified it) against its quote and v1's UKI.
+fn event_log_step(run: &mut Run<'_>, rel: &Releases<'_>, reference: &Path) -> Result<()> {
     run.step("the event log replays to the quote", |r| {
         let id = r.report.device.clone().context("no device")?;
         r.hub()
-            .cli(&["device", "eventlog", &id, "--out", s(&reference)])?;
-        let log = std::fs::read(&reference)?;
+            .cli(&["device", "eventlog", &id, "--out", s(reference)])?;
+        let log = std::fs::read(reference)?;
         let replayed = predict::replay(&log)?;
         let d = r.device()?;
         for pcr in 0..8u32 {
@@ -343,43 +376,28 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
                 bail!("PCR {pcr}: the event log replays to {ours}, the quote says {quoted}");
             }
         }
-        let uki = hex_32(&rel.v1.uki_authenticode)?;
+        let uki = uki_digest(rel.v1)?;
         if predict::with_uki(&log, &uki, &uki).is_err() {
             bail!(
                 "the firmware never measured v1's UKI ({}) into PCR 4",
-                rel.v1.uki_authenticode
+                hex::encode(uki)
             );
         }
         Ok(format!(
             "{} bytes; PCRs 0-7 match the quote; v1's UKI is in PCR 4",
             log.len()
         ))
-    })?;
-    let (Some(v2), Some(v3)) = (rel.v2, rel.v3) else {
-        return Ok(());
-    };
+    })
+}
 
-    let mut predicted_pcr4 = String::new();
-    run.step("predict v2's PCR 4", |_| {
-        let log = std::fs::read(&reference)?;
-        let old = hex_32(&rel.v1.uki_authenticode)?;
-        let new = hex_32(&v2.uki_authenticode)?;
-        let p = predict::with_uki(&log, &old, &new)?;
-        let v = p.get(&4).context("v2's UKI does not change PCR 4")?;
-        predicted_pcr4 = hex::encode(v);
-        Ok(format!("{} (v1's log, v2's UKI)", short_s(&predicted_pcr4)))
-    })?;
-
-    let v2_bundle = work.join("os-2.0.0.cairn");
-    run.step("build and push v2", |r| {
-        build_release(r.hub(), v2, &key, &v2_bundle, Some(&predicted_pcr4))?;
-        Ok(format!(
-            "{} ({})",
-            v2_bundle.display(),
-            human(std::fs::metadata(&v2_bundle)?.len())
-        ))
-    })?;
-
+/// v2 through a power cut (and, measured, its predicted PCR 4), then the broken v3.
+fn upgrade_steps(
+    run: &mut Run<'_>,
+    v3: &Built,
+    key: &Path,
+    expect_pcr4: Option<&str>,
+) -> Result<()> {
+    let work = run.env.work.clone();
     run.step("v2: power cut while slot B is written", |r| {
         r.os_set("2.0.0")?;
         let console_before = console_text(r.m).len();
@@ -418,10 +436,13 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
         if u["booted_slot"] != "b" {
             bail!("committed 2.0.0 but booted slot {}", u["booted_slot"]);
         }
+        let Some(predicted) = expect_pcr4 else {
+            return Ok("slot B, committed (no TPM: nothing measured)".into());
+        };
         let limit = r.env.timeouts.enroll;
         r.wait("the v2 boot attested", limit, |r| {
             let a = r.device()?["attestation"].clone();
-            Ok(a["pcrs"]["4"].as_str() == Some(predicted_pcr4.as_str()))
+            Ok(a["pcrs"]["4"].as_str() == Some(predicted))
         })?;
         let a = &r.device()?["attestation"];
         if a["status"] != "trusted" {
@@ -439,7 +460,7 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
 
     let v3_bundle = work.join("os-3.0.0.cairn");
     run.step("v3 (broken): falls back to v2", |r| {
-        build_release(r.hub(), v3, &key, &v3_bundle, None)?;
+        build_release(r.hub(), v3, key, &v3_bundle, None)?;
         r.os_set("3.0.0")?;
         let limit = r.env.timeouts.rollback;
         r.wait("3.0.0 rolled back", limit, |r| {
@@ -481,7 +502,11 @@ fn build_release(
     out: &Path,
     pcr4: Option<&str>,
 ) -> Result<()> {
-    let uki = format!("uki={}", b.uki.display());
+    let extra: Vec<String> = b
+        .extra
+        .iter()
+        .map(|p| format!("{}={}", p.name, p.path.display()))
+        .collect();
     let arch = b.arch.to_string();
     let mut args = vec![
         "release",
@@ -495,11 +520,12 @@ fn build_release(
         &b.board,
         "--key",
         s(key),
-        "--payload",
-        &uki,
         "--out",
         s(out),
     ];
+    for p in &extra {
+        args.extend(["--payload", p]);
+    }
     let pcr = pcr4.map(|p| format!("4={p}"));
     if let Some(p) = &pcr {
         args.extend(["--expect-pcr", p]);
@@ -507,6 +533,17 @@ fn build_release(
     hub.cli(&args)?;
     hub.cli(&["release", "push", s(out)])?;
     Ok(())
+}
+
+/// The Authenticode digest of a build's UKI (what UEFI measures into PCR 4).
+fn uki_digest(b: &Built) -> Result<[u8; 32]> {
+    let d = b.uki_authenticode.as_deref().with_context(|| {
+        format!(
+            "{} {} has no UKI: its boot is not measured by UEFI",
+            b.board, b.version
+        )
+    })?;
+    hex_32(d)
 }
 
 fn hex_32(s: &str) -> Result<[u8; 32]> {

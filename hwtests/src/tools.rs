@@ -6,6 +6,17 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+/// Fails unless `tool` is on `PATH`; `install` says which packages bring it.
+pub fn which(tool: &str, install: &str) -> Result<()> {
+    let ok = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+        .unwrap_or(false);
+    if !ok {
+        bail!("{tool} is not installed ({install})");
+    }
+    Ok(())
+}
+
 /// Runs `cmd` to completion; a failure names the command and shows its stderr.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");

@@ -61,7 +61,10 @@ impl Vm {
     /// signed by its own manufacturer CA ([`Vm::ek_ca_pem`]).
     pub fn create(name: &str, arch: Arch, dir: &Path, disk: &Path) -> Result<Vm> {
         for tool in [qemu(arch), "swtpm"] {
-            which(tool)?;
+            crate::tools::which(
+                tool,
+                "scripts/test.sh installs qemu-system-x86, ovmf and swtpm",
+            )?;
         }
         let (code, vars) = firmware(arch);
         if !Path::new(code).exists() {
@@ -263,14 +266,4 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn which(tool: &str) -> Result<()> {
-    let ok = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-        .unwrap_or(false);
-    if !ok {
-        bail!("{tool} is not installed (scripts/test.sh installs qemu-system-x86, ovmf and swtpm)");
-    }
-    Ok(())
 }

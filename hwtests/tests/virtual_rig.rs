@@ -3,6 +3,10 @@
 //! whole hardware scenario (`cairn_hwtests::scenario`): enroll with TPM attestation of
 //! the measured boot, upgrade with a power cut mid-write, roll back a broken release.
 //!
+//! The Raspberry Pi 4 image runs the same scenario on the virtual Pi
+//! (`cairn_hwtests::pivm`: QEMU `virt`, the Pi firmware's boot decisions played on
+//! the host), without a TPM.
+//!
 //! Slow (several boots under TCG): its own test target, run by scripts/test.sh.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,9 +15,23 @@ use std::path::{Path, PathBuf};
 use cairn_hwtests::Arch;
 use cairn_hwtests::hub::{HubProc, bin_dir};
 use cairn_hwtests::image::{self, Fault, Layout};
-use cairn_hwtests::machine::console_tail;
+use cairn_hwtests::machine::{Machine, console_tail};
+use cairn_hwtests::pivm::PiVm;
 use cairn_hwtests::scenario::{self, Env, Releases, Timeouts};
 use cairn_hwtests::vm::Vm;
+
+/// A scratch directory for one rig run, removed afterwards unless `CAIRN_RIG_KEEP` is
+/// set (then its path is printed: disk, console, QEMU and hub logs stay for a look).
+fn rig_dir(prefix: &str) -> tempfile::TempDir {
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix);
+    if std::env::var_os("CAIRN_RIG_KEEP").is_some() {
+        b.disable_cleanup(true);
+    }
+    let d = b.tempdir().unwrap();
+    eprintln!("rig directory: {}", d.path().display());
+    d
+}
 
 fn target_dir() -> PathBuf {
     bin_dir().unwrap().parent().unwrap().to_path_buf()
@@ -38,6 +56,7 @@ fn build_for(
     fault: Option<Fault>,
     out: &Path,
 ) -> image::Built {
+    // QEMU's serial ports (a Pi's own UART would be ttyS1).
     let console = match arch {
         Arch::X86_64 => "console=ttyS0,115200",
         Arch::Aarch64 => "console=ttyAMA0,115200",
@@ -50,9 +69,10 @@ fn build_for(
         out: out.join(version),
         cache: target_dir().join("cairn-image-cache"),
         layout: Layout {
-            esp_mib: 96,
+            esp_mib: if board == "rpi4" { 40 } else { 96 },
             slot_mib: 96,
             data_mib: 64,
+            boot_mib: 64,
         },
         fault,
         agent_args: vec!["--checkpoint-mib".into(), "4".into()],
@@ -69,10 +89,7 @@ fn nuc_image_enrolls_upgrades_through_a_power_cut_and_rolls_back_a_broken_releas
         )
         .with_test_writer()
         .try_init();
-    let tmp = tempfile::Builder::new()
-        .prefix("cairn-rig-")
-        .tempdir()
-        .unwrap();
+    let tmp = rig_dir("cairn-rig-");
     let images = tmp.path().join("images");
     let v1 = build("1.0.0", None, &images);
     let v2 = build("2.0.0", None, &images);
@@ -91,15 +108,10 @@ fn nuc_image_enrolls_upgrades_through_a_power_cut_and_rolls_back_a_broken_releas
     );
 }
 
-/// The aarch64 image on QEMU `virt` with UEFI (AAVMF): the nearest real check of the
-/// aarch64 build here (no Pi firmware can be emulated): the arm64 kernel, initramfs,
-/// root and the cross-built agent (`scripts/test-aarch64.sh` builds it; or set
-/// `CAIRN_AARCH64_AGENT`), which enrolls over the network. No TPM: Debian's arm64
-/// kernel has no driver for QEMU's memory-mapped TIS device.
-#[test]
-fn arm64_image_boots_on_uefi_and_enrolls() {
-    // scripts/test-aarch64.sh builds the agent (for its integration tests) with the
-    // qemu-test profile; a plain cross build puts it under debug/.
+/// The cross-built aarch64 agent: `scripts/test-aarch64.sh` builds it (for its
+/// integration tests) with the qemu-test profile; a plain cross build puts it under
+/// debug/; or set `CAIRN_AARCH64_AGENT`.
+fn aarch64_agent() -> PathBuf {
     let agent = std::env::var_os("CAIRN_AARCH64_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -115,10 +127,16 @@ fn arm64_image_boots_on_uefi_and_enrolls() {
         "{} is missing: run scripts/test-aarch64.sh first (it cross-builds the agent), or set CAIRN_AARCH64_AGENT",
         agent.display()
     );
-    let tmp = tempfile::Builder::new()
-        .prefix("cairn-rig-arm64-")
-        .tempdir()
-        .unwrap();
+    agent
+}
+
+/// The aarch64 image on QEMU `virt` with UEFI (AAVMF): the arm64 kernel, initramfs,
+/// root and the cross-built agent, which enrolls over the network. No TPM: Debian's
+/// arm64 kernel has no driver for QEMU's memory-mapped TIS device.
+#[test]
+fn arm64_image_boots_on_uefi_and_enrolls() {
+    let agent = aarch64_agent();
+    let tmp = rig_dir("cairn-rig-arm64-");
     let v1 = build_for(
         Arch::Aarch64,
         "virt",
@@ -142,6 +160,47 @@ fn arm64_image_boots_on_uefi_and_enrolls() {
     );
 }
 
+/// The Raspberry Pi 4 image: the firmware's boot partitions with `autoboot.txt`, a
+/// tryboot trial of each upgrade, the agent rebooting with "0 tryboot". Enrolls
+/// (no TPM, as on a Pi), upgrades to v2 through a power cut while slot B is written,
+/// commits v2 after its trial boot, and falls back to v2 by itself when v3 panics.
+#[test]
+fn pi4_image_upgrades_by_tryboot_through_a_power_cut_and_rolls_back() {
+    let agent = aarch64_agent();
+    let tmp = rig_dir("cairn-rig-pi4-");
+    let images = tmp.path().join("images");
+    let pi = |v: &str, f| build_for(Arch::Aarch64, "rpi4", &agent, v, f, &images);
+    let (v1, v2, v3) = (
+        pi("1.0.0", None),
+        pi("2.0.0", None),
+        pi("3.0.0", Some(Fault::InitPanic)),
+    );
+    let dir = tmp.path();
+    let mut vm = PiVm::create("pi4-1", &dir.join("vm"), &dir.join("vm/disk.img")).unwrap();
+    let hub = HubProc::start(&dir.join("hub"), "127.0.0.1:0", &[]).unwrap();
+    scenario_on(
+        &mut vm,
+        &hub,
+        dir,
+        &Releases {
+            v1: &v1,
+            v2: Some(&v2),
+            v3: Some(&v3),
+        },
+        false,
+    );
+    // Every trial went through the tryboot flag: the kernel was asked for it, and the
+    // firmware model booted the trial partition on it.
+    let console = cairn_hwtests::machine::console_text(&vm);
+    assert!(
+        console.contains("Restarting system with command '0 tryboot'")
+            && console.contains("booting partition 3 (tryboot)")
+            && console.contains("booting partition 2 (tryboot)"),
+        "the console shows no tryboot reboots into both slots:\n{}",
+        console_tail(&vm, 80)
+    );
+}
+
 /// One box in `dir` against a fresh hub that trusts its TPM's EK CA; panics with the
 /// report, the console's tail and the hub's log if the scenario fails.
 fn rig(name: &str, arch: Arch, dir: &Path, releases: &Releases<'_>, tpm: bool) {
@@ -154,15 +213,28 @@ fn rig(name: &str, arch: Arch, dir: &Path, releases: &Releases<'_>, tpm: bool) {
         &["--ek-ca", ek_ca.to_str().unwrap()],
     )
     .unwrap();
+    scenario_on(&mut vm, &hub, dir, releases, tpm);
+}
+
+/// Runs the scenario on `vm` against `hub`; panics with the report, the console's
+/// tail and the hub's log if it fails.
+fn scenario_on(
+    vm: &mut dyn Machine,
+    hub: &HubProc,
+    dir: &Path,
+    releases: &Releases<'_>,
+    tpm: bool,
+) {
+    let name = vm.name().to_string();
     let env = Env {
-        hub: &hub,
+        hub,
         // QEMU user networking: the host's loopback is 10.0.2.2 inside the guest.
         box_hub: format!("10.0.2.2:{}", hub.port()),
         work: dir.join("work"),
         timeouts: Timeouts::default(),
         tpm,
     };
-    let report = scenario::run(&mut vm, &env, releases);
+    let report = scenario::run(vm, &env, releases);
     eprintln!("{}", report.table());
     if !report.ok {
         panic!(
@@ -171,7 +243,7 @@ fn rig(name: &str, arch: Arch, dir: &Path, releases: &Releases<'_>, tpm: bool) {
             report
                 .console_tail
                 .clone()
-                .unwrap_or_else(|| console_tail(&vm, 60)),
+                .unwrap_or_else(|| console_tail(vm, 60)),
             hub.log_tail(30)
         );
     }

@@ -137,10 +137,13 @@ impl BootSpec {
                 Box::new(boot::uboot::UbootBoot::from_fw_env_config(conf)?),
                 None,
             )),
-            Self::Tryboot { dir, partitions } => Ok((
-                Box::new(boot::tryboot::TryBoot::open(dir, *partitions)?),
-                None,
-            )),
+            Self::Tryboot { dir, partitions } => {
+                let tb = boot::tryboot::TryBoot::open(dir, *partitions)?;
+                // The firmware says which partition it booted; the two slots' boot
+                // partitions can then carry the same bytes (no per-slot cmdline.txt).
+                let booted = tb.booted_slot(Path::new(boot::tryboot::DT_BOOTLOADER));
+                Ok((Box::new(tb), booted))
+            }
         }
     }
 }
@@ -167,9 +170,15 @@ impl SlotLayout {
             .map(|(_, p)| p[slot.index()].as_path())
     }
 
-    /// Whether `payload` goes into a file on a file system, sized to the payload.
-    pub fn is_file(&self, payload: &str) -> bool {
-        payload != "rootfs" && self.extra.iter().any(|(n, _)| n == payload)
+    /// Whether `payload` goes into a file on a file system, sized to the payload (an
+    /// extra payload whose target is not a block device, such as a UKI on the ESP),
+    /// rather than into a partition that keeps its size (a Pi's boot partition).
+    pub fn is_file(&self, payload: &str, slot: Slot) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        payload != "rootfs"
+            && self.target(payload, slot).is_some_and(|t| {
+                !std::fs::metadata(t).is_ok_and(|m| m.file_type().is_block_device())
+            })
     }
 }
 
@@ -791,7 +800,7 @@ impl Engine {
             let Some(target) = self.cfg.slots.target(p.name.as_str(), job.target) else {
                 return self.fail(ctx, job, format!("no slot for payload {}", p.name));
             };
-            let file = self.cfg.slots.is_file(p.name.as_str());
+            let file = self.cfg.slots.is_file(p.name.as_str(), job.target);
             if let Err(e) = source::check_capacity(target, p.size, job.target, file) {
                 return self.fail(ctx, job, e);
             }
@@ -904,7 +913,7 @@ impl Engine {
         // longer). Idempotent: done again after a crash here.
         for p in &m.payloads {
             let name = p.name.to_string();
-            if self.cfg.slots.is_file(&name) {
+            if self.cfg.slots.is_file(&name, job.target) {
                 let target = self.slot_path(&name, job.target);
                 if let Err(e) = trim_file(&target, p.size) {
                     return self.fail(ctx, job, e);

@@ -14,10 +14,17 @@ Exit codes: 0 built, 1 the build failed (the error says which step), 2 bad usage
 
 Example (a NUC image of version 1.0.0, then its release):
   cairn-image build --arch x86_64 --board nuc --version 1.0.0 \\
-    --agent target/release/cairn-agent --out out/1.0.0
+    --agent target/agent/cairn-agent --out out/1.0.0
   cairn-hub image configure out/1.0.0/cairn-nuc-1.0.0.img --hub hub.example.net:7440 --token cairn1_...
-  cairn-hub release build --version 1.0.0 --arch x86_64 --board nuc \\
-    --input rootfs=out/1.0.0/rootfs.squashfs --input uki=out/1.0.0/cairn.efi ...
+  cairn-hub release build out/1.0.0/rootfs.squashfs --version 1.0.0 --arch x86_64 --board nuc \\
+    --payload uki=out/1.0.0/cairn.efi --key release.pem --out os-1.0.0.cairn
+
+A Raspberry Pi 4 image (the firmware's tryboot A/B layout; its release carries the
+slot's boot partition instead of a UKI):
+  cairn-image build --arch aarch64 --board rpi4 --version 1.0.0 \\
+    --agent target/aarch64/aarch64-unknown-linux-gnu/agent/cairn-agent --out out/rpi4-1.0.0
+  cairn-hub release build out/rpi4-1.0.0/rootfs.squashfs --version 1.0.0 --arch aarch64 \\
+    --board rpi4 --payload boot=out/rpi4-1.0.0/boot.vfat --key release.pem --out os.cairn
 
 Needs: apt-get (packages are downloaded, not installed), dpkg-deb, sgdisk, mtools,
 mksquashfs, mke2fs, cpio, objcopy. Logs: RUST_LOG=debug.";
@@ -32,16 +39,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build a disk image (GPT: ESP, slot A, slot B, data) and its slot contents.
+    /// Build a disk image (GPT: ESP or Pi boot partitions, slot A, slot B, data) and
+    /// its slot contents.
     Build(Build),
 }
 
 #[derive(clap::Args)]
 struct Build {
-    /// x86_64 (NUC, UEFI + systemd-boot) or aarch64.
+    /// x86_64 (NUC, UEFI + systemd-boot) or aarch64 (UEFI, or a Pi with --board rpi4).
     #[arg(long, default_value = "x86_64")]
     arch: Arch,
-    /// Board family releases for this image must name (nuc, rpi4, …).
+    /// Board family releases for this image must name: rpi4 builds the Raspberry Pi 4
+    /// layout (firmware, autoboot.txt and tryboot); any other (nuc, virt, …) the UEFI one.
     #[arg(long, default_value = "nuc")]
     board: String,
     /// OS version (semver).
@@ -50,13 +59,14 @@ struct Build {
     /// The cairn-agent binary built for --arch.
     #[arg(long)]
     agent: PathBuf,
-    /// Output directory: cairn-BOARD-VERSION.img, rootfs.squashfs, cairn.efi, image.json.
+    /// Output directory: cairn-BOARD-VERSION.img, rootfs.squashfs, cairn.efi (UEFI) or
+    /// boot.vfat (Pi), image.json.
     #[arg(long)]
     out: PathBuf,
     /// Where downloaded Debian packages are kept.
     #[arg(long, default_value = "target/cairn-image-cache")]
     cache: PathBuf,
-    /// ESP size.
+    /// ESP size (the Pi's partition 1, holding autoboot.txt).
     #[arg(long, default_value_t = Layout::default().esp_mib)]
     esp_mib: u64,
     /// Size of each slot.
@@ -65,9 +75,13 @@ struct Build {
     /// Data partition size.
     #[arg(long, default_value_t = Layout::default().data_mib)]
     data_mib: u64,
-    /// Kernel console arguments.
-    #[arg(long, default_value = "console=tty0 console=ttyS0,115200")]
-    console: String,
+    /// Size of each slot's boot partition (Pi only: firmware, kernel, initramfs).
+    #[arg(long, default_value_t = Layout::default().boot_mib)]
+    boot_mib: u64,
+    /// Kernel console arguments [default: console=tty0 console=ttyS0,115200; on a Pi
+    /// console=tty0 console=ttyS1,115200, the GPIO 14/15 UART].
+    #[arg(long)]
+    console: Option<String>,
     /// Extra argument for `cairn-agent run` in the image; repeat.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
@@ -84,7 +98,7 @@ fn main() -> ExitCode {
     let Cmd::Build(b) = Cli::parse().cmd;
     let spec = image::Spec {
         arch: b.arch,
-        board: b.board,
+        board: b.board.clone(),
         version: b.version,
         agent: b.agent,
         out: b.out,
@@ -93,10 +107,17 @@ fn main() -> ExitCode {
             esp_mib: b.esp_mib,
             slot_mib: b.slot_mib,
             data_mib: b.data_mib,
+            boot_mib: b.boot_mib,
         },
         fault: b.fault,
         agent_args: b.agent_args,
-        console: b.console,
+        console: b.console.unwrap_or_else(|| {
+            match image::BootScheme::of(b.arch, &b.board) {
+                Ok(image::BootScheme::PiTryboot) => "console=tty0 console=ttyS1,115200",
+                _ => "console=tty0 console=ttyS0,115200",
+            }
+            .into()
+        }),
     };
     match image::build(&spec) {
         Ok(built) if b.json => match serde_json::to_string_pretty(&built) {
@@ -112,11 +133,12 @@ fn main() -> ExitCode {
         Ok(built) => {
             println!("disk:    {}", built.disk.display());
             println!("rootfs:  {}", built.rootfs.display());
-            println!(
-                "uki:     {} (authenticode sha256 {})",
-                built.uki.display(),
-                built.uki_authenticode
-            );
+            for p in &built.extra {
+                println!("{:<8} {}", format!("{}:", p.name), p.path.display());
+            }
+            if let Some(d) = &built.uki_authenticode {
+                println!("uki authenticode sha256: {d}");
+            }
             println!("kernel:  {}", built.kernel);
             ExitCode::SUCCESS
         }

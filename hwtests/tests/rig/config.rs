@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use cairn_hwtests::Arch;
-use cairn_hwtests::image::{Built, Fault, Layout};
+use cairn_hwtests::image::{BootScheme, Built, Fault, Layout, Payload};
 use cairn_hwtests::rig::config::{Board, ConsoleConfig, FlashConfig, PowerConfig, Rig};
 
 fn example() -> PathBuf {
@@ -283,9 +283,13 @@ pub fn fake_build(dir: &Path, version: &str, board: &str, arch: Arch, fault: Opt
         board: board.into(),
         version: version.into(),
         disk: elsewhere.join(&disk),
+        scheme: BootScheme::Uefi,
         rootfs: elsewhere.join("rootfs.squashfs"),
-        uki: elsewhere.join("cairn.efi"),
-        uki_authenticode: "00".repeat(32),
+        extra: vec![Payload {
+            name: "uki".into(),
+            path: elsewhere.join("cairn.efi"),
+        }],
+        uki_authenticode: Some("00".repeat(32)),
         kernel: "6.1.0-test".into(),
         layout: Layout::default(),
         fault,
@@ -323,7 +327,10 @@ fn releases_are_read_from_image_json_and_checked_against_the_box() {
     let r = nuc.load_releases().unwrap();
     // Found next to image.json, not on the build host.
     assert_eq!(r.v1.disk, images.join("1.0.0/cairn-nuc-1.0.0.img"));
-    assert_eq!(r.v3.uki, images.join("3.0.0/cairn.efi"));
+    assert_eq!(
+        r.v3.payload("uki"),
+        Some(images.join("3.0.0/cairn.efi").as_path())
+    );
     assert_eq!(r.as_releases().v2.unwrap().version, "2.0.0");
 
     fake_build(&images.join("2.0.0"), "2.0.1", "nuc", Arch::X86_64, None);

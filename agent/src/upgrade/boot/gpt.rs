@@ -543,6 +543,49 @@ impl Table {
     }
 }
 
+/// One used entry of a GPT, as [`partitions`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// 1-based, as the kernel numbers it (`sda3`).
+    pub number: u32,
+    pub name: String,
+    /// Where it starts and how long it is, in bytes.
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The used partitions of the GPT on `disk` (a disk or an image file), read-only,
+/// with the same checks as the boot control (CRCs, shape; the backup if the primary
+/// is damaged).
+pub fn partitions(disk: &Path) -> Result<Vec<PartitionInfo>, BootError> {
+    let d = Disk::open(disk, false)?;
+    let t = Table::read(&d)?;
+    let n = t.entries.len() / t.entry_size();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let Some(e) = t.entry(i).filter(|e| Table::used(e)) else {
+            continue;
+        };
+        let (first, last) = (le_u64(e, 32), le_u64(e, 40));
+        if last < first {
+            return Err(BootError::format(
+                disk,
+                format!(
+                    "partition {} ends (LBA {last}) before it starts (LBA {first})",
+                    i + 1
+                ),
+            ));
+        }
+        out.push(PartitionInfo {
+            number: i as u32 + 1,
+            name: entry_name(e),
+            offset: first * t.ss,
+            len: (last - first + 1) * t.ss,
+        });
+    }
+    Ok(out)
+}
+
 /// A partition entry's name (UTF-16LE, up to the first NUL).
 fn entry_name(e: &[u8]) -> String {
     let units = e

@@ -121,11 +121,10 @@ pub fn booted_from_cmdline(cmdline: &str) -> Option<Slot> {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory,
-/// fsynced, renamed over `path`, and the directory fsynced.
+/// fsynced, renamed over `path` with [`rename_durable`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BootError> {
     use std::io::Write;
-    let dir = path
-        .parent()
+    path.parent()
         .ok_or_else(|| BootError::Invalid(format!("{} has no parent", path.display())))?;
     let tmp = path.with_extension("cairn-tmp");
     {
@@ -134,10 +133,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BootError> {
         f.sync_all().map_err(BootError::io("syncing", &tmp))?;
     }
     crate::crashpoint::hit("boot state: before rename");
-    std::fs::rename(&tmp, path).map_err(BootError::io("renaming into place", path))?;
-    sync_dir(dir)?;
+    rename_durable(&tmp, path)?;
     crate::crashpoint::hit("boot state: after rename");
     Ok(())
+}
+
+/// Renames `from` to `to` (in one directory) and makes the rename durable, on FAT too.
+///
+/// On FAT, Linux writes a renamed file's new directory entry in two steps: the name at
+/// once, the start cluster and size later with the file's inode. Fsyncing only the
+/// directory can therefore persist the new name, the removed old entry and, when a
+/// file was replaced, the freeing of its clusters, but not where the new entry points:
+/// after a power cut the file names a free cluster (the virtual Pi hit this with
+/// `autoboot.txt`; `fsck.vfat` then truncates it to nothing). So the renamed file is
+/// fsynced first, which writes its entry, then the directory.
+pub fn rename_durable(from: &Path, to: &Path) -> Result<(), BootError> {
+    let dir = to
+        .parent()
+        .ok_or_else(|| BootError::Invalid(format!("{} has no parent", to.display())))?;
+    std::fs::rename(from, to).map_err(BootError::io("renaming into place", to))?;
+    std::fs::File::open(to)
+        .and_then(|f| f.sync_all())
+        .map_err(BootError::io("syncing", to))?;
+    sync_dir(dir)
 }
 
 /// fsyncs a directory (so that a rename in it is durable).

@@ -55,7 +55,7 @@ use std::path::{Path, PathBuf};
 
 use super::efiboot::{ATTR_BS_RT, ATTR_NV_BS_RT, EFIVARS, delete_var, read_var, write_var};
 use super::{
-    BootControl, BootError, BootState, RebootKind, Slot, booted_from_cmdline, sync_dir,
+    BootControl, BootError, BootState, RebootKind, Slot, booted_from_cmdline, rename_durable,
     write_atomic,
 };
 
@@ -421,8 +421,7 @@ impl SdBoot {
         }
         let dir = entries_dir(&self.esp);
         let to = dir.join(name);
-        std::fs::rename(dir.join(&e.file), &to).map_err(BootError::io("renaming into", &to))?;
-        sync_dir(&dir)
+        rename_durable(&dir.join(&e.file), &to)
     }
 
     /// Deletes `LoaderEntryOneShot` if it would pick `e`.
@@ -559,9 +558,7 @@ pub fn firmware_boot(esp: &Path, efivars: &Path) -> Result<Slot, BootError> {
         && left > 0
     {
         file = format!("{}+{}-{}.conf", e.base, left - 1, done.saturating_add(1));
-        std::fs::rename(dir.join(&e.file), dir.join(&file))
-            .map_err(BootError::io("renaming", &dir.join(&e.file)))?;
-        sync_dir(&dir)?;
+        rename_durable(&dir.join(&e.file), &dir.join(&file))?;
     }
     write_str_var(&var(efivars, "LoaderEntrySelected"), ATTR_BS_RT, &e.id)?;
     let p = dir.join(&file);

@@ -107,6 +107,19 @@ impl TryBoot {
             .find(|s| u32::from(self.partitions[s.index()]) == partition)
     }
 
+    /// The slot the firmware booted, as it reports it under `dt_dir` (use
+    /// [`DT_BOOTLOADER`]); `None` when the device tree says nothing (not a Pi, or no
+    /// such firmware) or names a partition that is neither slot.
+    pub fn booted_slot(&self, dt_dir: &Path) -> Option<Slot> {
+        match booted_partition(dt_dir) {
+            Ok(p) => self.slot_of_partition(p),
+            Err(e) => {
+                tracing::debug!(error = %e, "no booted partition in the device tree");
+                None
+            }
+        }
+    }
+
     fn part(&self, slot: Slot) -> u8 {
         self.partitions[slot.index()]
     }
@@ -607,6 +620,36 @@ mod tests {
 
     fn text(dir: &Path) -> String {
         std::fs::read_to_string(dir.join(AUTOBOOT)).unwrap()
+    }
+
+    #[test]
+    fn the_booted_slot_comes_from_the_device_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let b = TryBoot::open(d.path(), PARTS).unwrap();
+        let dt = d.path().join("chosen/bootloader");
+        assert_eq!(b.booted_slot(&dt), None, "no device tree: ask the cmdline");
+        for (part, tryboot, slot) in [
+            (3, true, Some(Slot::B)),
+            (2, false, Some(Slot::A)),
+            (1, false, None),
+        ] {
+            write_device_tree(
+                &dt,
+                &PiBoot {
+                    partition: part,
+                    tryboot,
+                },
+            )
+            .unwrap();
+            assert_eq!(b.booted_slot(&dt), slot, "partition {part}");
+            assert_eq!(booted_on_trial(&dt).unwrap(), tryboot);
+        }
+        std::fs::write(dt.join("partition"), [0, 3]).unwrap();
+        assert_eq!(
+            b.booted_slot(&dt),
+            None,
+            "a 2-byte property is not a partition number"
+        );
     }
 
     #[test]
