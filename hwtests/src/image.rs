@@ -156,6 +156,9 @@ pub struct Spec {
     pub agent_args: Vec<String>,
     /// Kernel console arguments.
     pub console: String,
+    /// The kernel as a `.deb` of Debian's layout (`boot/vmlinuz-*`, `lib/modules/*`,
+    /// `usr/lib/linux-image-*/`), e.g. the Raspberry Pi kernel; default: Debian's.
+    pub kernel_deb: Option<PathBuf>,
 }
 
 /// What a build made; also written as `image.json` in the output directory (and read
@@ -268,15 +271,29 @@ pub fn build(spec: &Spec) -> Result<Built> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
-    let kernel_pkg = debs.kernel_package()?;
-    let mut packages = vec![kernel_pkg.as_str(), "busybox-static"];
+    let kernel_pkg = match &spec.kernel_deb {
+        Some(_) => None,
+        None => Some(debs.kernel_package()?),
+    };
+    let mut packages = vec!["busybox-static"];
+    packages.extend(kernel_pkg.as_deref());
     if scheme == BootScheme::Uefi {
         packages.push("systemd-boot-efi");
     }
     packages.extend(LIB_PACKAGES);
     debs.fetch_all(&packages)?;
-    let kernel_root = debs.unpack(&kernel_pkg)?;
+    let kernel_root = match (&spec.kernel_deb, &kernel_pkg) {
+        (Some(deb), _) => debs.unpack_deb("kernel", deb)?,
+        (None, Some(pkg)) => debs.unpack(pkg)?,
+        (None, None) => bail!("no kernel package"),
+    };
     let (kernel_release, vmlinuz, modules) = find_kernel(&kernel_root)?;
+    if scheme == BootScheme::PiTryboot && !downstream_pi_kernel(&kernel_release) {
+        tracing::warn!(
+            kernel = %kernel_release,
+            "this kernel cannot pass the tryboot flag to the Pi firmware: on a real Pi every upgrade will boot the old slot and be rolled back; give --kernel-deb with the Raspberry Pi kernel (linux-image-*-rpi-v8)"
+        );
+    }
     let busybox = debs.unpack("busybox-static")?.join("bin/busybox");
 
     let initrd = build_initramfs(spec, &work, &busybox, &modules)?;
@@ -380,7 +397,15 @@ pub fn build(spec: &Spec) -> Result<Built> {
             let deb = debs.fetch_firmware("raspi-firmware")?;
             let firmware = debs.unpack_deb("raspi-firmware", &deb)?;
             let boot_img = spec.out.join("boot.vfat");
-            build_pi_boot(spec, &firmware, &kernel_root, &vmlinuz, &initrd, &boot_img)?;
+            let downstream = downstream_pi_kernel(&kernel_release);
+            build_pi_boot(
+                spec,
+                &firmware,
+                &kernel_root,
+                (&vmlinuz, downstream),
+                &initrd,
+                &boot_img,
+            )?;
             let fw = work.join("firmware.img");
             build_pi_firmware_partition(spec, &fw)?;
             assemble(
@@ -465,6 +490,12 @@ fn build_initramfs(spec: &Spec, work: &Path, busybox: &Path, modules: &Path) -> 
         .arg("-o")
         .arg(&initrd))?;
     Ok(initrd)
+}
+
+/// Whether `release` is the Raspberry Pi kernel (`6.6.51+rpt-rpi-v8`), whose firmware
+/// driver passes `reboot "0 tryboot"` on to the firmware; Debian's does not.
+pub fn downstream_pi_kernel(release: &str) -> bool {
+    release.contains("rpi")
 }
 
 fn cairn_version_ok(v: &str) -> Result<()> {
@@ -726,14 +757,41 @@ fn fat_image(out: &Path, mib: u64, label: &str, files: &[(&Path, &str)]) -> Resu
     f.set_len(mib * MIB)?;
     drop(f);
     let img = out.to_string_lossy().into_owned();
-    run(Command::new("mformat").args(["-i", &img, "-F", "-N", "ca1e0001", "-v", label, "::"]))?;
+    // mtools stamps the volume label entry with the time: SOURCE_DATE_EPOCH fixes it.
+    run(Command::new("mformat")
+        .env("SOURCE_DATE_EPOCH", &FAT_TIME[1..])
+        .args(["-i", &img, "-F", "-N", "ca1e0001", "-v", label, "::"]))?;
     for (_, name) in files {
         run(Command::new("mcopy")
+            .env("SOURCE_DATE_EPOCH", &FAT_TIME[1..])
             .args(["-m", "-i", &img])
             .arg(stage.join(name))
             .arg(format!("::/{name}")))?;
     }
     let _ = std::fs::remove_dir_all(&stage);
+    trim_zero_tail(out)
+}
+
+/// Cuts the zero blocks off the end of `path` (4 KiB, the release block size). A FAT
+/// keeps nothing at its end, so the file is the file system up to its last used
+/// cluster: the payload (and each upgrade's write) is what the files take, not the
+/// whole partition, which keeps its size on disk.
+fn trim_zero_tail(path: &Path) -> Result<()> {
+    use std::io::Read;
+    const BLOCK: u64 = 4096;
+    let mut f = OpenOptions::new().read(true).write(true).open(path)?;
+    let mut end = f.metadata()?.len().div_ceil(BLOCK) * BLOCK;
+    let mut buf = vec![0u8; BLOCK as usize];
+    while end > 0 {
+        f.seek(SeekFrom::Start(end - BLOCK))?;
+        let n = f.read(&mut buf)?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            break;
+        }
+        end -= BLOCK;
+    }
+    f.set_len(end)?;
+    f.sync_all()?;
     Ok(())
 }
 
@@ -744,7 +802,7 @@ fn build_pi_boot(
     spec: &Spec,
     firmware: &Path,
     kernel_root: &Path,
-    vmlinuz: &Path,
+    (vmlinuz, downstream): (&Path, bool),
     initrd: &Path,
     out: &Path,
 ) -> Result<()> {
@@ -761,10 +819,16 @@ fn build_pi_boot(
              # picks the slot.\n\
              arm_64bit=1\n\
              enable_uart=1\n\
-             upstream_kernel=1\n\
+             {upstream}\
              kernel=vmlinuz\n\
              initramfs initrd.img followkernel\n",
-            v = spec.version
+            v = spec.version,
+            // A mainline kernel takes mainline device trees and names.
+            upstream = if downstream {
+                ""
+            } else {
+                "upstream_kernel=1\n"
+            }
         )
         .as_bytes(),
         0o644,

@@ -56,12 +56,24 @@ fn build_for(
     fault: Option<Fault>,
     out: &Path,
 ) -> image::Built {
+    image::build(&spec_for(arch, board, agent, version, fault, out))
+        .unwrap_or_else(|e| panic!("building {version}: {e:#}"))
+}
+
+fn spec_for(
+    arch: Arch,
+    board: &str,
+    agent: &Path,
+    version: &str,
+    fault: Option<Fault>,
+    out: &Path,
+) -> image::Spec {
     // QEMU's serial ports (a Pi's own UART would be ttyS1).
     let console = match arch {
         Arch::X86_64 => "console=ttyS0,115200",
         Arch::Aarch64 => "console=ttyAMA0,115200",
     };
-    image::build(&image::Spec {
+    image::Spec {
         arch,
         board: board.into(),
         version: version.into(),
@@ -77,8 +89,13 @@ fn build_for(
         fault,
         agent_args: vec!["--checkpoint-mib".into(), "4".into()],
         console: console.into(),
-    })
-    .unwrap_or_else(|e| panic!("building {version}: {e:#}"))
+        kernel_deb: None,
+    }
+}
+
+fn sha256(p: &Path) -> String {
+    let bytes = std::fs::read(p).unwrap();
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
 }
 
 #[test]
@@ -175,6 +192,34 @@ fn pi4_image_upgrades_by_tryboot_through_a_power_cut_and_rolls_back() {
         pi("2.0.0", None),
         pi("3.0.0", Some(Fault::InitPanic)),
     );
+    // The same build again, with the kernel given as a .deb (`--kernel-deb`, the way
+    // a Raspberry Pi kernel would be): the same boot partition, byte for byte.
+    let debs = target_dir().join("cairn-image-cache/debs");
+    let kernel_deb = std::fs::read_dir(&debs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("linux-image-") && n.ends_with("_arm64.deb")
+        })
+        .expect("the arm64 kernel .deb in the image cache");
+    let mut again = spec_for(
+        Arch::Aarch64,
+        "rpi4",
+        &agent,
+        "1.0.0",
+        None,
+        &tmp.path().join("again"),
+    );
+    again.kernel_deb = Some(kernel_deb);
+    let again = image::build(&again).unwrap();
+    assert_eq!(
+        sha256(again.payload("boot").unwrap()),
+        sha256(v1.payload("boot").unwrap()),
+        "two builds of 1.0.0 gave different boot partitions"
+    );
+    assert_eq!(sha256(&again.rootfs), sha256(&v1.rootfs));
+
     let dir = tmp.path();
     let mut vm = PiVm::create("pi4-1", &dir.join("vm"), &dir.join("vm/disk.img")).unwrap();
     let hub = HubProc::start(&dir.join("hub"), "127.0.0.1:0", &[]).unwrap();

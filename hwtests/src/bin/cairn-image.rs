@@ -85,6 +85,11 @@ struct Build {
     /// Extra argument for `cairn-agent run` in the image; repeat.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// The kernel as a .deb in Debian's layout instead of Debian's own kernel: on a
+    /// Pi, the Raspberry Pi kernel (linux-image-*-rpi-v8 from archive.raspberrypi.com),
+    /// whose firmware driver passes the tryboot flag; Debian's kernel does not.
+    #[arg(long)]
+    kernel_deb: Option<PathBuf>,
     /// Build a deliberately broken image (for rollback tests): init-panic.
     #[arg(long)]
     fault: Option<Fault>,
@@ -110,6 +115,7 @@ fn main() -> ExitCode {
             boot_mib: b.boot_mib,
         },
         fault: b.fault,
+        kernel_deb: b.kernel_deb,
         agent_args: b.agent_args,
         console: b.console.unwrap_or_else(|| {
             match image::BootScheme::of(b.arch, &b.board) {
