@@ -38,26 +38,18 @@ fn target_dir() -> PathBuf {
 }
 
 fn build(version: &str, fault: Option<Fault>, out: &std::path::Path) -> image::Built {
-    build_for(
+    built(&spec_for(
         Arch::X86_64,
         "nuc",
         &bin_dir().unwrap().join("cairn-agent"),
         version,
         fault,
         out,
-    )
+    ))
 }
 
-fn build_for(
-    arch: Arch,
-    board: &str,
-    agent: &Path,
-    version: &str,
-    fault: Option<Fault>,
-    out: &Path,
-) -> image::Built {
-    image::build(&spec_for(arch, board, agent, version, fault, out))
-        .unwrap_or_else(|e| panic!("building {version}: {e:#}"))
+fn built(spec: &image::Spec) -> image::Built {
+    image::build(spec).unwrap_or_else(|e| panic!("building {}: {e:#}", spec.version))
 }
 
 fn spec_for(
@@ -154,14 +146,14 @@ fn aarch64_agent() -> PathBuf {
 fn arm64_image_boots_on_uefi_and_enrolls() {
     let agent = aarch64_agent();
     let tmp = rig_dir("cairn-rig-arm64-");
-    let v1 = build_for(
+    let v1 = built(&spec_for(
         Arch::Aarch64,
         "virt",
         &agent,
         "1.0.0",
         None,
         &tmp.path().join("images"),
-    );
+    ));
     // Debian's arm64 kernel has no driver for QEMU's memory-mapped TPM
     // (CONFIG_TCG_TIS is off; a Pi's SPI TPM uses tpm_tis_spi, which it has).
     rig(
@@ -186,7 +178,7 @@ fn pi4_image_upgrades_by_tryboot_through_a_power_cut_and_rolls_back() {
     let agent = aarch64_agent();
     let tmp = rig_dir("cairn-rig-pi4-");
     let images = tmp.path().join("images");
-    let pi = |v: &str, f| build_for(Arch::Aarch64, "rpi4", &agent, v, f, &images);
+    let pi = |v: &str, f| built(&spec_for(Arch::Aarch64, "rpi4", &agent, v, f, &images));
     let (v1, v2, v3) = (
         pi("1.0.0", None),
         pi("2.0.0", None),

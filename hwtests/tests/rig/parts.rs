@@ -52,10 +52,10 @@ fn serial_console_is_captured_raw_at_its_baud_and_restarts() {
     assert!(!c.is_running());
     c.mark("power on");
     c.start().unwrap();
-    // Reopened: the first console is gone when the second listens.
-    std::thread::sleep(Duration::from_millis(200));
-    pty.write(b"second boot: cairn-agent 2.0.0\n");
+    // Reopened: the first console is gone; the line is written until the second one,
+    // once it has the device open, captures it.
     wait_until("the second boot in the log", T, || {
+        pty.write(b"second boot: cairn-agent 2.0.0\n");
         read(&log).contains("second boot")
     });
     let text = read(&log);
@@ -80,6 +80,7 @@ fn serial_console_waits_for_a_device_that_is_not_there_yet() {
         &log,
     );
     c.start().unwrap();
+    // Deliberately a time window: the point is that it is still trying after a while.
     std::thread::sleep(Duration::from_millis(300));
     assert!(c.is_running(), "it keeps trying");
     let t0 = Instant::now();
@@ -115,12 +116,14 @@ fn console_program_output_is_captured_and_it_is_restarted() {
     // A program that never exits is killed on stop (its whole process group).
     let mut c = Console::new(
         ConsoleSource::Command {
-            command: "sleep 30 | cat".into(),
+            command: format!("echo started > {}; sleep 30 | cat", runs.display()),
         },
         &log,
     );
     c.start().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_until("the console program runs", T, || {
+        read(&runs).starts_with("started")
+    });
     let t0 = Instant::now();
     c.stop();
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
