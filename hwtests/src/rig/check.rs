@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::image::{BootScheme, downstream_pi_kernel};
+
 use super::config::{BoxConfig, ConsoleConfig, FlashConfig, PowerConfig, Rig};
 use super::flash::check_target;
 use super::power::{ManualPower, UsbRelay, credentials_from_env};
@@ -175,6 +177,19 @@ fn check_ek_ca(files: &[std::path::PathBuf]) -> Result<String, (Status, String)>
 fn check_images(b: &BoxConfig) -> Result<String, (Status, String)> {
     match b.load_releases() {
         Ok(r) => {
+            // On a real Pi the trial boot needs a kernel that hands "0 tryboot" to the
+            // firmware; with Debian's, every upgrade of the scenario rolls back.
+            let mainline: Vec<String> = [&r.v1, &r.v2, &r.v3]
+                .iter()
+                .filter(|v| v.scheme == BootScheme::PiTryboot && !downstream_pi_kernel(&v.kernel))
+                .map(|v| format!("{} ({})", v.version, v.kernel))
+                .collect();
+            if !mainline.is_empty() {
+                return warn(format!(
+                    "{} carry a kernel that cannot pass the tryboot flag to the Pi firmware: the upgrade steps will roll back on this box; build them with `cairn-image --kernel-deb` and the Raspberry Pi kernel (linux-image-*-rpi-v8)",
+                    mainline.join(", ")
+                ));
+            }
             let size = std::fs::metadata(&r.v1.disk).map(|m| m.len()).unwrap_or(0);
             Ok(format!(
                 "1.0.0, 2.0.0, 3.0.0 (init-panic) for {}/{}; disk {} MiB",

@@ -8,7 +8,7 @@ use cairn_hwtests::image::Fault;
 use serde_json::Value;
 
 use super::Pty;
-use super::config::fake_build;
+use super::config::{fake_build, fake_build_with};
 
 fn rig(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cairn-rig"))
@@ -284,4 +284,47 @@ fn power_switches_a_pdu_with_credentials_from_the_environment() {
             .any(|h| h.eq_ignore_ascii_case("authorization: Basic b3BlcmF0b3I6aHVudGVyMg==")),
         "{head:?}"
     );
+}
+
+#[test]
+fn check_warns_when_pi_images_cannot_arm_a_tryboot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    let build = |kernel: &str| {
+        for (v, f) in [
+            ("1.0.0", None),
+            ("2.0.0", None),
+            ("3.0.0", Some(Fault::InitPanic)),
+        ] {
+            fake_build_with(&images.join(v), v, "rpi4", Arch::Aarch64, f, kernel);
+        }
+    };
+    let path = tmp.path().join("rig.toml");
+    std::fs::write(
+        &path,
+        "[hub]\nlisten = \"127.0.0.1:0\"\npublic = \"192.0.2.1:7440\"\n[[box]]\nname = \"pi-1\"\narch = \"aarch64\"\nboard = \"rpi4\"\ntpm = false\nimages = \"images\"\npower = { kind = \"manual\" }\nflash = { kind = \"command\", command = \"true\" }\n",
+    )
+    .unwrap();
+    let images_probe = || {
+        let o = rig(&["check", "--rig", path.to_str().unwrap(), "--json"]);
+        let probes: Value = serde_json::from_slice(&o.stdout).unwrap();
+        probes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["target"] == "pi-1" && p["part"] == "images")
+            .unwrap_or_else(|| panic!("no images probe in {probes}"))
+            .clone()
+    };
+    build("6.1.0-57-arm64");
+    let p = images_probe();
+    assert_eq!(p["status"], "warn", "{p}");
+    let d = p["detail"].as_str().unwrap();
+    assert!(
+        d.contains("1.0.0 (6.1.0-57-arm64), 2.0.0") && d.contains("--kernel-deb"),
+        "{d}"
+    );
+    build("6.6.51+rpt-rpi-v8");
+    let p = images_probe();
+    assert_eq!(p["status"], "ok", "{p}");
 }

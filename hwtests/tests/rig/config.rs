@@ -272,10 +272,28 @@ fn select_names_the_boxes_there_are() {
 /// Writes a build directory as `cairn-image build` leaves it, with `image.json`
 /// naming the files where they were built (not where they are now).
 pub fn fake_build(dir: &Path, version: &str, board: &str, arch: Arch, fault: Option<Fault>) {
+    fake_build_with(dir, version, board, arch, fault, "6.1.0-test");
+}
+
+/// [`fake_build`] with the kernel release `kernel`; a `rpi4` build has the Pi layout's
+/// payloads.
+pub fn fake_build_with(
+    dir: &Path,
+    version: &str,
+    board: &str,
+    arch: Arch,
+    fault: Option<Fault>,
+    kernel: &str,
+) {
     std::fs::create_dir_all(dir).unwrap();
+    let scheme = BootScheme::of(arch, board).unwrap_or(BootScheme::Uefi);
+    let (payload, file) = match scheme {
+        BootScheme::Uefi => ("uki", "cairn.efi"),
+        BootScheme::PiTryboot => ("boot", "boot.vfat"),
+    };
     let elsewhere = Path::new("/build-host/out").join(version);
     let disk = format!("cairn-{board}-{version}.img");
-    for f in [disk.as_str(), "rootfs.squashfs", "cairn.efi"] {
+    for f in [disk.as_str(), "rootfs.squashfs", file] {
         std::fs::write(dir.join(f), b"x").unwrap();
     }
     let b = Built {
@@ -283,14 +301,14 @@ pub fn fake_build(dir: &Path, version: &str, board: &str, arch: Arch, fault: Opt
         board: board.into(),
         version: version.into(),
         disk: elsewhere.join(&disk),
-        scheme: BootScheme::Uefi,
+        scheme,
         rootfs: elsewhere.join("rootfs.squashfs"),
         extra: vec![Payload {
-            name: "uki".into(),
-            path: elsewhere.join("cairn.efi"),
+            name: payload.into(),
+            path: elsewhere.join(file),
         }],
-        uki_authenticode: Some("00".repeat(32)),
-        kernel: "6.1.0-test".into(),
+        uki_authenticode: (scheme == BootScheme::Uefi).then(|| "00".repeat(32)),
+        kernel: kernel.into(),
         layout: Layout::default(),
         fault,
     };
