@@ -150,51 +150,19 @@ impl QuicSource {
         let conn = self.conn.clone();
         let timeout = self.timeout;
         let fut = async move {
-            let offline = |e: &dyn std::fmt::Display| SourceError::Offline(e.to_string());
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| offline(&e))?;
-            let bytes =
-                frame::encode(&req, 64 * 1024).map_err(|e| SourceError::Refused(e.to_string()))?;
-            send.write_all(&bytes).await.map_err(|e| offline(&e))?;
-            let _ = send.finish();
-            let mut prefix = [0u8; 4];
-            recv.read_exact(&mut prefix)
-                .await
-                .map_err(|e| offline(&e))?;
-            let len = u32::from_be_bytes(prefix) as usize;
-            if len > 4096 {
-                return Err(SourceError::Refused(format!(
-                    "hub sent a {len}-byte fetch answer; the limit is 4096"
-                )));
-            }
-            let mut body = vec![0u8; len];
-            recv.read_exact(&mut body).await.map_err(|e| offline(&e))?;
-            let resp: FetchResponse = frame::decode_payload(&body)
-                .map_err(|e| SourceError::Refused(format!("hub's fetch answer: {e}")))?;
-            match resp {
-                // Not yet attested in this session: a moment's wait, not a failure.
-                FetchResponse::Refused(why)
-                    if why
-                        .as_str()
-                        .starts_with(cairn_sync_protocol::release::REFUSED_NOT_YET) =>
-                {
-                    Err(SourceError::Offline(why.to_string()))
-                }
-                FetchResponse::Refused(why) => Err(SourceError::Refused(why.to_string())),
-                FetchResponse::Ok { len } => {
-                    let max = u64::from(cairn_sync_protocol::release::MAX_FETCH_BLOCKS)
-                        * u64::from(BLOCK_SIZE);
-                    // An index may be larger than a block run (32 bytes per block).
-                    if matches!(what, FetchWhat::Blocks { .. }) && len > max {
-                        return Err(SourceError::Refused(format!(
-                            "hub announced {len} bytes for a block run; at most {max}"
-                        )));
+            // Not yet attested in this session (just after a reboot): the hub verifies
+            // the evidence within a moment, so ask again shortly; after that, it counts
+            // as offline (retried by the engine), not as a failure.
+            let mut waits = 0;
+            loop {
+                match request(&conn, &req, what, out).await {
+                    Err(Fetch::NotYet(_)) if waits < NOT_YET_WAITS => {
+                        waits += 1;
+                        tokio::time::sleep(NOT_YET_PAUSE).await;
                     }
-                    let old = out.len();
-                    out.resize(old + len as usize, 0);
-                    recv.read_exact(&mut out[old..])
-                        .await
-                        .map_err(|e| offline(&e))?;
-                    Ok(())
+                    Err(Fetch::NotYet(why)) => return Err(SourceError::Offline(why)),
+                    Err(Fetch::Failed(e)) => return Err(e),
+                    Ok(()) => return Ok(()),
                 }
             }
         };
@@ -207,6 +175,72 @@ impl QuicSource {
                 ))),
             }
         })
+    }
+}
+
+/// How often, and how far apart, a fetch refused "not attested yet" is asked again
+/// before the engine is told the source is offline (about 6 s in all).
+const NOT_YET_WAITS: u32 = 12;
+const NOT_YET_PAUSE: Duration = Duration::from_millis(500);
+
+enum Fetch {
+    /// Refused until this session's attestation has verified.
+    NotYet(String),
+    Failed(SourceError),
+}
+
+/// One fetch request on its own stream; the answer's bytes are appended to `out`.
+async fn request(
+    conn: &quinn::Connection,
+    req: &FetchRequest,
+    what: FetchWhat,
+    out: &mut Vec<u8>,
+) -> Result<(), Fetch> {
+    let offline = |e: &dyn std::fmt::Display| Fetch::Failed(SourceError::Offline(e.to_string()));
+    let refused = |e: String| Fetch::Failed(SourceError::Refused(e));
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| offline(&e))?;
+    let bytes = frame::encode(req, 64 * 1024).map_err(|e| refused(e.to_string()))?;
+    send.write_all(&bytes).await.map_err(|e| offline(&e))?;
+    let _ = send.finish();
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| offline(&e))?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > 4096 {
+        return Err(refused(format!(
+            "hub sent a {len}-byte fetch answer; the limit is 4096"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| offline(&e))?;
+    let resp: FetchResponse =
+        frame::decode_payload(&body).map_err(|e| refused(format!("hub's fetch answer: {e}")))?;
+    match resp {
+        FetchResponse::Refused(why)
+            if why
+                .as_str()
+                .starts_with(cairn_sync_protocol::release::REFUSED_NOT_YET) =>
+        {
+            Err(Fetch::NotYet(why.to_string()))
+        }
+        FetchResponse::Refused(why) => Err(refused(why.to_string())),
+        FetchResponse::Ok { len } => {
+            let max =
+                u64::from(cairn_sync_protocol::release::MAX_FETCH_BLOCKS) * u64::from(BLOCK_SIZE);
+            // An index may be larger than a block run (32 bytes per block).
+            if matches!(what, FetchWhat::Blocks { .. }) && len > max {
+                return Err(refused(format!(
+                    "hub announced {len} bytes for a block run; at most {max}"
+                )));
+            }
+            let old = out.len();
+            out.resize(old + len as usize, 0);
+            recv.read_exact(&mut out[old..])
+                .await
+                .map_err(|e| offline(&e))?;
+            Ok(())
+        }
     }
 }
 
