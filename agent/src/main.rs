@@ -14,7 +14,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 stopped cleanly, 1 error (store, files root), 2 bad usage or not
-enrolled without a usable join token, 3 enrollment refused (token unknown, expired or used up; device revoked).
+enrolled without a usable join token, 3 enrollment refused (token unknown, expired or used up; device revoked),
+10 reboot now and 11 reboot with \"0 tryboot\" (only with --reboot exit).
 
 First start (the token is needed only once):
   cairn-agent run --hub hub.example.net:7440 --join-token cairn1_... --data-dir /var/lib/cairn
@@ -46,8 +47,9 @@ enum Cmd {
     /// Reboot the box now, after flushing every file system. ARG goes to the boot
     /// firmware: `cairn-agent reboot "0 tryboot"` asks a Raspberry Pi for its one-shot
     /// trial boot (with the Raspberry Pi kernel, whose firmware driver passes it on).
-    /// Cairn OS images on a Pi give `reboot = "/usr/bin/cairn-agent reboot"`, to which
-    /// the agent appends "0 tryboot" for a trial.
+    /// Cairn OS images run it from their init when the agent exits with 11 (a reboot
+    /// for a Pi trial, with `--reboot exit`); `--reboot "cairn-agent reboot"` makes the
+    /// agent run it itself, appending "0 tryboot" for a trial.
     Reboot {
         /// The restart argument (LINUX_REBOOT_CMD_RESTART2); none for a plain restart.
         arg: Option<String>,
@@ -103,7 +105,8 @@ struct SlotArgs {
     #[arg(long)]
     os_version: Option<String>,
     /// How to reboot: a command line [default: systemctl reboot], or `exit` to stop with
-    /// exit code 10 and leave the reboot to the caller (simulation, tests).
+    /// exit code 10 (11: the reboot must pass "0 tryboot") and leave the reboot to the
+    /// caller (the image's init, the simulation, tests).
     #[arg(long)]
     reboot: Option<String>,
     /// Flush the slot and record progress every this many MiB [default: 32].
@@ -373,7 +376,12 @@ fn main() -> ExitCode {
         Cmd::OsInstall(args) => os_install(*args),
         Cmd::Reboot { arg } => {
             let e = cairn_agent::reboot::restart_with(arg.as_deref());
-            eprintln!("error: rebooting: {e} (rebooting needs root, or CAP_SYS_BOOT)");
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                " (rebooting needs root, or CAP_SYS_BOOT)"
+            } else {
+                ""
+            };
+            eprintln!("error: rebooting: {e}{hint}");
             ExitCode::from(1)
         }
     }
@@ -552,14 +560,17 @@ fn reboot_now(
     action: Option<&cairn_agent::upgrade::RebootAction>,
     kind: cairn_agent::upgrade::boot::RebootKind,
 ) -> ExitCode {
-    use cairn_agent::upgrade::{REBOOT_EXIT_CODE, RebootAction, boot::RebootKind};
+    use cairn_agent::upgrade::{
+        REBOOT_EXIT_CODE, RebootAction, TRYBOOT_EXIT_CODE, boot::RebootKind,
+    };
     match action {
         None | Some(RebootAction::Exit) => {
-            tracing::info!(
-                ?kind,
-                "stopping for a reboot (exit code {REBOOT_EXIT_CODE})"
-            );
-            ExitCode::from(REBOOT_EXIT_CODE as u8)
+            let code = match kind {
+                RebootKind::Normal => REBOOT_EXIT_CODE,
+                RebootKind::Tryboot => TRYBOOT_EXIT_CODE,
+            };
+            tracing::info!(?kind, "stopping for a reboot (exit code {code})");
+            ExitCode::from(code as u8)
         }
         Some(RebootAction::Command(argv)) => {
             let mut argv = argv.clone();

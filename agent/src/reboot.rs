@@ -31,7 +31,7 @@ pub fn restart_with(arg: Option<&str>) -> std::io::Error {
         };
     };
     // SAFETY: reboot(2) with the two magic numbers, RESTART2 and a pointer to a
-    // NUL-terminated string that outlives the call; the kernel copies at most 256
+    // NUL-terminated string that outlives the call; the kernel copies at most 255
     // bytes of it and the call returns only on failure (EPERM without CAP_SYS_BOOT).
     #[allow(unsafe_code)]
     let rc = unsafe {

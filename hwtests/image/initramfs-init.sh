@@ -27,14 +27,17 @@ else
 	echo "cairn-initramfs: no TPM: the agent will enroll without hardware attestation" >/dev/console
 fi
 
-# The slot: cairn.slot=a|b from the boot loader's entry (UEFI), or on a Raspberry Pi
-# the partition the firmware booted, which it reports in the device tree (4 bytes,
-# big-endian): cairn-boot-a or cairn-boot-b by GPT name.
-slot=$(sed -n 's/.*cairn\.slot=\([ab]\).*/\1/p' /proc/cmdline)
+# The slot, by the same rule as the agent's: on a Raspberry Pi the partition the
+# firmware booted, which it reports in the device tree (4 bytes, big-endian), named
+# cairn-boot-a or cairn-boot-b in the GPT; elsewhere cairn.slot=a|b from the boot
+# loader's entry (UEFI).
+slot=
 bootpart=
-if [ -z "$slot" ] && [ -e /proc/device-tree/chosen/bootloader/partition ]; then
+if [ -e /proc/device-tree/chosen/bootloader/partition ]; then
 	set -- $(od -An -tu1 /proc/device-tree/chosen/bootloader/partition)
 	bootpart=$4
+else
+	slot=$(sed -n 's/.*cairn\.slot=\([ab]\).*/\1/p' /proc/cmdline)
 fi
 [ -n "$slot" ] || [ -n "$bootpart" ] ||
 	fail "no cairn.slot=a|b on the kernel command line and no boot partition in the device tree"
@@ -56,7 +59,7 @@ while :; do
 	done
 	[ -n "$slot" ] && [ -e "/dev/disk/by-partlabel/cairn-$slot" ] && [ -e /dev/disk/by-partlabel/cairn-data ] && break
 	tries=$((tries + 1))
-	[ $tries -lt 100 ] || fail "no partitions named cairn-${slot:-boot-? (partition $bootpart)} and cairn-data after 10 s: is this a Cairn disk?"
+	[ $tries -lt 100 ] || fail "no partitions named cairn-${slot:-boot-a|b at partition $bootpart} and cairn-data after 10 s: is this a Cairn disk?"
 	sleep 0.1
 done
 
@@ -67,7 +70,9 @@ mount -t ext4 -o noatime,errors=remount-ro /dev/disk/by-partlabel/cairn-data /ro
 	fail "the data partition does not mount"
 for esp in esp boot; do
 	if [ -e "/dev/disk/by-partlabel/$esp" ]; then
-		mount -t vfat -o noatime,umask=0077,flush "/dev/disk/by-partlabel/$esp" /root/boot/efi ||
+		# dirsync: a rename writes the new entry (with its start cluster) before the
+		# old one goes, so a power cut leaves one of the two (see rename_durable).
+		mount -t vfat -o noatime,umask=0077,flush,dirsync "/dev/disk/by-partlabel/$esp" /root/boot/efi ||
 			fail "the boot partition does not mount"
 		break
 	fi

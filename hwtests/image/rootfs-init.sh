@@ -28,10 +28,12 @@ while :; do
 	cairn-agent run "$@" @AGENT_ARGS@
 	rc=$?
 	case $rc in
-	10)
+	10 | 11)
 		echo "cairn: rebooting into the new release"
 		sync
 		umount /boot/efi /var/lib/cairn 2>/dev/null
+		# 11: a Pi trial, whose reboot must carry the tryboot flag to the firmware.
+		[ $rc = 11 ] && cairn-agent reboot "0 tryboot"
 		reboot -f
 		;;
 	2 | 3)

@@ -158,6 +158,7 @@ impl Debs {
         let lists = apt.join("lists");
         std::fs::create_dir_all(&parts)?;
         std::fs::create_dir_all(lists.join("partial"))?;
+        std::fs::create_dir_all(apt.join("cache/archives/partial"))?;
         let list = apt.join("sources.list");
         std::fs::write(&list, "")?;
         let suite = debian_suite()?;
@@ -176,6 +177,8 @@ impl Debs {
             format!("Dir::Etc::SourceParts={}", parts.display()),
             "-o".to_string(),
             format!("Dir::State::Lists={}", lists.display()),
+            "-o".to_string(),
+            format!("Dir::Cache={}", apt.join("cache").display()),
         ];
         tracing::info!(package, suite = %suite, "downloading from non-free-firmware");
         let update = Command::new("apt-get")

@@ -33,8 +33,8 @@
 //! in the device tree (`/chosen/bootloader/partition`), which is how the initramfs and
 //! the agent learn the slot: the two boot partitions carry the same bytes. Release
 //! payloads: `rootfs` and `boot` (the FAT image, → `cairn-boot-X`); the agent runs with
-//! `--boot tryboot:/boot/efi:2,3` and reboots itself (`cairn-agent reboot`, which
-//! passes the tryboot flag).
+//! `--boot tryboot:/boot/efi:2,3`, and for a trial exits with 11, on which init
+//! reboots with `cairn-agent reboot "0 tryboot"` (which passes the tryboot flag).
 //!
 //! In both, the initramfs mounts the slot's root, the data partition and the first FAT
 //! partition (at `/boot/efi`), then starts the root's init, which runs `cairn-agent`
@@ -154,8 +154,9 @@ pub struct Spec {
     pub fault: Option<Fault>,
     /// Extra arguments for `cairn-agent run` (e.g. `--keep-alive 2s`).
     pub agent_args: Vec<String>,
-    /// Kernel console arguments.
-    pub console: String,
+    /// Kernel console arguments; default: the board's serial console
+    /// ([`default_console`]).
+    pub console: Option<String>,
     /// The kernel as a `.deb` of Debian's layout (`boot/vmlinuz-*`, `lib/modules/*`,
     /// `usr/lib/linux-image-*/`), e.g. the Raspberry Pi kernel; default: Debian's.
     pub kernel_deb: Option<PathBuf>,
@@ -288,7 +289,12 @@ pub fn build(spec: &Spec) -> Result<Built> {
         (None, None) => bail!("no kernel package"),
     };
     let (kernel_release, vmlinuz, modules) = find_kernel(&kernel_root)?;
-    if scheme == BootScheme::PiTryboot && !downstream_pi_kernel(&kernel_release) {
+    let downstream = downstream_pi_kernel(&kernel_release);
+    let console = spec
+        .console
+        .clone()
+        .unwrap_or_else(|| default_console(scheme, downstream).to_string());
+    if scheme == BootScheme::PiTryboot && !downstream {
         tracing::warn!(
             kernel = %kernel_release,
             "this kernel cannot pass the tryboot flag to the Pi firmware: on a real Pi every upgrade will boot the old slot and be rolled back; give --kernel-deb with the Raspberry Pi kernel (linux-image-*-rpi-v8)"
@@ -377,7 +383,7 @@ pub fn build(spec: &Spec) -> Result<Built> {
             let uki_bytes = std::fs::read(&uki_path)?;
             let digest = hex::encode(uki::authenticode_sha256(&uki_bytes)?);
             let esp = work.join("esp.img");
-            build_esp(spec, &loader, &uki_path, &esp)?;
+            build_esp(spec, &console, &loader, &uki_path, &esp)?;
             assemble(
                 &[
                     Part::new("esp", ESP, l.esp_mib, Some(&esp)),
@@ -397,9 +403,8 @@ pub fn build(spec: &Spec) -> Result<Built> {
             let deb = debs.fetch_firmware("raspi-firmware")?;
             let firmware = debs.unpack_deb("raspi-firmware", &deb)?;
             let boot_img = spec.out.join("boot.vfat");
-            let downstream = downstream_pi_kernel(&kernel_release);
             build_pi_boot(
-                spec,
+                (spec, &console),
                 &firmware,
                 &kernel_root,
                 (&vmlinuz, downstream),
@@ -490,6 +495,16 @@ fn build_initramfs(spec: &Spec, work: &Path, busybox: &Path, modules: &Path) -> 
         .arg("-o")
         .arg(&initrd))?;
     Ok(initrd)
+}
+
+/// The kernel console when none is given: the first serial port of a PC or QEMU; on a
+/// Pi the GPIO 14/15 UART (`enable_uart=1`), which Debian's kernel calls `ttyS1` and
+/// the Raspberry Pi kernel `ttyS0`.
+pub fn default_console(scheme: BootScheme, downstream: bool) -> &'static str {
+    match (scheme, downstream) {
+        (BootScheme::PiTryboot, false) => "console=tty0 console=ttyS1,115200",
+        _ => "console=tty0 console=ttyS0,115200",
+    }
 }
 
 /// Whether `release` is the Raspberry Pi kernel (`6.6.51+rpt-rpi-v8`), whose firmware
@@ -640,12 +655,13 @@ fn build_rootfs(
         0o644,
     )?;
     write_file(&root.join("etc/group"), b"root:x:0:\n", 0o644)?;
-    // UEFI: the agent stops with exit code 10 and init reboots. A Pi's trial needs the
-    // tryboot flag passed with the reboot, which `cairn-agent reboot` does.
-    let (boot, reboot) = match scheme {
-        BootScheme::Uefi => ("sdboot:/boot/efi", "exit"),
-        BootScheme::PiTryboot => ("tryboot:/boot/efi:2,3", "/usr/bin/cairn-agent reboot"),
+    // The agent stops with exit code 10 and init unmounts and reboots; for a Pi's
+    // trial with 11, and init reboots with `cairn-agent reboot "0 tryboot"`.
+    let boot = match scheme {
+        BootScheme::Uefi => "sdboot:/boot/efi",
+        BootScheme::PiTryboot => "tryboot:/boot/efi:2,3",
     };
+    let reboot = "exit";
     let config = format!(
         "# Cairn OS {v}: how this image runs the agent. The first-boot configuration\n\
          # (hub, join token) is on the first FAT partition: /boot/efi/cairn/agent.toml.\n\
@@ -674,7 +690,7 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-fn build_esp(spec: &Spec, loader: &Path, uki: &Path, esp: &Path) -> Result<()> {
+fn build_esp(spec: &Spec, console: &str, loader: &Path, uki: &Path, esp: &Path) -> Result<()> {
     let f = std::fs::File::create(esp)?;
     f.set_len(spec.layout.esp_mib * MIB)?;
     drop(f);
@@ -695,7 +711,7 @@ fn build_esp(spec: &Spec, loader: &Path, uki: &Path, esp: &Path) -> Result<()> {
         format!(
             "title Cairn OS (slot {up})\nlinux /cairn/{slot}.efi\noptions cairn.slot={slot} {console} panic=5 quiet loglevel=3\n",
             up = slot.to_ascii_uppercase(),
-            console = spec.console
+            console = console
         )
     };
     write_file(
@@ -730,9 +746,15 @@ fn build_esp(spec: &Spec, loader: &Path, uki: &Path, esp: &Path) -> Result<()> {
 const FAT_TIME: &str = "@946684800";
 
 /// A FAT32 image of `mib` MiB with `files` (source, name in the root directory), the
-/// same bytes for the same inputs: a fixed volume serial number, the files copied in
-/// order with their time stamps set to [`FAT_TIME`].
-fn fat_image(out: &Path, mib: u64, label: &str, files: &[(&Path, &str)]) -> Result<()> {
+/// same bytes for the same inputs on any build machine: a fixed volume serial number,
+/// the files copied in order with their time stamps set to [`FAT_TIME`], in UTC
+/// (mtools writes FAT's local times with the build machine's time zone otherwise).
+fn fat_image(
+    out: &Path,
+    mib: u64,
+    (label, serial): (&str, &str),
+    files: &[(&Path, &str)],
+) -> Result<()> {
     let stage = out.with_extension("d");
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(&stage)?;
@@ -745,7 +767,7 @@ fn fat_image(out: &Path, mib: u64, label: &str, files: &[(&Path, &str)]) -> Resu
     // FAT32 reserves a few MiB for its tables; leave room for them.
     if need + 4 * MIB > mib * MIB {
         bail!(
-            "{label}: {} MiB of files do not fit a {mib} MiB partition: give --boot-mib more",
+            "{label}: {} MiB of files do not fit a {mib} MiB partition: give it more",
             need.div_ceil(MIB)
         );
     }
@@ -757,40 +779,70 @@ fn fat_image(out: &Path, mib: u64, label: &str, files: &[(&Path, &str)]) -> Resu
     f.set_len(mib * MIB)?;
     drop(f);
     let img = out.to_string_lossy().into_owned();
-    // mtools stamps the volume label entry with the time: SOURCE_DATE_EPOCH fixes it.
-    run(Command::new("mformat")
-        .env("SOURCE_DATE_EPOCH", &FAT_TIME[1..])
-        .args(["-i", &img, "-F", "-N", "ca1e0001", "-v", label, "::"]))?;
+    let mtools = |tool: &str| {
+        let mut c = Command::new(tool);
+        // mformat stamps the volume label entry with the time: SOURCE_DATE_EPOCH
+        // fixes it.
+        c.env("SOURCE_DATE_EPOCH", &FAT_TIME[1..]).env("TZ", "UTC");
+        c
+    };
+    run(mtools("mformat").args(["-i", &img, "-F", "-N", serial, "-v", label, "::"]))?;
     for (_, name) in files {
-        run(Command::new("mcopy")
-            .env("SOURCE_DATE_EPOCH", &FAT_TIME[1..])
+        run(mtools("mcopy")
             .args(["-m", "-i", &img])
             .arg(stage.join(name))
             .arg(format!("::/{name}")))?;
     }
     let _ = std::fs::remove_dir_all(&stage);
-    trim_zero_tail(out)
+    Ok(())
 }
 
-/// Cuts the zero blocks off the end of `path` (4 KiB, the release block size). A FAT
-/// keeps nothing at its end, so the file is the file system up to its last used
-/// cluster: the payload (and each upgrade's write) is what the files take, not the
-/// whole partition, which keeps its size on disk.
-fn trim_zero_tail(path: &Path) -> Result<()> {
+/// Cuts the FAT32 image at `path` after its last allocated cluster (a FAT keeps
+/// nothing after its data): the payload, and each upgrade's write, is what the files
+/// take, not the whole partition, which keeps its size on disk. The cut is where the
+/// FAT says the data ends, never inside a file, even where a file ends in zeros:
+/// after an upgrade the rest of the partition holds an older release's bytes.
+fn trim_after_last_cluster(path: &Path) -> Result<()> {
     use std::io::Read;
-    const BLOCK: u64 = 4096;
     let mut f = OpenOptions::new().read(true).write(true).open(path)?;
-    let mut end = f.metadata()?.len().div_ceil(BLOCK) * BLOCK;
-    let mut buf = vec![0u8; BLOCK as usize];
-    while end > 0 {
-        f.seek(SeekFrom::Start(end - BLOCK))?;
-        let n = f.read(&mut buf)?;
-        if buf[..n].iter().any(|b| *b != 0) {
-            break;
-        }
-        end -= BLOCK;
+    let mut boot = [0u8; 512];
+    f.read_exact(&mut boot)?;
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([boot[o], boot[o + 1]]));
+    let u32_at = |o: usize| {
+        u64::from(u32::from_le_bytes([
+            boot[o],
+            boot[o + 1],
+            boot[o + 2],
+            boot[o + 3],
+        ]))
+    };
+    let (bps, spc, reserved, fats) = (
+        u16_at(11),
+        u64::from(boot[13]),
+        u16_at(14),
+        u64::from(boot[16]),
+    );
+    let fat_sectors = u32_at(36);
+    if &boot[82..87] != b"FAT32" || bps == 0 || spc == 0 || fat_sectors == 0 {
+        bail!("{}: not a FAT32 file system", path.display());
     }
-    f.set_len(end)?;
+    let mut fat = vec![0u8; (fat_sectors * bps) as usize];
+    f.seek(SeekFrom::Start(reserved * bps))?;
+    f.read_exact(&mut fat)?;
+    let last = fat
+        .chunks_exact(4)
+        .enumerate()
+        .skip(2)
+        .filter(|(_, e)| u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x0fff_ffff != 0)
+        .map(|(i, _)| i as u64)
+        .next_back()
+        .unwrap_or(2);
+    let data = (reserved + fats * fat_sectors) * bps;
+    let end = data + (last - 1) * spc * bps;
+    let end = end.div_ceil(4096) * 4096;
+    if end < f.metadata()?.len() {
+        f.set_len(end)?;
+    }
     f.sync_all()?;
     Ok(())
 }
@@ -799,7 +851,7 @@ fn trim_zero_tail(path: &Path) -> Result<()> {
 /// device trees of the kernel, `config.txt`, `cmdline.txt`, the kernel and the
 /// initramfs. Identical for both slots: the firmware reports which one it booted.
 fn build_pi_boot(
-    spec: &Spec,
+    (spec, console): (&Spec, &str),
     firmware: &Path,
     kernel_root: &Path,
     (vmlinuz, downstream): (&Path, bool),
@@ -836,7 +888,7 @@ fn build_pi_boot(
     let cmdline = work.join("cmdline.txt");
     write_file(
         &cmdline,
-        format!("{} panic=5 quiet loglevel=3\n", spec.console).as_bytes(),
+        format!("{console} panic=5 quiet loglevel=3\n").as_bytes(),
         0o644,
     )?;
     let mut dtbs = Vec::new();
@@ -872,30 +924,34 @@ fn build_pi_boot(
         (vmlinuz, "vmlinuz"),
         (initrd, "initrd.img"),
     ]);
-    fat_image(out, spec.layout.boot_mib, "CAIRN-BOOT", &files)?;
+    fat_image(
+        out,
+        spec.layout.boot_mib,
+        ("CAIRN-BOOT", "ca1e0001"),
+        &files,
+    )
+    .context("the slot boot partition (--boot-mib)")?;
+    trim_after_last_cluster(out)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
 /// A Pi's partition 1: `autoboot.txt` as the agent's tryboot backend writes it for a
-/// fresh box (slot A on partition 2 the default, slot B on 3 not bootable yet), and an
-/// empty `cairn/` for the first-boot configuration.
+/// fresh box (slot A on partition 2 the default, slot B on 3 not bootable yet);
+/// `cairn-hub image configure` adds `cairn/agent.toml`.
 fn build_pi_firmware_partition(spec: &Spec, out: &Path) -> Result<()> {
-    let dir = out.with_extension("d");
+    use cairn_agent::upgrade::boot::tryboot::{AUTOBOOT, TryBoot};
+    let dir = out.with_extension("autoboot");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    cairn_agent::upgrade::boot::tryboot::TryBoot::open(&dir, [2, 3])
-        .map_err(|e| anyhow::anyhow!("writing autoboot.txt: {e}"))?;
-    let f = std::fs::File::create(out)?;
-    f.set_len(spec.layout.esp_mib * MIB)?;
-    drop(f);
-    let img = out.to_string_lossy().into_owned();
-    run(Command::new("mformat").args(["-i", &img, "-F", "-v", "BOOT", "::"]))?;
-    run(Command::new("mmd").args(["-i", &img, "::/cairn"]))?;
-    run(Command::new("mcopy")
-        .args(["-i", &img])
-        .arg(dir.join(cairn_agent::upgrade::boot::tryboot::AUTOBOOT))
-        .arg("::/autoboot.txt"))?;
+    TryBoot::open(&dir, [2, 3]).map_err(|e| anyhow::anyhow!("writing autoboot.txt: {e}"))?;
+    fat_image(
+        out,
+        spec.layout.esp_mib,
+        ("BOOT", "ca1e0000"),
+        &[(&dir.join(AUTOBOOT), AUTOBOOT)],
+    )
+    .context("the firmware partition (--esp-mib)")?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -46,6 +46,8 @@ use crate::tools::run;
 const QEMU: &str = "qemu-system-aarch64";
 /// What every kernel prints as it restarts with a command (kernel/reboot.c).
 const RESTART_TRYBOOT: &str = "Restarting system with command '0 tryboot'";
+/// What it prints as it powers off.
+const POWER_DOWN: &str = "reboot: Power down";
 
 /// One virtual Pi.
 pub struct PiVm {
@@ -160,7 +162,11 @@ pub fn firmware_load(disk: &Path, tryboot: bool, dir: &Path) -> Result<PiBootFil
             part.number, part.name
         )
     })?;
-    let config = PiConfig::parse(&std::fs::read_to_string(fw.join("config.txt"))?, tryboot);
+    let read = |name: &str| {
+        std::fs::read_to_string(fw.join(name))
+            .with_context(|| format!("partition {}: {name} is not text", part.number))
+    };
+    let config = PiConfig::parse(&read("config.txt")?, tryboot);
     let kernel = fw.join("kernel");
     mcopy(disk, part, &config.kernel, &kernel)
         .with_context(|| format!("partition {}: no kernel {}", part.number, config.kernel))?;
@@ -176,7 +182,7 @@ pub fn firmware_load(disk: &Path, tryboot: bool, dir: &Path) -> Result<PiBootFil
     let cmdline_file = fw.join("cmdline");
     mcopy(disk, part, &config.cmdline, &cmdline_file)
         .with_context(|| format!("partition {}: no {}", part.number, config.cmdline))?;
-    let cmdline = std::fs::read_to_string(&cmdline_file)?
+    let cmdline = read("cmdline")?
         .lines()
         .next()
         .unwrap_or_default()
@@ -325,6 +331,17 @@ fn firmware_loop(shared: Arc<Mutex<Power>>, dir: PathBuf, disk: PathBuf, console
             }
             match p.qemu.as_mut().map(|c| c.try_wait()) {
                 Some(Ok(None)) => continue,
+                Some(Err(e)) => {
+                    let why = format!("cannot watch {QEMU}: {e}");
+                    console_note(&console, &format!("halted: {why}"));
+                    if let Some(mut c) = p.qemu.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    p.halted = Some(why);
+                    p.on = false;
+                    return;
+                }
                 Some(Ok(Some(status))) if !status.success() => {
                     let why = format!(
                         "{QEMU} exited with {status} (see qemu.log in {})",
@@ -344,6 +361,14 @@ fn firmware_loop(shared: Arc<Mutex<Power>>, dir: PathBuf, disk: PathBuf, console
         }
         let text = std::fs::read(&console).unwrap_or_default();
         let this_boot = String::from_utf8_lossy(text.get(console_at..).unwrap_or_default());
+        if this_boot.contains(POWER_DOWN) {
+            // `-no-reboot` ends QEMU for a power-off as for a reboot: stay off.
+            console_note(&console, "the system powered itself off");
+            let mut p = lock(&shared);
+            p.halted = Some("the system powered itself off".into());
+            p.on = false;
+            return;
+        }
         tryboot = this_boot.contains(RESTART_TRYBOOT);
     }
 }

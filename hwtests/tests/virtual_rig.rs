@@ -80,7 +80,7 @@ fn spec_for(
         },
         fault,
         agent_args: vec!["--checkpoint-mib".into(), "4".into()],
-        console: console.into(),
+        console: Some(console.into()),
         kernel_deb: None,
     }
 }
@@ -192,7 +192,7 @@ fn pi4_image_upgrades_by_tryboot_through_a_power_cut_and_rolls_back() {
         .map(|e| e.unwrap().path())
         .find(|p| {
             let n = p.file_name().unwrap().to_string_lossy();
-            n.starts_with("linux-image-") && n.ends_with("_arm64.deb")
+            n.starts_with(&format!("linux-image-{}_", v1.kernel)) && n.ends_with("_arm64.deb")
         })
         .expect("the arm64 kernel .deb in the image cache");
     let mut again = spec_for(

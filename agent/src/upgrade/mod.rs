@@ -177,7 +177,10 @@ impl SlotLayout {
         use std::os::unix::fs::FileTypeExt;
         payload != "rootfs"
             && self.target(payload, slot).is_some_and(|t| {
-                !std::fs::metadata(t).is_ok_and(|m| m.file_type().is_block_device())
+                // A device node, or a /dev path (a missing link must not become a
+                // file on /dev's RAM file system).
+                !t.starts_with("/dev")
+                    && !std::fs::metadata(t).is_ok_and(|m| m.file_type().is_block_device())
             })
     }
 }
@@ -187,13 +190,17 @@ impl SlotLayout {
 pub enum RebootAction {
     /// Run this command (`systemctl reboot`; with `"0 tryboot"` appended for a Pi trial).
     Command(Vec<String>),
-    /// Stop the agent and exit with [`REBOOT_EXIT_CODE`]: the simulation's and tests'
-    /// "machine" then runs its firmware model and starts the agent again.
+    /// Stop the agent and exit with [`REBOOT_EXIT_CODE`] (or, for a Pi trial,
+    /// [`TRYBOOT_EXIT_CODE`]): the box's init, or the simulation's and tests' "machine",
+    /// then reboots (or runs its firmware model) and starts the agent again.
     Exit,
 }
 
 /// Exit status of `cairn-agent` when it stopped to be rebooted (`--reboot exit`).
 pub const REBOOT_EXIT_CODE: i32 = 10;
+/// Exit status when the reboot must carry the tryboot flag (`--reboot exit` with the
+/// `tryboot` boot loader): `cairn-agent reboot "0 tryboot"` does that.
+pub const TRYBOOT_EXIT_CODE: i32 = 11;
 
 /// Everything the engine needs to know about the box.
 #[derive(Debug, Clone)]

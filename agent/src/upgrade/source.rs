@@ -25,6 +25,12 @@ fn mib(n: u64) -> String {
 /// partition and keeps its size.
 pub fn check_capacity(target: &Path, size: u64, slot: Slot, file: bool) -> Result<(), String> {
     let meta = std::fs::metadata(target).ok();
+    if meta.is_none() && !file && target.starts_with("/dev") {
+        return Err(format!(
+            "slot {slot}: {} does not exist: the partition is missing, or nothing linked its name (is this the disk the image was flashed to?)",
+            target.display()
+        ));
+    }
     if let Some(m) = meta.as_ref().filter(|_| !file) {
         if m.file_type().is_block_device() {
             let cap = std::fs::File::open(target)

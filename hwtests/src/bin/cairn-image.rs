@@ -79,7 +79,8 @@ struct Build {
     #[arg(long, default_value_t = Layout::default().boot_mib)]
     boot_mib: u64,
     /// Kernel console arguments [default: console=tty0 console=ttyS0,115200; on a Pi
-    /// console=tty0 console=ttyS1,115200, the GPIO 14/15 UART].
+    /// the GPIO 14/15 UART: console=ttyS1,115200 with Debian's kernel, ttyS0 with the
+    /// Raspberry Pi kernel].
     #[arg(long)]
     console: Option<String>,
     /// Extra argument for `cairn-agent run` in the image; repeat.
@@ -103,7 +104,7 @@ fn main() -> ExitCode {
     let Cmd::Build(b) = Cli::parse().cmd;
     let spec = image::Spec {
         arch: b.arch,
-        board: b.board.clone(),
+        board: b.board,
         version: b.version,
         agent: b.agent,
         out: b.out,
@@ -117,13 +118,7 @@ fn main() -> ExitCode {
         fault: b.fault,
         kernel_deb: b.kernel_deb,
         agent_args: b.agent_args,
-        console: b.console.unwrap_or_else(|| {
-            match image::BootScheme::of(b.arch, &b.board) {
-                Ok(image::BootScheme::PiTryboot) => "console=tty0 console=ttyS1,115200",
-                _ => "console=tty0 console=ttyS0,115200",
-            }
-            .into()
-        }),
+        console: b.console,
     };
     match image::build(&spec) {
         Ok(built) if b.json => match serde_json::to_string_pretty(&built) {

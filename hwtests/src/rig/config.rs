@@ -773,8 +773,12 @@ impl BoxConfig {
 pub fn read_built(dir: &Path) -> Result<Built, String> {
     let path = dir.join("image.json");
     let text = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let mut b: Built = serde_json::from_slice(&text)
-        .map_err(|e| format!("{}: not an image.json of cairn-image: {e}", path.display()))?;
+    let mut b: Built = serde_json::from_slice(&text).map_err(|e| {
+        format!(
+            "{}: not an image.json of this cairn-image ({e}): build the image again",
+            path.display()
+        )
+    })?;
     let extra = b.extra.iter_mut().map(|p| &mut p.path);
     for p in [&mut b.disk, &mut b.rootfs].into_iter().chain(extra) {
         let here = p.file_name().map(|n| dir.join(n));

@@ -381,5 +381,5 @@ fn releases_are_read_from_image_json_and_checked_against_the_box() {
     );
     std::fs::write(images.join("2.0.0/image.json"), b"{}").unwrap();
     let e = nuc.load_releases().unwrap_err().to_string();
-    assert!(e.contains("not an image.json of cairn-image"), "{e}");
+    assert!(e.contains("not an image.json of this cairn-image"), "{e}");
 }

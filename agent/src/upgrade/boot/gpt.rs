@@ -567,15 +567,21 @@ pub fn partitions(disk: &Path) -> Result<Vec<PartitionInfo>, BootError> {
             continue;
         };
         let (first, last) = (le_u64(e, 32), le_u64(e, 40));
-        if last < first {
+        let usable = t
+            .header()
+            .map_or(0..=t.last_lba, |h| h.first_usable..=h.last_usable);
+        if last < first || !usable.contains(&first) || !usable.contains(&last) {
             return Err(BootError::format(
                 disk,
                 format!(
-                    "partition {} ends (LBA {last}) before it starts (LBA {first})",
-                    i + 1
+                    "partition {} spans LBAs {first}..={last}, outside the usable LBAs {}..={} (a damaged table?)",
+                    i + 1,
+                    usable.start(),
+                    usable.end()
                 ),
             ));
         }
+        // Within the disk, so these cannot overflow.
         out.push(PartitionInfo {
             number: i as u32 + 1,
             name: entry_name(e),
