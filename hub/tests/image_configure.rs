@@ -74,11 +74,15 @@ fn ok(dir: &Path, args: &[&str]) -> String {
 }
 
 /// `image configure IMAGE --hub HUB --token TOKEN`, which must succeed.
+/// `image configure IMAGE --hub HUB` and the rest (the token, options).
+fn configure_args<'a>(image: &'a str, hub: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["image", "configure", image, "--hub", hub];
+    v.extend_from_slice(rest);
+    v
+}
+
 fn configure(dir: &Path, image: &str, hub: &str, token: &str) -> String {
-    ok(
-        dir,
-        &["image", "configure", image, "--hub", hub, "--token", token],
-    )
+    ok(dir, &configure_args(image, hub, &["--token", token]))
 }
 
 fn ok_json(dir: &Path, args: &[&str]) -> Value {
@@ -221,15 +225,7 @@ fn configures_an_x86_image_that_mtools_fsck_and_sgdisk_read_back() {
 
     let r = ok_json(
         dir,
-        &[
-            "image",
-            "configure",
-            ims,
-            "--hub",
-            "hub.example.net:7440",
-            "--token-file",
-            &tf,
-        ],
+        &configure_args(ims, "hub.example.net:7440", &["--token-file", &tf]),
     );
     assert_eq!(r["outcome"], "configured");
     assert_eq!(r["esp"]["partition"], 1);
@@ -303,16 +299,11 @@ fn a_raspberry_pi_image_gets_it_on_its_first_esp_type_boot_partition() {
     // The token from standard input, as from `cairn-hub token create | …`.
     let out = hub_cli(
         dir,
-        &[
-            "image",
-            "configure",
+        &configure_args(
             ims,
-            "--hub",
             "hub.example.net:7440",
-            "--token-file",
-            "-",
-            "--json",
-        ],
+            &["--token-file", "-", "--json"],
+        ),
         Some(&format!("{}\n", t.encode())),
     );
     assert!(
@@ -368,15 +359,7 @@ fn images_without_a_valid_gpt_or_esp_are_refused_and_left_alone() {
     let configure = |img: &Path| {
         let (code, err) = fails(
             dir,
-            &[
-                "image",
-                "configure",
-                img.to_str().unwrap(),
-                "--hub",
-                "h.example:1",
-                "--token-file",
-                &tf,
-            ],
+            &configure_args(img.to_str().unwrap(), "h.example:1", &["--token-file", &tf]),
         );
         (code, err)
     };
@@ -491,15 +474,11 @@ fn a_damaged_backup_gpt_is_a_warning_only() {
     let t = token(4);
     let r = ok_json(
         dir,
-        &[
-            "image",
-            "configure",
+        &configure_args(
             img.to_str().unwrap(),
-            "--hub",
             "h.example:1",
-            "--token",
-            &t.encode(),
-        ],
+            &["--token", &t.encode()],
+        ),
     );
     let w = r["warnings"].to_string();
     assert!(
@@ -561,15 +540,11 @@ fn invalid_tokens_hubs_and_pins_are_refused_before_the_image_is_touched() {
     std::fs::write(&junk, format!("{good}\ntoken 0505: 1 use(s)\n")).unwrap();
     let (code, err) = fails(
         dir,
-        &[
-            "image",
-            "configure",
+        &configure_args(
             ims,
-            "--hub",
             "h.example:1",
-            "--token-file",
-            junk.to_str().unwrap(),
-        ],
+            &["--token-file", junk.to_str().unwrap()],
+        ),
     );
     assert_eq!(code, 2);
     assert!(err.contains("more than one word"), "{err}");
@@ -579,18 +554,11 @@ fn invalid_tokens_hubs_and_pins_are_refused_before_the_image_is_touched() {
     for p in [pin.clone(), format!("sha256:{}", pin.to_uppercase())] {
         ok(
             dir,
-            &[
-                "image",
-                "configure",
+            &configure_args(
                 ims,
-                "--hub",
                 "h.example:1",
-                "--token",
-                &good,
-                "--ca-pin",
-                &p,
-                "--force",
-            ],
+                &["--token", &good, "--ca-pin", &p, "--force"],
+            ),
         );
     }
 }
@@ -607,15 +575,7 @@ fn an_existing_configuration_needs_force_and_force_replaces_it() {
 
     let (code, err) = fails(
         dir,
-        &[
-            "image",
-            "configure",
-            ims,
-            "--hub",
-            "two.example:7440",
-            "--token",
-            &t2.encode(),
-        ],
+        &configure_args(ims, "two.example:7440", &["--token", &t2.encode()]),
     );
     assert_eq!(code, 6);
     assert!(
@@ -630,16 +590,11 @@ fn an_existing_configuration_needs_force_and_force_replaces_it() {
 
     let r = ok_json(
         dir,
-        &[
-            "image",
-            "configure",
+        &configure_args(
             ims,
-            "--hub",
             "two.example:7440",
-            "--token",
-            &t2.encode(),
-            "--force",
-        ],
+            &["--token", &t2.encode(), "--force"],
+        ),
     );
     assert_eq!(r["outcome"], "replaced");
     assert_eq!(r["previous"]["hub"], "one.example:7440");
@@ -700,16 +655,11 @@ fn a_full_esp_is_refused_and_keeps_its_old_configuration() {
 
     let (code, err) = fails(
         dir,
-        &[
-            "image",
-            "configure",
+        &configure_args(
             ims,
-            "--hub",
             "two.example:7440",
-            "--token",
-            &t2.encode(),
-            "--force",
-        ],
+            &["--token", &t2.encode(), "--force"],
+        ),
     );
     assert_eq!(code, 1);
     assert!(
@@ -733,15 +683,11 @@ fn a_full_esp_is_refused_and_keeps_its_old_configuration() {
     );
     let (code, err) = fails(
         dir,
-        &[
-            "image",
-            "configure",
+        &configure_args(
             img2.to_str().unwrap(),
-            "--hub",
             "h.example:1",
-            "--token",
-            &t2.encode(),
-        ],
+            &["--token", &t2.encode()],
+        ),
     );
     assert_eq!(code, 1);
     assert!(err.contains("is full"), "{err}");
@@ -783,15 +729,7 @@ fn a_read_only_image_is_refused_with_what_to_do() {
     let before = std::fs::read(&img).unwrap();
     let (code, err) = fails(
         dir,
-        &[
-            "image",
-            "configure",
-            ims,
-            "--hub",
-            "h.example:1",
-            "--token",
-            &token(1).encode(),
-        ],
+        &configure_args(ims, "h.example:1", &["--token", &token(1).encode()]),
     );
     assert_eq!(code, 1);
     assert!(
