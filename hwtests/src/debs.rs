@@ -50,43 +50,29 @@ impl Debs {
             .find(|p| p.starts_with("linux-image-") && p != "linux-image-amd64")
             .with_context(|| {
                 format!(
-                    "apt-cache knows no kernel for {meta}: run `apt-get update`{}",
-                    if self.arch == Arch::Aarch64 {
-                        " after `dpkg --add-architecture arm64`"
-                    } else {
-                        ""
-                    }
+                    "apt-cache knows no kernel for {meta}: {}",
+                    self.update_hint()
                 )
             })
     }
 
+    /// What to run when the package lists do not know a package.
+    fn update_hint(&self) -> &'static str {
+        match self.arch {
+            Arch::Aarch64 => "run `apt-get update` after `dpkg --add-architecture arm64`",
+            Arch::X86_64 => "run `apt-get update`",
+        }
+    }
+
     /// The `.deb` of `package` for this architecture, downloaded unless cached.
     pub fn fetch(&self, package: &str) -> Result<PathBuf> {
-        let dir = self.debs_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if let Some(p) = self.cached(package)? {
-            return Ok(p);
-        }
-        let spec = format!("{package}:{}", self.arch.deb());
-        tracing::info!(package = %spec, "downloading");
-        let out = Command::new("apt-get")
-            .args(["download", "-q", &spec])
-            .current_dir(&dir)
-            .output()
-            .context("running apt-get download")?;
-        if !out.status.success() {
-            bail!(
-                "apt-get download {spec} failed: {}\n(run `apt-get update`{}; the package lists must know {spec})",
-                String::from_utf8_lossy(&out.stderr).trim(),
-                if self.arch == Arch::Aarch64 {
-                    " after `dpkg --add-architecture arm64`"
-                } else {
-                    ""
-                }
-            );
-        }
-        self.cached(package)?
-            .with_context(|| format!("apt-get download {spec} left no .deb in {}", dir.display()))
+        self.fetch_all(&[package])?;
+        self.cached(package)?.with_context(|| {
+            format!(
+                "apt-get download {package} left no .deb in {}",
+                self.debs_dir().display()
+            )
+        })
     }
 
     /// A cached `.deb` of `package` (`NAME_VERSION_ARCH.deb`, arch or `all`).
@@ -120,25 +106,10 @@ impl Debs {
             return Ok(());
         }
         tracing::info!(packages = %missing.join(" "), "downloading");
-        let out = Command::new("apt-get")
-            .args(["download", "-q"])
-            .args(&missing)
-            .current_dir(&dir)
-            .output()
-            .context("running apt-get download")?;
-        if !out.status.success() {
-            bail!(
-                "apt-get download {} failed: {}\n(run `apt-get update`{})",
-                missing.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim(),
-                if self.arch == Arch::Aarch64 {
-                    " after `dpkg --add-architecture arm64`"
-                } else {
-                    ""
-                }
-            );
-        }
-        Ok(())
+        let mut args = vec!["download", "-q"];
+        args.extend(missing.iter().map(String::as_str));
+        apt_get(&args, &dir)
+            .with_context(|| format!("the package lists must know them: {}", self.update_hint()))
     }
 
     /// The `.deb` of `package` from Debian's `non-free-firmware` component (the
@@ -181,29 +152,14 @@ impl Debs {
             format!("Dir::Cache={}", apt.join("cache").display()),
         ];
         tracing::info!(package, suite = %suite, "downloading from non-free-firmware");
-        let update = Command::new("apt-get")
-            .args(&opts)
-            .args(["-q", "update"])
-            .output()
-            .context("running apt-get update")?;
-        if !update.status.success() {
-            bail!(
-                "apt-get update of Debian {suite} non-free-firmware failed: {}",
-                String::from_utf8_lossy(&update.stderr).trim()
-            );
-        }
-        let out = Command::new("apt-get")
-            .args(&opts)
-            .args(["-q", "download", package])
-            .current_dir(&dir)
-            .output()
-            .context("running apt-get download")?;
-        if !out.status.success() {
-            bail!(
-                "apt-get download {package} (non-free-firmware) failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let mut args: Vec<&str> = opts.iter().map(String::as_str).collect();
+        let n = args.len();
+        args.extend(["-q", "update"]);
+        apt_get(&args, &dir)
+            .with_context(|| format!("reading Debian {suite}'s non-free-firmware lists"))?;
+        args.truncate(n);
+        args.extend(["-q", "download", package]);
+        apt_get(&args, &dir).context("from non-free-firmware")?;
         self.cached(package)?.with_context(|| {
             format!(
                 "apt-get download {package} left no .deb in {}",
@@ -234,6 +190,23 @@ impl Debs {
         std::fs::write(root.join(".unpacked"), b"")?;
         Ok(root)
     }
+}
+
+/// Runs `apt-get ARGS` in `dir`; a failure shows the command and apt's stderr.
+fn apt_get(args: &[&str], dir: &Path) -> Result<()> {
+    let out = Command::new("apt-get")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running apt-get (is this a Debian machine?)")?;
+    if !out.status.success() {
+        bail!(
+            "apt-get {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// The Debian release this machine's apt uses (`bookworm`), from `/etc/os-release`.
