@@ -121,6 +121,20 @@ impl PiVm {
     }
 }
 
+impl Power {
+    /// The firmware stops the box by itself: says why on the console, ends QEMU if it
+    /// still runs, and stays off.
+    fn halt(&mut self, console: &Path, why: String) {
+        console_note(console, &format!("halted: {why}"));
+        if let Some(mut c) = self.qemu.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.halted = Some(why);
+        self.on = false;
+    }
+}
+
 fn lock(m: &Mutex<Power>) -> MutexGuard<'_, Power> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -301,11 +315,7 @@ fn firmware_loop(shared: Arc<Mutex<Power>>, dir: PathBuf, disk: PathBuf, console
         let started = match boot_once(&dir, &disk, &console, tryboot) {
             Ok(c) => c,
             Err(e) => {
-                let why = format!("{e:#}");
-                console_note(&console, &format!("halted: {why}"));
-                let mut p = lock(&shared);
-                p.halted = Some(why);
-                p.on = false;
+                lock(&shared).halt(&console, format!("{e:#}"));
                 return;
             }
         };
@@ -332,14 +342,7 @@ fn firmware_loop(shared: Arc<Mutex<Power>>, dir: PathBuf, disk: PathBuf, console
             match p.qemu.as_mut().map(|c| c.try_wait()) {
                 Some(Ok(None)) => continue,
                 Some(Err(e)) => {
-                    let why = format!("cannot watch {QEMU}: {e}");
-                    console_note(&console, &format!("halted: {why}"));
-                    if let Some(mut c) = p.qemu.take() {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                    }
-                    p.halted = Some(why);
-                    p.on = false;
+                    p.halt(&console, format!("cannot watch {QEMU}: {e}"));
                     return;
                 }
                 Some(Ok(Some(status))) if !status.success() => {
@@ -347,10 +350,7 @@ fn firmware_loop(shared: Arc<Mutex<Power>>, dir: PathBuf, disk: PathBuf, console
                         "{QEMU} exited with {status} (see qemu.log in {})",
                         dir.display()
                     );
-                    console_note(&console, &format!("halted: {why}"));
-                    p.halted = Some(why);
-                    p.on = false;
-                    p.qemu = None;
+                    p.halt(&console, why);
                     return;
                 }
                 _ => {
@@ -363,10 +363,7 @@ fn firmware_loop(shared: Arc<Mutex<Power>>, dir: PathBuf, disk: PathBuf, console
         let this_boot = String::from_utf8_lossy(text.get(console_at..).unwrap_or_default());
         if this_boot.contains(POWER_DOWN) {
             // `-no-reboot` ends QEMU for a power-off as for a reboot: stay off.
-            console_note(&console, "the system powered itself off");
-            let mut p = lock(&shared);
-            p.halted = Some("the system powered itself off".into());
-            p.on = false;
+            lock(&shared).halt(&console, "the system powered itself off".into());
             return;
         }
         tryboot = this_boot.contains(RESTART_TRYBOOT);

@@ -109,6 +109,20 @@ impl RealBox {
     pub fn flasher(&self) -> &Flasher {
         &self.flasher
     }
+
+    /// Switches the power, marking it in the console log; while the switch is under
+    /// way the power state counts as unknown.
+    fn switch(&mut self, on: bool) -> Result<()> {
+        let word = if on { "on" } else { "off" };
+        self.mark(&format!("power {word} ({})", self.power.describe()));
+        self.powered = None;
+        self.power
+            .set(on)
+            .with_context(|| format!("powering {word} {}", self.name))?;
+        self.powered = Some(on);
+        tracing::info!(r#box = %self.name, "power {word}");
+        Ok(())
+    }
 }
 
 impl Machine for RealBox {
@@ -134,25 +148,11 @@ impl Machine for RealBox {
 
     fn power_on(&mut self) -> Result<()> {
         self.start_console()?;
-        self.mark(&format!("power on ({})", self.power.describe()));
-        self.powered = None;
-        self.power
-            .set(true)
-            .with_context(|| format!("powering on {}", self.name))?;
-        self.powered = Some(true);
-        tracing::info!(r#box = %self.name, "power on");
-        Ok(())
+        self.switch(true)
     }
 
     fn power_off(&mut self) -> Result<()> {
-        self.mark(&format!("power off ({})", self.power.describe()));
-        self.powered = None;
-        self.power
-            .set(false)
-            .with_context(|| format!("powering off {}", self.name))?;
-        self.powered = Some(false);
-        tracing::info!(r#box = %self.name, "power off");
-        Ok(())
+        self.switch(false)
     }
 
     /// The last state commanded (off before the first command).
