@@ -259,11 +259,7 @@ fn loop_devices_are_written_when_unused_and_refused_when_mounted_or_partitions()
     };
     let part = PathBuf::from(format!("{}p1", lo3.dev.display()));
     // The kernel scans the table in `losetup -P` itself; udev only adds links.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-    while !part.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    if !part.exists() {
+    if !super::poll_until(std::time::Duration::from_millis(500), || part.exists()) {
         eprintln!(
             "skipped the partition case: the kernel made no {}",
             part.display()

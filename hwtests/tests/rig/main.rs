@@ -127,13 +127,20 @@ impl Pty {
 }
 
 /// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
-pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+    assert!(poll_until(limit, cond), "timed out after {limit:?}: {what}");
+}
+
+/// Polls `cond` every 10 ms until it holds (true) or `limit` has passed (false).
+pub fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?}: {what}"
-        );
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -80,9 +80,15 @@ fn serial_console_waits_for_a_device_that_is_not_there_yet() {
         &log,
     );
     c.start().unwrap();
-    // Deliberately a time window: the point is that it is still trying after a while.
-    std::thread::sleep(Duration::from_millis(300));
     assert!(c.is_running(), "it keeps trying");
+    // The adapter is plugged in: its device appears, and the console picks it up.
+    let pty = Pty::open();
+    std::os::unix::fs::symlink(&pty.slave, tmp.path().join("ttyUSB9")).unwrap();
+    wait_until("the late device's lines in the log", T, || {
+        pty.write(b"plugged in late\n");
+        read(&log).contains("plugged in late")
+    });
+    assert!(c.is_running());
     let t0 = Instant::now();
     c.stop();
     assert!(t0.elapsed() < Duration::from_secs(1));
