@@ -691,53 +691,44 @@ fn shell_quote(s: &str) -> String {
 }
 
 fn build_esp(spec: &Spec, console: &str, loader: &Path, uki: &Path, esp: &Path) -> Result<()> {
-    let f = std::fs::File::create(esp)?;
-    f.set_len(spec.layout.esp_mib * MIB)?;
-    drop(f);
-    let img = esp.to_string_lossy().into_owned();
-    run(Command::new("mformat").args(["-i", &img, "-F", "-v", "ESP", "::"]))?;
-    run(Command::new("mmd").args([
-        "-i",
-        &img,
-        "::/EFI",
-        "::/EFI/BOOT",
-        "::/loader",
-        "::/loader/entries",
-        "::/cairn",
-    ]))?;
-    let dir = esp.with_extension("d");
+    let dir = esp.with_extension("inputs");
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let entry = |slot: char| {
         format!(
             "title Cairn OS (slot {up})\nlinux /cairn/{slot}.efi\noptions cairn.slot={slot} {console} panic=5 quiet loglevel=3\n",
             up = slot.to_ascii_uppercase(),
-            console = console
         )
     };
+    let (conf, a, b) = (
+        dir.join("loader.conf"),
+        dir.join("cairn-a.conf"),
+        dir.join("cairn-b.conf"),
+    );
     write_file(
-        &dir.join("loader.conf"),
+        &conf,
         b"default cairn-a.conf\ntimeout 0\neditor no\n",
         0o644,
     )?;
-    write_file(&dir.join("cairn-a.conf"), entry('a').as_bytes(), 0o644)?;
-    // Slot B is empty: its entry is bad (no tries left) until an upgrade writes it.
-    write_file(&dir.join("cairn-b+0.conf"), entry('b').as_bytes(), 0o644)?;
-    let copies: [(&Path, &str); 5] = [
-        (
-            loader,
-            &format!("::/EFI/BOOT/{}", spec.arch.efi_boot_name()),
-        ),
-        (&dir.join("loader.conf"), "::/loader/loader.conf"),
-        (&dir.join("cairn-a.conf"), "::/loader/entries/cairn-a.conf"),
-        (
-            &dir.join("cairn-b+0.conf"),
-            "::/loader/entries/cairn-b+0.conf",
-        ),
-        (uki, "::/cairn/a.efi"),
-    ];
-    for (src, dst) in copies {
-        run(Command::new("mcopy").args(["-i", &img]).arg(src).arg(dst))?;
-    }
+    write_file(&a, entry('a').as_bytes(), 0o644)?;
+    write_file(&b, entry('b').as_bytes(), 0o644)?;
+    let boot_name = format!("EFI/BOOT/{}", spec.arch.efi_boot_name());
+    fat_image(
+        esp,
+        spec.layout.esp_mib,
+        ("ESP", "ca1e0002"),
+        &[
+            (loader, &boot_name),
+            (&conf, "loader/loader.conf"),
+            (&a, "loader/entries/cairn-a.conf"),
+            // Slot B is empty: its entry is bad (no tries left) until an upgrade
+            // writes it.
+            (&b, "loader/entries/cairn-b+0.conf"),
+            (uki, "cairn/a.efi"),
+        ],
+    )
+    .context("the ESP (--esp-mib)")?;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -745,10 +736,11 @@ fn build_esp(spec: &Spec, console: &str, loader: &Path, uki: &Path, esp: &Path) 
 /// 2000-01-01, so that the same inputs give the same bytes.
 const FAT_TIME: &str = "@946684800";
 
-/// A FAT32 image of `mib` MiB with `files` (source, name in the root directory), the
-/// same bytes for the same inputs on any build machine: a fixed volume serial number,
-/// the files copied in order with their time stamps set to [`FAT_TIME`], in UTC
-/// (mtools writes FAT's local times with the build machine's time zone otherwise).
+/// A FAT32 image of `mib` MiB with `files` (source, path in the file system, with
+/// `/` between directories), the same bytes for the same inputs on any build machine:
+/// a fixed volume serial number, directories made and files copied in order, every
+/// time stamp [`FAT_TIME`], in UTC (mtools writes FAT's local times with the build
+/// machine's time zone otherwise).
 fn fat_image(
     out: &Path,
     mib: u64,
@@ -759,10 +751,20 @@ fn fat_image(
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(&stage)?;
     let mut need = 0;
+    let mut dirs: Vec<&str> = Vec::new();
     for (src, name) in files {
         let dst = stage.join(name);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
         need += std::fs::metadata(&dst)?.len();
+        // Every directory on the way, parents first, once.
+        for (i, _) in name.match_indices('/') {
+            if !dirs.contains(&&name[..i]) {
+                dirs.push(&name[..i]);
+            }
+        }
     }
     // FAT32 reserves a few MiB for its tables; leave room for them.
     if need + 4 * MIB > mib * MIB {
@@ -787,6 +789,9 @@ fn fat_image(
         c
     };
     run(mtools("mformat").args(["-i", &img, "-F", "-N", serial, "-v", label, "::"]))?;
+    for d in dirs {
+        run(mtools("mmd").args(["-i", &img, &format!("::/{d}")]))?;
+    }
     for (_, name) in files {
         run(mtools("mcopy")
             .args(["-m", "-i", &img])
