@@ -11,44 +11,11 @@ AARCH64_TARGET=aarch64-unknown-linux-gnu
 AARCH64_TARGET_DIR=target/aarch64
 
 # aarch64_install build|test: installs the packages the build (or the build and the
-# tests) need, skipping those already installed.
+# tests) need, skipping those already installed (scripts/setup.sh holds the list).
 aarch64_install() {
-  local pkgs=(
-    rustc-web cargo-web libstd-rust-web-dev:arm64 # Debian's Rust, with the arm64 std
-    gcc-aarch64-linux-gnu libc6-dev-arm64-cross   # the cross C compiler and linker
-    pkg-config libtss2-dev:arm64                  # tpm2-tss for the agent's TPM backend
-  )
-  if [ "$1" = test ]; then
-    pkgs+=(
-      qemu-user-static # runs the aarch64 test binaries on this host
-      # The arm64 loader and C library the test binaries run with (multiarch, in /lib
-      # and /usr/lib/aarch64-linux-gnu), and the TCTI of the swtpm the tests start,
-      # which tss-esapi loads at run time (dlopen).
-      libc6:arm64 libtss2-tcti-swtpm0:arm64
-      # Host tools the tests run as processes (x86 binaries, started from the aarch64
-      # test binary): the TPM emulator and its provisioning tools, tpm2-tools for
-      # cross-checks, and the tools that own the boot-control formats.
-      swtpm swtpm-tools tpm2-tools gdisk mtools libubootenv-tool efibootmgr
-    )
-  fi
-  local missing=() p
-  for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
-      missing+=("$p")
-  done
-  local have_arm64=
-  dpkg --print-foreign-architectures | grep -qx arm64 && have_arm64=1
-  if [ ${#missing[@]} -eq 0 ] && [ -n "$have_arm64" ]; then
-    return 0
-  fi
-  if [ -z "$have_arm64" ]; then
-    echo "== adding the arm64 architecture to dpkg" >&2
-    dpkg --add-architecture arm64
-  fi
-  echo "== installing ${missing[*]}" >&2
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" >&2
+  local group=aarch64
+  [ "$1" = test ] && group=aarch64-test
+  scripts/setup.sh "$group" >&2
 }
 
 # aarch64_env: exports what the cross build needs. Target-specific variables only, so

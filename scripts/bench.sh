@@ -6,26 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_updated=
-
-if ! command -v mender >/dev/null; then
-  echo "== installing mender-client (the peer measured side by side)"
-  { apt-get update -qq && apt_updated=1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mender-client; } \
-    || echo "mender-client could not be installed: the peer figures stay empty"
-fi
-need_pkg() { # need_pkg COMMAND-OR-FILE PACKAGE...: install PACKAGE... if the first is missing
-  local what=$1; shift
-  if command -v "$what" >/dev/null || [ -e "$what" ]; then return 0; fi
-  echo "== installing $* (upgrade section)"
-  if [ -z "$apt_updated" ]; then apt-get update -qq || true; apt_updated=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" \
-    || echo "$* could not be installed: the bench says so in its upgrade table"
-}
-need_pkg rauc rauc
-need_pkg /usr/share/dbus-1/system.d/de.pengutronix.rauc.conf rauc-service
-need_pkg mksquashfs squashfs-tools
-need_pkg casync casync
-need_pkg mke2fs e2fsprogs
+scripts/setup.sh build
+# The peers: all-or-nothing through the one package list; without them the harness
+# still runs and its peer tables say what was missing.
+scripts/setup.sh bench ||
+  echo "bench: the peers could not be installed (see above): their figures stay empty" >&2
 echo "== build"
 cargo build --release --locked -p cairn-examples -p cairn-agent
 cargo build --locked --profile agent -p cairn-agent

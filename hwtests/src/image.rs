@@ -555,7 +555,7 @@ fn cpio_newc(dir: &Path, out: &Path) -> Result<()> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::fs::File::create(out)?)
         .spawn()
-        .context("starting cpio (apt-get install cpio)")?;
+        .context("starting cpio (`scripts/setup.sh images` installs it)")?;
     {
         let mut stdin = child.stdin.take().context("cpio stdin")?;
         for n in names {

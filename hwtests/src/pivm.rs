@@ -85,7 +85,7 @@ impl PiVm {
         for tool in [QEMU, "fdtput", "mcopy"] {
             crate::tools::which(
                 tool,
-                "scripts/test.sh installs qemu-system-arm, device-tree-compiler and mtools",
+                "`scripts/setup.sh images` installs qemu-system-arm, device-tree-compiler and mtools",
             )?;
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

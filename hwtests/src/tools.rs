@@ -21,7 +21,7 @@ pub fn which(tool: &str, install: &str) -> Result<()> {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let out = cmd.stdin(Stdio::null()).output().with_context(|| {
-        format!("starting {shown} (is the tool installed? scripts/test.sh installs them)")
+        format!("starting {shown} (is the tool installed? `scripts/setup.sh images` installs them)")
     })?;
     if !out.status.success() {
         bail!(

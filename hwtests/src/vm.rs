@@ -63,12 +63,14 @@ impl Vm {
         for tool in [qemu(arch), "swtpm"] {
             crate::tools::which(
                 tool,
-                "scripts/test.sh installs qemu-system-x86, ovmf and swtpm",
+                "`scripts/setup.sh images` installs qemu-system-x86, ovmf and swtpm",
             )?;
         }
         let (code, vars) = firmware(arch);
         if !Path::new(code).exists() {
-            bail!("{code} is missing: apt-get install ovmf qemu-efi-aarch64");
+            bail!(
+                "{code} is missing: `scripts/setup.sh images` installs ovmf and qemu-efi-aarch64"
+            );
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::copy(vars, dir.join("VARS.fd")).context("copying the UEFI variable store")?;
