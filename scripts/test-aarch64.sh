@@ -21,4 +21,5 @@ export TSS2_LOG=all+NONE
 # take about 6 minutes cold here, so 30 is a bound, not a budget.
 timeout --kill-after=30s 30m \
   "$AARCH64_CARGO" test --target "$AARCH64_TARGET" --profile qemu-test --locked --no-fail-fast \
-  -p cairn-agent -p cairn-sync-protocol -p cairn-tpm --features cairn-tpm/testkit "$@"
+  -p cairn-agent -p cairn-sync-protocol -p cairn-tpm -p cairn-tpm-device \
+  --features cairn-tpm-device/testkit "$@"

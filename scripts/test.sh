@@ -19,7 +19,7 @@ command -v cargo >/dev/null || {
 export TSS2_LOG=all+NONE
 # Features beyond the defaults that the tests cover (the fleet simulation and the hub
 # build without them).
-features=(--features cairn-tpm/testkit)
+features=(--features cairn-tpm-device/testkit)
 
 echo "== format"
 cargo fmt --all -- --check
@@ -27,6 +27,20 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 echo "== build binaries (the end-to-end tests run them as processes)"
 cargo build --workspace --bins --locked
+echo "== the hub and the simulator neither compile nor link tpm2-tss"
+# Only cairn-tpm-device links it (ARCHITECTURE.md, invariants); a dependency that pulls
+# it back under the hub or the simulator fails here, as does a hub binary from this
+# workspace build (all features unified) that carries any of it.
+for pkg in cairn-hub cairn-examples; do
+  if cargo tree --locked -e normal -p "$pkg" --prefix none | grep -Eq '^(tss-esapi|cairn-tpm-device) '; then
+    echo "test.sh: $pkg depends on tss-esapi (cargo tree -e normal -p $pkg -i tss-esapi)" >&2
+    exit 1
+  fi
+done
+if ldd target/debug/cairn-hub | grep -q libtss2 || grep -qa 'tss-esapi\|tss_esapi' target/debug/cairn-hub; then
+  echo "test.sh: target/debug/cairn-hub links tpm2-tss or carries tss-esapi code" >&2
+  exit 1
+fi
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast "${features[@]}" -E 'not binary(virtual_rig)'

@@ -94,7 +94,7 @@ pub fn open(source: &AttestSource, data_dir: &Path) -> Result<Option<SharedAttes
 
 #[cfg(feature = "tpm")]
 fn open_tpm(tcti: &str, event_log: &Path, ima_log: &Path) -> Result<Box<dyn Attester>> {
-    let device = cairn_tpm::device::Device::open(tcti)
+    let device = cairn_tpm_device::device::Device::open(tcti)
         .with_context(|| format!("opening the TPM at {tcti}"))?
         .with_event_log(event_log)
         .with_ima_log(ima_log);

@@ -22,8 +22,8 @@ use cairn_agent::attest::SharedAttester;
 use cairn_e2e::{Agent, Hub, wait_for};
 use cairn_sync_protocol::message::RefusalCode;
 use cairn_tpm::attest::{AttestError, Attester, Identity, Quoted};
-use cairn_tpm::device::Device;
-use cairn_tpm::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa, measure_boot};
+use cairn_tpm_device::device::Device;
+use cairn_tpm_device::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa, measure_boot};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
@@ -574,7 +574,7 @@ fn the_ima_list_is_verified_incrementally_and_a_forged_entry_quarantines() {
     let token = hub.token(1, "site=a");
     let tpm = booted_tpm(&ca, "boot-a.eventlog");
     let list = tmp.path().join("ima.bin");
-    cairn_tpm::testkit::measure_files(
+    cairn_tpm_device::testkit::measure_files(
         &tpm.tcti(),
         &list,
         &[
@@ -606,7 +606,7 @@ fn the_ima_list_is_verified_incrementally_and_a_forged_entry_quarantines() {
 
     // Three more files measured; the next session sends only them.
     agent.kill();
-    cairn_tpm::testkit::measure_files(
+    cairn_tpm_device::testkit::measure_files(
         &tpm.tcti(),
         &list,
         &[("/etc/a", b"1"), ("/etc/b", b"2"), ("/etc/c", b"3")],
@@ -626,7 +626,7 @@ fn the_ima_list_is_verified_incrementally_and_a_forged_entry_quarantines() {
 
     // One more measured file whose listed path is then altered.
     agent.kill();
-    cairn_tpm::testkit::measure_files(&tpm.tcti(), &list, &[("/etc/shadow", b"x")]).unwrap();
+    cairn_tpm_device::testkit::measure_files(&tpm.tcti(), &list, &[("/etc/shadow", b"x")]).unwrap();
     let mut bytes = std::fs::read(&list).unwrap();
     let at = bytes.len() - 3; // inside "/etc/shadow\0"
     bytes[at] ^= 0x20;

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use cairn_tpm::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa};
+use cairn_tpm_device::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa};
 
 use crate::Arch;
 use crate::machine::Machine;

@@ -48,11 +48,11 @@ use tss_esapi::structures::{
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
 
-use crate::attest::{AttestError, Attester, Identity, IdentityKind, Quoted};
-use crate::ekcert;
-use crate::quote::{AkPublic, verify_quote};
+use cairn_tpm::attest::{AttestError, Attester, Identity, IdentityKind, Quoted};
+use cairn_tpm::ekcert;
+use cairn_tpm::quote::{AkPublic, verify_quote};
 
-pub use crate::attest::QuoteBytes;
+pub use cairn_tpm::attest::QuoteBytes;
 
 /// Where the AK is kept unless [`DeviceConfig::ak_handle`] says otherwise. Note that TCG
 /// reserves `0x8101xxxx` for endorsement keys and some provisioning tools persist an ECC
@@ -62,7 +62,7 @@ pub const DEFAULT_AK_HANDLE: u32 = 0x8101_0002;
 /// The firmware event log as Linux exposes it (securityfs).
 pub const DEFAULT_EVENT_LOG: &str = "/sys/kernel/security/tpm0/binary_bios_measurements";
 /// The IMA measurement list with sha256 template digests (Linux 6.10+; see
-/// [`crate::ima`]).
+/// [`cairn_tpm::ima`]).
 pub const DEFAULT_IMA_LOG: &str = "/sys/kernel/security/ima/binary_runtime_measurements_sha256";
 /// TCG EK Credential Profile, low range: RSA-2048 and ECC P-256 EK certificates.
 pub const RSA_EK_CERT_INDEX: u32 = 0x01c0_0002;
@@ -311,7 +311,7 @@ impl Device {
         &self.identity.ek_public
     }
 
-    /// The AK's public area (`TPM2B_PUBLIC`), for [`crate::quote::AkPublic`].
+    /// The AK's public area (`TPM2B_PUBLIC`), for [`cairn_tpm::quote::AkPublic`].
     pub fn ak_public(&self) -> &[u8] {
         &self.identity.ak_public
     }
@@ -681,7 +681,7 @@ impl Attester for Device {
                         pcrs: values,
                     });
                 }
-                Err(crate::quote::QuoteError::PcrMismatch) => continue,
+                Err(cairn_tpm::quote::QuoteError::PcrMismatch) => continue,
                 Err(e) => {
                     return Err(AttestError::Tpm(format!(
                         "the TPM's own quote does not verify: {e}"

@@ -1,5 +1,5 @@
 //! The agent-side TPM code against a real TPM emulator: swtpm, provisioned with EK
-//! certificates per test by [`cairn_tpm::testkit`]. Quotes our code makes are accepted by
+//! certificates per test by [`cairn_tpm_device::testkit`]. Quotes our code makes are accepted by
 //! our hub-side verifier and by `tpm2_checkquote` (tpm2-tools); credentials our hub code
 //! makes are activated only by the TPM holding both keys (RSA and ECC EKs); the AK is
 //! persistent across restarts and reboots; sealed data comes back only on its own TPM;
@@ -15,9 +15,9 @@ use std::process::Command;
 
 use cairn_tpm::attest::{AttestError, Attester, IdentityKind, verify_evidence};
 use cairn_tpm::credential::make_credential;
-use cairn_tpm::device::{Device, DeviceConfig, DeviceError, EkAlgorithm, EkChoice};
 use cairn_tpm::quote::{AkPublic, QuoteError, verify_quote};
-use cairn_tpm::testkit::{EkCert, Swtpm, SwtpmOptions, measure_boot};
+use cairn_tpm_device::device::{Device, DeviceConfig, DeviceError, EkAlgorithm, EkChoice};
+use cairn_tpm_device::testkit::{EkCert, Swtpm, SwtpmOptions, measure_boot};
 
 const PCRS: [u32; 9] = [0, 1, 2, 3, 4, 5, 6, 7, 16];
 

@@ -40,9 +40,9 @@ use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
 
 use crate::device::{self, DeviceError, ECC_EK_CERT_INDEX};
-use crate::ekcert::{EkCertError, EkTrust};
-use crate::eventlog::{self, EventLogError, alg, event_type};
-use crate::quote::AkPublic;
+use cairn_tpm::ekcert::{EkCertError, EkTrust};
+use cairn_tpm::eventlog::{self, EventLogError, alg, event_type};
+use cairn_tpm::quote::AkPublic;
 
 /// How long a swtpm may take to listen, and a tool to finish.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -576,12 +576,12 @@ pub fn measure_files(tcti: &str, list: &Path, files: &[(&str, &[u8])]) -> Result
         field(&mut data, &d_ng);
         field(&mut data, &n_ng);
         let digest: [u8; 32] = Sha256::digest(&data).into();
-        let mut entry = crate::ima::IMA_PCR.to_le_bytes().to_vec();
+        let mut entry = cairn_tpm::ima::IMA_PCR.to_le_bytes().to_vec();
         entry.extend(digest);
         field(&mut entry, b"ima-ng");
         field(&mut entry, &data);
         file.write_all(&entry).map_err(io("writing the IMA list"))?;
-        device::extend_pcr(&mut ctx, crate::ima::IMA_PCR, digest)?;
+        device::extend_pcr(&mut ctx, cairn_tpm::ima::IMA_PCR, digest)?;
     }
     file.sync_all().map_err(io("syncing the IMA list"))
 }

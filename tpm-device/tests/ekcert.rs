@@ -7,9 +7,9 @@
 #![cfg(feature = "testkit")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cairn_tpm::device::{Device, DeviceConfig, EkChoice};
 use cairn_tpm::ekcert::{EkCertError, EkTrust, verify_ek_certificate};
-use cairn_tpm::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa};
+use cairn_tpm_device::device::{Device, DeviceConfig, EkChoice};
+use cairn_tpm_device::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa};
 
 /// 2030-01-01: within the validity of swtpm_localca's certificates (made now, valid to
 /// 9999), whatever the machine's clock says.
