@@ -152,17 +152,19 @@ source_of() { # source_of PKG [VERSION]: "SOURCE SOURCEVERSION" of PKG's candida
     /^Package: / { p = $2; v = ""; s = ""; sv = "" }
     /^Version: / { v = $2 }
     /^Source: /  { s = $2; sv = $3; gsub(/[()]/, "", sv) }
-    /^$/ { if (p == pkg && v == want) { print (s ? s : p), (sv ? sv : v); exit } }
-    END  { if (p == pkg && v == want) print (s ? s : p), (sv ? sv : v) }'
+    /^$/ { if (!done && p == pkg && v == want) { print (s ? s : p), (sv ? sv : v); done = 1 } }
+    END  { if (!done && p == pkg && v == want) print (s ? s : p), (sv ? sv : v) }'
 }
 version_built_from() { # version_built_from PKG SOURCEVERSION: PKG's version of that build
   apt-cache show "$1" 2>/dev/null | awk -v pkg="$1" -v sv="$2" '
     /^Package: / { p = $2; v = ""; s = "" }
     /^Version: / { v = $2 }
     /^Source: /  { s = $3; gsub(/[()]/, "", s) }
-    /^$/ { if (p == pkg && (s ? s : v) == sv) { print v; exit } }
-    END  { if (p == pkg && (s ? s : v) == sv) print v }' | head -n1
+    /^$/ { if (!done && p == pkg && (s ? s : v) == sv) { print v; done = 1 } }
+    END  { if (!done && p == pkg && (s ? s : v) == sv) print v }'
 }
+# (Both awk programs read apt-cache's output to the end: exiting early would kill
+# apt-cache with SIGPIPE, which pipefail and set -e turn into a silent exit 141.)
 align=()
 declare -A seen_src=()
 for p in "${miss_host[@]}" "${miss_cross[@]}"; do
@@ -185,26 +187,55 @@ for p in "${miss_host[@]}" "${miss_cross[@]}"; do
   done < <(dpkg-query -W -f='${Package} ${Version} ${source:Package}\n' 2>/dev/null)
 done
 
+# Packages apt marked as installed automatically: one we name to set its version stays so.
+auto_before=$(apt-mark showauto 2>/dev/null || true)
 apt_install() { # apt_install [apt-get options] -- PKG...
   local opts=()
   while [ "$1" != -- ]; do opts+=("$1"); shift; done
   shift
   [ $# -gt 0 ] || return 0
-  say "installing $*"
-  local log
+  local pkgs=("$@") log rc want new w
   log=$(mktemp)
-  local rc=0
-  "${sudo[@]}" apt-get install -y -qq "${opts[@]}" "$@" 2>"$log" || rc=$?
-  cat "$log" >&2
-  if [ $rc -ne 0 ]; then
-    say "apt-get could not install: $*"
-    grep -E '^(E:| [^ ].*: (Depends|Breaks|Conflicts|PreDepends))' "$log" | sed 's/^/setup:   /' >&2 || true
-    say "to see why: apt-get install -s $* ; a package held, or installed from another"
-    say "Debian release than the mirror here offers, is the usual cause (apt-cache policy PKG)"
-    rm -f "$log"
-    exit 1
-  fi
+  for _ in 1 2 3; do
+    say "installing ${pkgs[*]}"
+    rc=0
+    "${sudo[@]}" apt-get install -y -qq "${opts[@]}" "${pkgs[@]}" 2>"$log" || rc=$?
+    cat "$log" >&2
+    if [ $rc -eq 0 ]; then
+      rm -f "$log"
+      # Re-mark as automatic what we named only to set its version.
+      for w in "${pkgs[@]}"; do
+        case $w in *=*) grep -qxF "${w%%=*}" <<<"$auto_before" &&
+          "${sudo[@]}" apt-mark auto "${w%%=*}" >/dev/null ;; esac
+      done
+      return 0
+    fi
+    # A dependency of what we install may want an exact version of a package installed
+    # from another release (libdw1 wants its own build's libelf1): ask for that version
+    # too, as for the packages of one source above, and try again.
+    mapfile -t want < <(apt-get install -s "${opts[@]}" "${pkgs[@]}" 2>&1 |
+      sed -nE 's/^ *([^ ]+ : )?(Pre)?Depends: ([^ ]+) \(= ([^)]+)\) but [^ ]+ is (installed|to be installed).*/\3=\4/p' |
+      sort -u)
+    new=()
+    for w in "${want[@]}"; do
+      installed "${w%%=*}" && ! printf '%s\n' "${pkgs[@]}" | grep -qxF "$w" && new+=("$w")
+    done
+    [ ${#new[@]} -gt 0 ] || break
+    say "apt needs these exact versions of installed packages: ${new[*]}; asking for them"
+    pkgs+=("${new[@]}")
+  done
   rm -f "$log"
+  say "apt-get could not install: ${pkgs[*]}"
+  # -qq hid apt's reasons: a simulation shows them.
+  apt-get install -s "${opts[@]}" "${pkgs[@]}" 2>&1 |
+    grep -E '^( *[^ ]+ : | +)(Pre)?Depends|Breaks|Conflicts|^E:|held' | sed 's/^/setup:   /' >&2 || true
+  local held
+  held=$(apt-mark showhold 2>/dev/null | tr '\n' ' ')
+  [ -z "$held" ] || say "held packages: $held(apt-mark unhold PKG lets apt change them)"
+  say "to see everything: apt-get install -s ${opts[*]} ${pkgs[*]}"
+  say "a held package, or one installed from another Debian release than the mirror here"
+  say "offers (apt-cache policy PKG), is the usual cause; fix that and run this again"
+  exit 1
 }
 host_install=("${miss_host[@]}")
 cross_install=("${miss_cross[@]}")
