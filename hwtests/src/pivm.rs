@@ -37,7 +37,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cairn_agent::upgrade::boot::gpt::{PartitionInfo, partitions};
+use cairn_agent::upgrade::boot::gpt::{Partition, partitions};
 use cairn_agent::upgrade::boot::tryboot::{AUTOBOOT, firmware_boot};
 
 use crate::machine::Machine;
@@ -259,7 +259,7 @@ impl PiConfig {
     }
 }
 
-fn mcopy(disk: &Path, part: &PartitionInfo, name: &str, out: &Path) -> Result<()> {
+fn mcopy(disk: &Path, part: &Partition, name: &str, out: &Path) -> Result<()> {
     let _ = std::fs::remove_file(out);
     run(Command::new("mcopy")
         .args(["-n", "-i"])
