@@ -271,9 +271,46 @@ pub fn judge(
     ))
 }
 
-/// How a quarantine for measurements that match no accepted set starts; the only kind
-/// an operator's accept can lift (identity and golden values are the policy's).
+/// How a quarantine for measurements that match no accepted set starts.
 pub const MEASUREMENTS_DIFFER: &str = "measurements differ from every accepted set";
+/// How a quarantine for evidence that did not verify starts.
+pub const EVIDENCE_REFUSED: &str = "evidence refused";
+
+/// The kinds of quarantine, told apart by how their stored reason starts (the reason is
+/// the text operators read, stored as it was shown). The one place that classifies a
+/// reason: the endpoint and the store ask this, never the text itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineKind {
+    /// The evidence did not verify (quote, nonce, log replay).
+    EvidenceRefused,
+    /// Verified measurements that match no accepted set.
+    MeasurementsDiffer,
+    /// What the policy itself requires (identity, golden values): only a change of the
+    /// policy lifts it.
+    Policy,
+}
+
+impl QuarantineKind {
+    pub fn of(reason: &str) -> Self {
+        if reason.starts_with(EVIDENCE_REFUSED) {
+            Self::EvidenceRefused
+        } else if reason.starts_with(MEASUREMENTS_DIFFER) {
+            Self::MeasurementsDiffer
+        } else {
+            Self::Policy
+        }
+    }
+
+    /// Whether an operator's accept of the current measurements can lift it.
+    pub fn accept_lifts(self) -> bool {
+        matches!(self, Self::EvidenceRefused | Self::MeasurementsDiffer)
+    }
+}
+
+/// The reason stored for evidence that did not verify.
+pub fn evidence_refused(why: &str) -> String {
+    format!("{EVIDENCE_REFUSED}: {why}")
+}
 
 fn short(h: &str) -> &str {
     h.get(..16).unwrap_or(h)
@@ -355,6 +392,28 @@ pub fn check_identity(
             }
             _ => Ok((kind::TPM_UNVERIFIED, None)),
         },
+    }
+}
+
+#[cfg(test)]
+mod quarantine_tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_classified_by_the_kind_they_were_made_as() {
+        assert_eq!(
+            QuarantineKind::of(&evidence_refused("bad nonce")),
+            QuarantineKind::EvidenceRefused
+        );
+        let differ = format!("{MEASUREMENTS_DIFFER} (closest: operator): PCR 4 = ab");
+        assert_eq!(
+            QuarantineKind::of(&differ),
+            QuarantineKind::MeasurementsDiffer
+        );
+        let policy = "PCR 0 = 00 is not among policy kiosks's golden values";
+        assert_eq!(QuarantineKind::of(policy), QuarantineKind::Policy);
+        assert!(!QuarantineKind::Policy.accept_lifts());
+        assert!(QuarantineKind::MeasurementsDiffer.accept_lifts());
     }
 }
 

@@ -326,7 +326,7 @@ impl Connection {
         let store = self.shared.store.clone();
         let outcome = match checked {
             Err(why) => AttestOutcome {
-                quarantine: Some(format!("{EVIDENCE_REFUSED}: {why}")),
+                quarantine: Some(crate::attest::evidence_refused(&why)),
                 pcrs: None,
                 log: None,
                 reset_count: None,
@@ -499,15 +499,11 @@ impl Connection {
     }
 }
 
-/// How a quarantine for evidence that did not verify starts.
-pub(crate) const EVIDENCE_REFUSED: &str = "evidence refused";
-
 fn refused_before(rec: &crate::store::AttestRecord) -> bool {
     rec.status == attest_status::QUARANTINED
-        && rec
-            .reason
-            .as_deref()
-            .is_some_and(|r| r.starts_with(EVIDENCE_REFUSED))
+        && rec.reason.as_deref().is_some_and(|r| {
+            crate::attest::QuarantineKind::of(r) == crate::attest::QuarantineKind::EvidenceRefused
+        })
 }
 
 /// Verifies evidence against a pending challenge; on success the device's whole event

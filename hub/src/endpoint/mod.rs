@@ -30,7 +30,6 @@ use crate::store::{DynStore, EnrollRefusal, Enrollment};
 
 mod attest;
 mod fetch;
-pub(crate) use attest::EVIDENCE_REFUSED;
 use attest::{Gate, PendingChallenge, PendingEnroll};
 
 /// The fetch refusal while a session's evidence is pending: the agent retries it.

@@ -249,8 +249,7 @@ pub(super) fn accept(
         )));
     };
     if let Some(reason) = rec.reason.as_deref()
-        && !reason.starts_with(crate::attest::MEASUREMENTS_DIFFER)
-        && !reason.starts_with(crate::endpoint::EVIDENCE_REFUSED)
+        && !crate::attest::QuarantineKind::of(reason).accept_lifts()
     {
         return Ok(Err(format!(
             "device {device} is quarantined by its policy ({reason}); accepting measurements cannot change that: change the policy or revoke the device"
