@@ -14,7 +14,6 @@
 //! - reports are stored at most once per `(device, seq)`, in sequence order, and the
 //!   returned acknowledgement never covers a report that is not stored.
 
-mod attest_sql;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -416,18 +415,29 @@ pub struct LabelCount {
     pub devices: usize,
 }
 
-/// The hub's durable state. See the module documentation for the contract.
+/// The hub's durable state, one trait per aggregate, so that a backend (and its
+/// conformance tests) can be written and read an aggregate at a time. See the module
+/// documentation for the contract. Callers hold a [`DynStore`] and bring the aggregate
+/// traits they use into scope.
+pub trait Store: Enrollments + Attestations + Devices + DesiredState + Reports + Releases {}
+
+impl<T: Enrollments + Attestations + Devices + DesiredState + Reports + Releases> Store for T {}
+
+/// Join tokens and enrollment.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Enrollments: Send + Sync + 'static {
     async fn create_token(&self, token: NewToken) -> Result<TokenInfo>;
+
     async fn tokens(&self) -> Result<Vec<TokenInfo>>;
+
     /// Consumes one use of a token and records the device with its initial desired state,
     /// atomically. An existing, not revoked device enrolling again with the same key (a
     /// retry after a lost answer) needs a valid token secret but consumes no use.
     async fn enroll(&self, e: Enrollment) -> Result<Result<DeviceRecord, EnrollRefusal>>;
+
     /// Checks a token without using it: its labels if it could enroll `device` now (a
     /// device already enrolled and not revoked retries with a valid secret only, as in
-    /// [`Store::enroll`]).
+    /// [`Enrollments::enroll`]).
     async fn check_token(
         &self,
         token_id: &str,
@@ -435,17 +445,20 @@ pub trait Store: Send + Sync + 'static {
         device: &DeviceId,
         now_ms: u64,
     ) -> Result<Result<Labels, EnrollRefusal>>;
+}
+
+/// Roots of trust, verified evidence, accepted measurements and policies.
+#[async_trait]
+pub trait Attestations: Send + Sync + 'static {
     /// The device that is not revoked and holds the EK with this SHA-256 (hex).
     async fn ek_owner(&self, ek_sha256: &str) -> Result<Option<DeviceId>>;
 
     /// A device's root of trust; `None` for an unattested or unknown device.
     async fn attestation(&self, id: &DeviceId) -> Result<Option<AttestRecord>>;
+
     /// Records one verification; a change of status also records an event.
     async fn record_attestation(&self, id: &DeviceId, outcome: AttestOutcome) -> Result<()>;
-    /// The operator accepts the device's last verified measurements: they replace the
-    /// first-seen and operator sets, and the quarantine ends. `Err(reason)` if there is
-    /// nothing verified to accept.
-    /// `seen_verified_ms`: when the measurements the operator reviewed were verified;
+
     /// refused if newer ones arrived since.
     async fn accept_measurements(
         &self,
@@ -453,20 +466,32 @@ pub trait Store: Send + Sync + 'static {
         seen_verified_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<Result<AttestRecord, String>>;
+
     /// Adds (or replaces, by source) a set of values the device is expected to measure,
     /// e.g. what a release predicts, before the device boots it. `false` if the device
     /// is not attested.
     async fn expect_measurements(&self, id: &DeviceId, set: MeasurementSet) -> Result<bool>;
+
     /// Removes the sets with this source; how many were removed.
     async fn retire_measurements(&self, id: &DeviceId, source: &str) -> Result<usize>;
-    async fn put_policy(&self, policy: AttestPolicy) -> Result<()>;
-    async fn delete_policy(&self, name: &str) -> Result<bool>;
-    async fn policies(&self) -> Result<Vec<AttestPolicy>>;
 
+    async fn put_policy(&self, policy: AttestPolicy) -> Result<()>;
+
+    async fn delete_policy(&self, name: &str) -> Result<bool>;
+
+    async fn policies(&self) -> Result<Vec<AttestPolicy>>;
+}
+
+/// Devices: listings, labels, revocation, sessions.
+#[async_trait]
+pub trait Devices: Send + Sync + 'static {
     async fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>>;
+
     async fn devices(&self) -> Result<Vec<DeviceRecord>>;
+
     /// Marks a device revoked; `false` if it does not exist.
     async fn revoke(&self, id: &DeviceId, now_ms: u64) -> Result<bool>;
+
     /// Replaces a device's labels and recomputes its desired state. `None` if unknown.
     async fn set_labels(
         &self,
@@ -474,6 +499,7 @@ pub trait Store: Send + Sync + 'static {
         labels: Labels,
         now_ms: u64,
     ) -> Result<Option<AssignOutcome>>;
+
     async fn labels(&self) -> Result<Vec<LabelCount>>;
 
     /// Records that session `session` of a device started (`online`) or ended. An end is
@@ -485,7 +511,11 @@ pub trait Store: Send + Sync + 'static {
         online: bool,
         now_ms: u64,
     ) -> Result<()>;
+}
 
+/// Desired state: assignments, signed revisions, and what an agent needs next.
+#[async_trait]
+pub trait DesiredState: Send + Sync + 'static {
     /// Sets or unsets a resource for a target and re-signs every device whose document
     /// changes. Refused with [`StoreError::Invalid`] if a device's document would exceed
     /// the protocol's limits (resource count, encoded size) or two of its files would
@@ -496,40 +526,67 @@ pub trait Store: Send + Sync + 'static {
     /// delta when the store can compute one, else a full snapshot. `None` when the agent
     /// is up to date.
     async fn state_update(&self, id: &DeviceId, held_revision: u64) -> Result<Option<StateUpdate>>;
+
     /// A full snapshot of the newest revision (`None` when there is no revision yet).
     async fn state_snapshot(&self, id: &DeviceId) -> Result<Option<StateUpdate>>;
+
     /// The agent confirmed it stored `revision`.
     async fn state_stored(&self, id: &DeviceId, revision: u64) -> Result<()>;
+}
 
+/// What agents reported, and the event log.
+#[async_trait]
+pub trait Reports: Send + Sync + 'static {
     /// Stores reports in sequence order, skipping those already stored; returns the
     /// highest sequence number now stored.
     async fn record_reports(&self, id: &DeviceId, reports: Vec<Report>, now_ms: u64)
     -> Result<u64>;
+
     /// Records that reports `from ..= to` of a device are lost for good (the agent had
     /// deleted them after an acknowledgement the hub's restored database no longer
     /// holds) and moves the device's report mark to `to`; returns the new mark.
     async fn skip_reports(&self, id: &DeviceId, from: u64, to: u64, now_ms: u64) -> Result<u64>;
+
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>>;
 
-    /// Adds a trusted release key; `false` if it was already trusted (its name is kept).
-    async fn add_release_key(&self, key: ReleaseKeyRecord) -> Result<bool>;
-    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>>;
-    /// Removes a trusted release key by id; `false` if there was none.
-    async fn remove_release_key(&self, key_id: &str) -> Result<bool>;
-    /// Records a release whose bundle is already durable in place. A version is stored
-    /// once: the same id again is [`PutRelease::AlreadyPresent`], another id a conflict.
-    async fn put_release(&self, release: ReleaseRecord) -> Result<PutRelease>;
-    async fn releases(&self) -> Result<Vec<ReleaseRecord>>;
-    async fn release(&self, version: &str) -> Result<Option<ReleaseRecord>>;
-    async fn release_by_id(&self, id: &str) -> Result<Option<ReleaseRecord>>;
-    /// Deletes a release record. `Err(why)` while an assignment still refers to it.
-    async fn delete_release(&self, version: &str) -> Result<Result<Option<ReleaseRecord>, String>>;
-    /// Every device's desired OS (the [`OS_RESOURCE`] resource of its current
-    /// document): `(device, release id hex, version)`.
-    async fn desired_os(&self) -> Result<Vec<(DeviceId, String, String)>>;
     /// The id of the newest event, updated after every commit that adds events.
     fn event_watch(&self) -> watch::Receiver<u64>;
 }
+
+/// Release keys, releases, and every device's desired OS.
+#[async_trait]
+pub trait Releases: Send + Sync + 'static {
+    /// Adds a trusted release key; `false` if it was already trusted (its name is kept).
+    async fn add_release_key(&self, key: ReleaseKeyRecord) -> Result<bool>;
+
+    async fn release_keys(&self) -> Result<Vec<ReleaseKeyRecord>>;
+
+    /// Removes a trusted release key by id; `false` if there was none.
+    async fn remove_release_key(&self, key_id: &str) -> Result<bool>;
+
+    /// Records a release whose bundle is already durable in place. A version is stored
+    /// once: the same id again is [`PutRelease::AlreadyPresent`], another id a conflict.
+    async fn put_release(&self, release: ReleaseRecord) -> Result<PutRelease>;
+
+    async fn releases(&self) -> Result<Vec<ReleaseRecord>>;
+
+    async fn release(&self, version: &str) -> Result<Option<ReleaseRecord>>;
+
+    async fn release_by_id(&self, id: &str) -> Result<Option<ReleaseRecord>>;
+
+    /// Deletes a release record. `Err(why)` while an assignment still refers to it.
+    async fn delete_release(&self, version: &str) -> Result<Result<Option<ReleaseRecord>, String>>;
+
+    /// Every device's desired OS (the [`OS_RESOURCE`] resource of its current
+    /// document): `(device, release id hex, version)`.
+    async fn desired_os(&self) -> Result<Vec<(DeviceId, String, String)>>;
+}
+
+/// Most bytes of resources in one device's document, leaving room in a frame for the
+/// names, the signature and the framing: [`DesiredState::assign`] refuses a change
+/// that would make a document larger.
+pub const MAX_DOCUMENT_BYTES: usize =
+    cairn_sync_protocol::frame::DEFAULT_MAX_FRAME_LEN - 256 * 1024;
 
 /// Shared handle to a store.
 pub type DynStore = Arc<dyn Store>;

@@ -1,4 +1,4 @@
-//! The attestation tables of [`super::sqlite::SqliteStore`]: one row per attested device
+//! The attestation tables of [`super::SqliteStore`]: one row per attested device
 //! (root of trust, last verified evidence, accepted measurement sets as JSON) and the
 //! operators' policies. The device row mirrors kind, status and reason so that device
 //! listings need no join.
@@ -6,12 +6,16 @@
 use cairn_sync_protocol::DeviceId;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::sqlite::{backend, insert_hub_event};
-use super::{
-    AttestOutcome, AttestRecord, NewAttestation, Result, StoreError, attest_status, hub_event,
-};
+use async_trait::async_trait;
+
+use super::reports::insert_hub_event;
+use super::{SqliteStore, backend};
 use crate::attest::{
     AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR, ek_fingerprint,
+};
+use crate::store::{
+    AttestOutcome, AttestRecord, Attestations, NewAttestation, Result, StoreError, attest_status,
+    hub_event,
 };
 
 pub(super) const SCHEMA: &str = r#"
@@ -385,4 +389,62 @@ pub(super) fn policies(conn: &Connection) -> Result<Vec<AttestPolicy>> {
         out.push(serde_json::from_str(&body).map_err(|e| corrupt("policy", e))?);
     }
     Ok(out)
+}
+
+#[async_trait]
+impl Attestations for SqliteStore {
+    async fn ek_owner(&self, ek_sha256: &str) -> Result<Option<DeviceId>> {
+        let ek = ek_sha256.to_string();
+        self.read(move |conn| super::attest::ek_owner(conn, &ek))
+            .await
+    }
+
+    async fn attestation(&self, id: &DeviceId) -> Result<Option<AttestRecord>> {
+        let id = id.clone();
+        self.read(move |conn| super::attest::load(conn, &id)).await
+    }
+
+    async fn record_attestation(&self, id: &DeviceId, outcome: AttestOutcome) -> Result<()> {
+        let id = id.clone();
+        self.write(move |conn| super::attest::record(conn, &id, &outcome))
+            .await
+    }
+
+    async fn accept_measurements(
+        &self,
+        id: &DeviceId,
+        seen_verified_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Result<AttestRecord, String>> {
+        let id = id.clone();
+        self.write(move |conn| super::attest::accept(conn, &id, seen_verified_ms, now_ms))
+            .await
+    }
+
+    async fn expect_measurements(&self, id: &DeviceId, set: MeasurementSet) -> Result<bool> {
+        let id = id.clone();
+        self.write(move |conn| super::attest::expect(conn, &id, set))
+            .await
+    }
+
+    async fn retire_measurements(&self, id: &DeviceId, source: &str) -> Result<usize> {
+        let (id, source) = (id.clone(), source.to_string());
+        self.write(move |conn| super::attest::retire(conn, &id, &source))
+            .await
+    }
+
+    async fn put_policy(&self, policy: AttestPolicy) -> Result<()> {
+        self.write(move |conn| super::attest::put_policy(conn, &policy))
+            .await
+    }
+
+    async fn delete_policy(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.write(move |conn| super::attest::delete_policy(conn, &name))
+            .await
+    }
+
+    async fn policies(&self) -> Result<Vec<AttestPolicy>> {
+        self.read(super::attest::policies).await
+    }
 }
