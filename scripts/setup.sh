@@ -111,6 +111,7 @@ if [ -n "$clippy_missing" ]; then
 fi
 
 if [ ${#all_missing[@]} -eq 0 ] && { [ -z "$need_arm64" ] || [ -n "$have_arm64" ]; } && [ -n "$lists_ok" ]; then
+  say "everything for ${groups[*]} is installed already"
   exit 0
 fi
 

@@ -657,7 +657,7 @@ pub async fn run_link(
                     return Err(LinkError::EnrollRefused { code, message });
                 }
                 if code == RefusalCode::DeviceRevoked {
-                    warn!(%message, "device revoked: no more syncing; local state stays enforced");
+                    warn!(reason = %message, "device revoked: no more syncing; local state stays enforced");
                     shared.set_conn_state(&format!("revoked: {message}"));
                     let _ = shared.with_store(|s| s.set_meta("revoked", message.as_bytes()));
                     shutdown.await;

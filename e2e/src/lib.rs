@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cairn_hub::process::{HubProcess, log_tail, same_port};
+use cairn_hub::server::Endpoints;
 use serde_json::Value;
 
 pub mod abox;
@@ -60,14 +62,11 @@ fn log_file(path: &Path) -> Stdio {
         .unwrap_or_else(|_| Stdio::null())
 }
 
-/// A hub process.
+/// A hub process (`cairn-hub serve`), through the shared harness.
 pub struct Hub {
     pub dir: PathBuf,
     pub quic: String,
-    child: Option<Child>,
-    port: u16,
-    /// Extra `serve` arguments.
-    args: Vec<String>,
+    proc: Option<HubProcess>,
 }
 
 impl Hub {
@@ -78,55 +77,57 @@ impl Hub {
 
     /// Starts a hub with extra `serve` arguments (e.g. `--ek-ca FILE`).
     pub fn start_with(dir: &Path, args: &[&str]) -> Self {
-        let mut hub = Self {
+        let (d, args) = (
+            dir.to_path_buf(),
+            args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        );
+        let launch = Box::new(move |prev: Option<&Endpoints>| {
+            let mut c = Command::new(bin("cairn-hub"));
+            c.args(["serve", "--data-dir"])
+                .arg(&d)
+                .args(["--listen", &format!("127.0.0.1:{}", same_port(prev))])
+                .args(["--admin-listen", "127.0.0.1:0", "--idle-timeout", "10s"])
+                .args(&args)
+                .env("RUST_LOG", "cairn_hub=debug,info")
+                .stdout(Stdio::null())
+                .stderr(log_file(&d.join("hub.log")));
+            c
+        });
+        let proc = HubProcess::start(dir, launch, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}\n{}", log_tail(&dir.join("hub.log"), 30)));
+        Self {
             dir: dir.to_path_buf(),
-            quic: String::new(),
-            child: None,
-            port: 0,
-            args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        hub.spawn();
-        hub
+            quic: proc.endpoints.quic.to_string(),
+            proc: Some(proc),
+        }
     }
 
-    fn spawn(&mut self) {
-        let endpoints = self.dir.join("endpoints.json");
-        let _ = std::fs::remove_file(&endpoints);
-        std::fs::create_dir_all(&self.dir).unwrap();
-        let child = Command::new(bin("cairn-hub"))
-            .args(["serve", "--data-dir"])
-            .arg(&self.dir)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--admin-listen", "127.0.0.1:0", "--idle-timeout", "10s"])
-            .args(&self.args)
-            .env("RUST_LOG", "cairn_hub=debug,info")
-            .stdout(Stdio::null())
-            .stderr(log_file(&self.dir.join("hub.log")))
-            .spawn()
-            .expect("spawn cairn-hub");
-        self.child = Some(child);
-        wait_for("hub writes endpoints.json", Duration::from_secs(30), || {
-            endpoints.exists()
-        });
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&endpoints).unwrap()).unwrap();
-        self.quic = v["quic"].as_str().unwrap().to_string();
-        self.port = self.quic.rsplit(':').next().unwrap().parse().unwrap();
+    fn proc(&mut self) -> &mut HubProcess {
+        self.proc.as_mut().expect("the hub process harness")
+    }
+
+    fn started(&mut self, r: Result<(), cairn_hub::process::StartError>) {
+        if let Err(e) = r {
+            panic!("{e}\n{}", self.log_tail());
+        }
+        self.quic = self.proc().endpoints.quic.to_string();
     }
 
     /// SIGKILL, no goodbye.
     pub fn kill(&mut self) {
-        sigkill(&mut self.child);
+        self.proc().kill();
     }
 
     /// Starts again on the same port with the same data directory.
     pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
+        let r = self.proc().restart();
+        self.started(r);
     }
 
     /// Starts a killed hub again (after its data directory was changed, say).
     pub fn start_again(&mut self) {
-        self.spawn();
+        let r = self.proc().start_again();
+        self.started(r);
     }
 
     /// Runs a CLI command against this hub.
@@ -221,16 +222,8 @@ impl Hub {
     }
 }
 
-impl Drop for Hub {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 fn tail(p: &Path) -> String {
-    let s = std::fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    log_tail(p, 30)
 }
 
 /// An agent process.

@@ -315,7 +315,7 @@ fn an_ek_from_an_untrusted_ca_and_a_software_tpm_are_refused_where_policy_requir
         a
     };
     let mut soft = refused_with("a2", "software", "does not meet");
-    refused_with("a3", "none", "attests with nothing");
+    refused_with("a3", "none", "sent no attestation");
     assert!(hub.devices().is_empty(), "{:?}", hub.devices());
 
     // Policy relaxed to software: it enrolls and is listed as software-attested.
@@ -664,6 +664,15 @@ fn an_unattested_device_gets_no_state_while_policy_requires_attestation() {
         agent.file("etc/one").exists()
     });
     assert_eq!(only_device(&hub).unwrap()["attestation"], Value::Null);
+    // Nothing to accept on it: refused as a conflict (exit 1), not "no such device" (3).
+    let id = only_device(&hub).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = hub.cli(&["device", "accept", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("has no attestation"), "{err}");
     hub.cli_ok(&[
         "policy",
         "set",

@@ -36,7 +36,7 @@ fn three_agents_enroll_and_converge_by_selector() {
         "--mode",
         "640",
     ]);
-    assert!(out.contains("2 device(s) match"), "{out}");
+    assert!(out.contains("2 devices match"), "{out}");
     for a in &agents[..2] {
         wait_for("paris agents write motd", T, || {
             std::fs::read_to_string(a.file("etc/motd")).is_ok_and(|c| c == "bonjour\n")

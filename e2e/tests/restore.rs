@@ -94,3 +94,28 @@ fn agent_restored_from_backup_keeps_numbering_above_the_hub() {
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// One hub per data directory: a second `serve` on a directory in use stops at once
+/// and says why (it used to wait a minute for the QUIC port); once the first hub is
+/// SIGKILLed, the directory is free again.
+#[test]
+fn a_second_hub_on_a_data_directory_in_use_is_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut hub = Hub::start(&tmp.path().join("hub"));
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(cairn_e2e::bin("cairn-hub"))
+        .args(["serve", "--data-dir"])
+        .arg(&hub.dir)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("in use by another cairn-hub") && err.contains("hub.lock"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "{err}");
+    hub.restart();
+    assert_eq!(hub.devices().len(), 0);
+}

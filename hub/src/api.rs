@@ -306,7 +306,8 @@ async fn revoke_device(State(api): State<Api>, Path(id): Path<String>) -> ApiRes
 }
 
 #[utoipa::path(get, path = "/v1/devices/{id}/attestation", params(("id" = String, Path)),
-    responses((status = 200, body = AttestRecord), (status = 404, body = ApiError)))]
+    responses((status = 200, body = AttestRecord), (status = 404, body = ApiError),
+        (status = 409, body = ApiError, description = "the device exists but enrolled without attestation")))]
 async fn show_attestation(
     State(api): State<Api>,
     Path(id): Path<String>,
@@ -314,8 +315,10 @@ async fn show_attestation(
     let d = parse_device(&id)?;
     match api.store.attestation(&d).await? {
         Some(rec) => Ok(Json(rec)),
+        // The device is there (not a 404: `device accept` must not say "no such
+        // device"); what is asked of it does not apply.
         None if api.store.device(&d).await?.is_some() => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
+            StatusCode::CONFLICT,
             format!(
                 "device {id} enrolled without a TPM or software attester; it has no attestation"
             ),

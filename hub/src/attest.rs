@@ -60,6 +60,16 @@ impl std::str::FromStr for Require {
     }
 }
 
+impl std::fmt::Display for Require {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Software => "software",
+            Self::Tpm => "tpm",
+        })
+    }
+}
+
 /// Kinds of device identity, as stored and shown.
 pub mod kind {
     pub const TPM: &str = "tpm";
@@ -208,7 +218,7 @@ pub fn judge(
     };
     if level(device_kind) < policy.require {
         return Verdict::Quarantined(format!(
-            "identity {} does not meet policy {} (requires {:?})",
+            "identity {} does not meet policy {} (requires --require {})",
             device_kind.unwrap_or("none"),
             policy.name,
             policy.require

@@ -386,14 +386,14 @@ pub fn human_bytes(n: u64) -> String {
 
 /// A device's upgrade status, for `device show`.
 pub fn print_upgrade(d: &Value) {
+    // The device row above has the OS column; nothing to add without a report.
     let Some(up) = d.get("upgrade").filter(|u| u.is_object()) else {
-        println!("{:<13} no upgrade reported", "os:");
         return;
     };
     let s = |k: &str| up.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     println!(
         "{:<13} {} committed, booted from slot {}",
-        "os:",
+        "boot:",
         s("committed_version"),
         s("booted_slot").to_uppercase()
     );

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod desired;
 pub mod endpoint;
 pub mod pki;
+pub mod process;
 pub mod release;
 pub mod server;
 pub mod store;

@@ -180,12 +180,14 @@ enum TokenCmd {
         labels: String,
     },
     /// List tokens (without their secrets).
+    #[command(visible_alias = "ls")]
     List,
 }
 
 #[derive(Subcommand)]
 enum DevicesCmd {
     /// List devices (the default).
+    #[command(visible_alias = "ls")]
     List,
     /// Revoke a device: its connection is closed at once and it can never sync again.
     Revoke { id: String },
@@ -678,7 +680,10 @@ async fn operate(client: &Client, cmd: Cmd, json: bool) -> CliResult<()> {
                     "agent:",
                     d["agent_version"].as_str().unwrap_or("")
                 );
-                println!("{:<13} {}", "stored:", d["stored_revision"]);
+                println!(
+                    "{:<13} revision {} (the newest the agent confirmed it stored)",
+                    "stored:", d["stored_revision"]
+                );
                 println!("{:<13} {}", "reports:", d["reports_acked"]);
                 cli::print_upgrade(&d);
                 match &attestation {
@@ -784,9 +789,11 @@ fn print_outcome(out: Value, json: bool) -> CliResult<()> {
         return cli::print_json(&out);
     }
     let changed = out["changed"].as_array().map_or(0, Vec::len);
+    let matched = out["matched"].as_u64().unwrap_or(0);
     println!(
-        "{} device(s) match; {changed} got a new signed revision and are being updated",
-        out["matched"]
+        "{matched} {} match; {changed} got a new signed revision and {} being updated",
+        if matched == 1 { "device" } else { "devices" },
+        if changed == 1 { "is" } else { "are" },
     );
     Ok(())
 }

@@ -87,9 +87,20 @@ fn unpem(text: &str, label: &str) -> Option<Vec<u8>> {
 }
 
 /// Writes a new private release key to `path` (created, never overwritten, mode 0600)
-/// and its public key as hex to `path.pub`.
+/// and its public key as hex to `path.pub`. A missing parent directory is created, mode
+/// 0700 (a key directory is for secrets).
 pub fn write_signing_key(path: &Path, key: &SigningKey) -> Result<PathBuf> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
     let der = key
         .to_pkcs8_der()
         .map_err(|e| BundleError::Key(format!("encoding the key: {e}")))?;

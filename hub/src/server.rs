@@ -45,7 +45,7 @@ impl HubConfig {
 }
 
 /// What a running hub tells its clients; also written to `DATA_DIR/endpoints.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Endpoints {
     pub quic: SocketAddr,
     pub admin_url: String,
@@ -68,6 +68,8 @@ pub struct RunningHub {
     pub keys: Arc<HubKeys>,
     endpoint: quinn::Endpoint,
     tasks: Vec<JoinHandle<()>>,
+    /// `DATA_DIR/hub.lock`, locked while this hub runs.
+    _lock: std::fs::File,
 }
 
 impl RunningHub {
@@ -105,9 +107,36 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
+/// Takes `DATA_DIR/hub.lock` for this process: one hub per data directory. The kernel
+/// releases it when the process ends, however it ends.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("hub.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "{} is in use by another cairn-hub (it holds {}): stop that hub first, or give \
+             this one another --data-dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Starts a hub: creates keys and database on first start, binds both endpoints, and
 /// writes `endpoints.json` and `cli.toml` into the data directory.
 pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let lock = lock_data_dir(&cfg.data_dir)?;
     let keys = Arc::new(HubKeys::load_or_create(&cfg.data_dir, &cfg.names)?);
     let store: DynStore = Arc::new(SqliteStore::open(
         &cfg.data_dir.join("hub.db"),
@@ -199,5 +228,6 @@ pub async fn start(cfg: HubConfig) -> Result<RunningHub> {
         keys,
         endpoint,
         tasks,
+        _lock: lock,
     })
 }

@@ -94,6 +94,19 @@ fn keygen(dir: &Path, name: &str) -> String {
     v["public_key"].as_str().unwrap().to_string()
 }
 
+#[test]
+fn keygen_makes_a_private_key_directory_when_there_is_none() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    keygen(dir, "keys/2025/release.pem");
+    let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("keys"), 0o700);
+    assert_eq!(mode("keys/2025"), 0o700);
+    assert_eq!(mode("keys/2025/release.pem"), 0o600);
+    assert!(dir.join("keys/2025/release.pem.pub").exists());
+}
+
 fn build(dir: &Path, version: &str, key: &str, out: &str, kernel: bool) -> Value {
     let mut args = vec![
         "release",

@@ -2,10 +2,12 @@
 //! against it, as an operator would use them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cairn_hub::process::{HubProcess, log_tail};
+use cairn_hub::server::Endpoints;
 use serde_json::Value;
 
 /// The directory holding the workspace binaries: `CAIRN_BIN_DIR`, else the one
@@ -31,11 +33,11 @@ pub fn bin_dir() -> Result<PathBuf> {
     )
 }
 
-/// A hub process, killed on drop.
+/// A hub process (`cairn-hub serve`, through the shared harness), killed on drop.
 pub struct HubProc {
     pub dir: PathBuf,
     bin: PathBuf,
-    child: Child,
+    _proc: HubProcess,
     /// The QUIC address it listens on.
     pub quic: String,
 }
@@ -45,38 +47,29 @@ impl HubProc {
     pub fn start(dir: &Path, listen: &str, extra: &[&str]) -> Result<HubProc> {
         let bin = bin_dir()?.join("cairn-hub");
         std::fs::create_dir_all(dir)?;
-        let endpoints = dir.join("endpoints.json");
-        let _ = std::fs::remove_file(&endpoints);
-        let child = Command::new(&bin)
-            .args(["serve", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "cairn_hub=debug,info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("hub.log"))?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut hub = HubProc {
+        let log = std::fs::File::create(dir.join("hub.log"))?;
+        let (b, d, listen) = (bin.clone(), dir.to_path_buf(), listen.to_string());
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let launch = Box::new(move |_: Option<&Endpoints>| {
+            let mut c = Command::new(&b);
+            c.args(["serve", "--data-dir"])
+                .arg(&d)
+                .args(["--listen", &listen, "--admin-listen", "127.0.0.1:0"])
+                .args(&extra)
+                .env("RUST_LOG", "cairn_hub=debug,info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log.try_clone().map_or_else(|_| Stdio::null(), Stdio::from));
+            c
+        });
+        let proc = HubProcess::start(dir, launch, Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("{e}:\n{}", log_tail(&dir.join("hub.log"), 20)))?;
+        Ok(HubProc {
             dir: dir.to_path_buf(),
             bin,
-            child,
-            quic: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !endpoints.exists() {
-            if let Some(st) = hub.child.try_wait()? {
-                bail!("the hub exited ({st}):\n{}", hub.log_tail(20));
-            }
-            if Instant::now() > deadline {
-                bail!("the hub did not start within 30 s:\n{}", hub.log_tail(20));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&endpoints)?)?;
-        hub.quic = v["quic"].as_str().unwrap_or_default().to_string();
-        Ok(hub)
+            quic: proc.endpoints.quic.to_string(),
+            _proc: proc,
+        })
     }
 
     /// The QUIC port.
@@ -118,15 +111,6 @@ impl HubProc {
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let t = std::fs::read_to_string(self.dir.join("hub.log")).unwrap_or_default();
-        let all: Vec<&str> = t.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        log_tail(&self.dir.join("hub.log"), lines)
     }
 }

@@ -6,11 +6,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use cairn_hub::process as harness;
+use cairn_hub::server::Endpoints;
 use serde::{Deserialize, Serialize};
-use tokio::process::{Child, Command};
 
 /// Passed to the hub child as one JSON argument.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,16 +34,13 @@ pub async fn main(setup: HubSetup) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
-struct EndpointsFile {
-    quic: SocketAddr,
-    admin_url: String,
-}
-
-/// The hub child as the orchestrator sees it.
+/// The hub child as the orchestrator sees it: the shared hub-process harness
+/// (`cairn_hub::process`), launched as this executable's `__hub` subcommand, plus the
+/// CPU and memory accounting the report needs.
 pub struct HubProcess {
     pub setup: HubSetup,
-    pub child: Child,
+    /// `None` only while a blocking start runs on the blocking pool.
+    proc: Option<harness::HubProcess>,
     pub quic: SocketAddr,
     pub admin_url: String,
     /// CPU seconds of hub processes that already ended (restarts).
@@ -50,49 +48,41 @@ pub struct HubProcess {
     pub rss_peak_mb: f64,
 }
 
+/// The command line of the hub child; a restart asks for the ports it had.
+fn launch(exe: PathBuf, setup: HubSetup) -> harness::Launch {
+    Box::new(move |prev: Option<&Endpoints>| {
+        let mut s = setup.clone();
+        if let Some(p) = prev {
+            s.listen = p.quic;
+            s.admin_listen = admin_addr(&p.admin_url).unwrap_or(s.admin_listen);
+        }
+        let mut c = std::process::Command::new(&exe);
+        // Our end of its stdin stays open while the harness holds the child: the hub
+        // ends when the orchestrator goes away.
+        c.arg("__hub")
+            .arg(serde_json::to_string(&s).unwrap_or_default())
+            .stdin(Stdio::piped());
+        c
+    })
+}
+
 impl HubProcess {
     /// Starts the hub child and waits until it has written its endpoints.
     pub async fn start(exe: &Path, setup: HubSetup) -> Result<Self> {
-        let endpoints = setup.dir.join("endpoints.json");
-        let _ = std::fs::remove_file(&endpoints);
-        std::fs::create_dir_all(&setup.dir)?;
-        let child = Command::new(exe)
-            .arg("__hub")
-            .arg(serde_json::to_string(&setup)?)
-            .stdin(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting the hub process")?;
-        let mut hub = Self {
+        let (dir, launch) = (setup.dir.clone(), launch(exe.to_path_buf(), setup.clone()));
+        let proc = tokio::task::spawn_blocking(move || {
+            harness::HubProcess::start(&dir, launch, Duration::from_secs(60))
+        })
+        .await?
+        .context("the hub process (run with RUST_LOG=info)")?;
+        Ok(Self {
             setup,
-            child,
-            quic: SocketAddr::from(([127, 0, 0, 1], 0)),
-            admin_url: String::new(),
+            quic: proc.endpoints.quic,
+            admin_url: proc.endpoints.admin_url.clone(),
+            proc: Some(proc),
             cpu_before: 0.0,
             rss_peak_mb: 0.0,
-        };
-        hub.wait_ready(&endpoints).await?;
-        Ok(hub)
-    }
-
-    async fn wait_ready(&mut self, endpoints: &Path) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("the hub process exited at start ({status}); run with RUST_LOG=info");
-            }
-            if let Ok(text) = std::fs::read_to_string(endpoints)
-                && let Ok(e) = serde_json::from_str::<EndpointsFile>(&text)
-            {
-                self.quic = e.quic;
-                self.admin_url = e.admin_url;
-                return Ok(());
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("the hub did not come up within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
     }
 
     /// SIGKILLs the hub, keeping its CPU time for the report.
@@ -101,27 +91,32 @@ impl HubProcess {
             self.cpu_before += u.cpu_secs;
             self.rss_peak_mb = self.rss_peak_mb.max(u.rss_peak_mb);
         }
-        self.child.start_kill()?;
-        self.child.wait().await?;
+        if let Some(p) = self.proc.as_mut() {
+            p.kill();
+        }
         Ok(())
     }
 
     /// Starts it again on the same ports and data directory.
-    pub async fn restart(&mut self, exe: &Path) -> Result<()> {
-        let mut setup = self.setup.clone();
-        setup.listen = self.quic;
-        setup.admin_listen = admin_addr(&self.admin_url).unwrap_or(setup.admin_listen);
-        let cpu_before = self.cpu_before;
-        let rss_peak = self.rss_peak_mb;
-        *self = Self::start(exe, setup).await?;
-        self.cpu_before = cpu_before;
-        self.rss_peak_mb = rss_peak;
-        Ok(())
+    pub async fn restart(&mut self, _exe: &Path) -> Result<()> {
+        let mut proc = self
+            .proc
+            .take()
+            .context("the hub process is being started already")?;
+        let (proc, started) = tokio::task::spawn_blocking(move || {
+            let r = proc.start_again();
+            (proc, r)
+        })
+        .await?;
+        self.quic = proc.endpoints.quic;
+        self.admin_url = proc.endpoints.admin_url.clone();
+        self.proc = Some(proc);
+        started.context("restarting the hub process (run with RUST_LOG=info)")
     }
 
     /// CPU seconds and memory of the running hub process.
     pub fn usage(&self) -> Option<ProcUsage> {
-        proc_usage(self.child.id()?)
+        proc_usage(self.proc.as_ref()?.pid()?)
     }
 }
 

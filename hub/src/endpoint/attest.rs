@@ -193,7 +193,7 @@ impl Connection {
             && policy::level(Some(kind)) < pol.require
         {
             let msg = format!(
-                "identity {kind} does not meet attestation policy {} (requires {:?}); enroll this box with a TPM the hub trusts, or change the policy",
+                "identity {kind} does not meet attestation policy {} (requires --require {}); enroll this box with a TPM the hub trusts, or change the policy",
                 pol.name, pol.require
             );
             return self.refuse(RefusalCode::AttestationFailed, &msg).await;
@@ -243,8 +243,11 @@ impl Connection {
         if let Some(pol) = policy
             && pol.require > policy::Require::None
         {
+            // The hub cannot tell `--tpm none` from `--tpm auto` on a box without a TPM.
             let msg = format!(
-                "this agent attests with nothing (--tpm none), and attestation policy {} requires {:?}; start it with its TPM (--tpm auto)",
+                "this agent sent no attestation (it found no TPM, or runs with --tpm none), and \
+                 attestation policy {} requires --require {}; run it on a box with a TPM (--tpm \
+                 auto finds /dev/tpmrm0), or change the policy (cairn-hub policy ls)",
                 pol.name, pol.require
             );
             return self.refuse(RefusalCode::AttestationFailed, &msg).await;
@@ -459,7 +462,7 @@ impl Connection {
             .map_err(|e| e.to_string())?;
         match policy::policy_for(&policies, &rec.labels) {
             Some(p) if p.require > policy::Require::None => {
-                warn!(device = %rec.id, policy = %p.name, "device enrolled without attestation, policy requires {:?}: no desired state; re-enroll it with a TPM", p.require);
+                warn!(device = %rec.id, policy = %p.name, "device enrolled without attestation, policy requires --require {}: no desired state; re-enroll it with a TPM", p.require);
                 Ok(Gate::Quarantined)
             }
             _ => Ok(Gate::Open),
