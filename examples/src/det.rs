@@ -15,10 +15,9 @@
 //! their group commit) and the agent's link and reconciler (`agent/src/client.rs`,
 //! `agent/src/store.rs`, `agent/src/reconcile.rs`: `state-accepted`, `applied`,
 //! `drift-corrected`, `removed` events and status reports, numbered in the outbox and
-//! deleted when acknowledged; jittered exponential backoff). Deltas follow
-//! `hub/src/store/sqlite.rs`: resources changed since the agent's revision plus
-//! tombstones, a snapshot when the agent holds nothing or is behind the tombstone floor
-//! (128 revisions).
+//! deleted when acknowledged; jittered exponential backoff). Which update an agent gets
+//! (delta or snapshot) and how long removals are remembered are decided by the stores'
+//! own `cairn_hub::store::revisions`, over this model's rows.
 //!
 //! # What is modelled
 //!
@@ -75,6 +74,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use cairn_agent::store::event_body;
 use cairn_hub::desired::{Assignment, Selector, Target, effective};
+use cairn_hub::store::revisions::{UpdatePlan, tombstone_cutoff};
 use cairn_sync_protocol::agent::{AgentEvent, AgentSession};
 use cairn_sync_protocol::hub::{HubEvent, HubSession};
 use cairn_sync_protocol::message::{
@@ -118,8 +118,6 @@ pub const COMMIT_DELAY: T = 5 * MS;
 const SABOTAGE_COMMIT_DELAY: T = 2 * SEC;
 /// Minimum retransmission delay of a lost packet.
 const MIN_RTO: T = 200 * MS;
-/// Tombstones kept for this many revisions, as the hub's store does.
-const TOMBSTONE_REVISIONS: u64 = 128;
 /// Agents start spread over this much time.
 const START_SPREAD: T = SEC;
 /// Longest wait for the whole fleet to connect before the timeline starts.
@@ -1831,20 +1829,20 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// `read_update` of the SQLite store: a delta from `held` when the hub can build one,
-    /// otherwise a snapshot.
+    /// The store's update for an agent holding `held`, planned by the stores' own
+    /// [`UpdatePlan`] over this model's rows.
     fn read_update(&self, dev: u32, held: Option<u64>) -> Option<StateUpdate> {
         let h = &self.devs[dev as usize].hub;
         let signature = h.signature?;
-        if held.is_some_and(|x| x >= h.revision) {
+        let plan = UpdatePlan::for_agent(held, h.revision, h.tomb_floor);
+        if plan == UpdatePlan::UpToDate {
             return None;
         }
-        let base = held.filter(|&x| x > 0 && x >= h.tomb_floor);
-        let since = base.unwrap_or(0);
+        let base = plan.base();
         let upserts = h
             .resources
             .iter()
-            .filter(|r| r.2 > since)
+            .filter(|r| plan.includes(r.2))
             .map(|&(n, r, _)| {
                 (
                     self.names[n as usize].clone(),
@@ -1852,15 +1850,12 @@ impl<'a> Sim<'a> {
                 )
             })
             .collect();
-        let mut removals: Vec<ResourceName> = match base {
-            Some(b) => h
-                .tombstones
-                .iter()
-                .filter(|t| t.1 > b)
-                .map(|t| self.names[t.0 as usize].clone())
-                .collect(),
-            None => Vec::new(),
-        };
+        let mut removals: Vec<ResourceName> = h
+            .tombstones
+            .iter()
+            .filter(|t| plan.includes_removal(t.1))
+            .map(|t| self.names[t.0 as usize].clone())
+            .collect();
         removals.sort();
         Some(StateUpdate {
             device: self.ids[dev as usize].clone(),
@@ -1983,8 +1978,7 @@ impl<'a> Sim<'a> {
             h.tombstones.retain(|t| t.0 != n);
             h.tombstones.push((n, new_rev));
         }
-        if new_rev > TOMBSTONE_REVISIONS {
-            let cutoff = new_rev - TOMBSTONE_REVISIONS;
+        if let Some(cutoff) = tombstone_cutoff(new_rev) {
             let before = h.tombstones.len();
             h.tombstones.retain(|t| t.1 > cutoff);
             if h.tombstones.len() < before {

@@ -14,6 +14,7 @@
 //! - reports are stored at most once per `(device, seq)`, in sequence order, and the
 //!   returned acknowledgement never covers a report that is not stored.
 
+pub mod revisions;
 pub mod sqlite;
 
 use std::collections::BTreeMap;

@@ -32,9 +32,6 @@ use super::{Result, StateSigner, StoreError};
 
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 1024;
-/// Tombstones of removed resources are kept for this many revisions; an agent further
-/// behind gets a full snapshot.
-const TOMBSTONE_REVISIONS: u64 = 128;
 /// Reader threads, each with its own read-only connection.
 const READ_POOL: usize = 4;
 

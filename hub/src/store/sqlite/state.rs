@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::desired::{self, Assignment, Target};
 use crate::store::{AssignOutcome, Change, Result, StateSigner, StoreError};
 
-use super::TOMBSTONE_REVISIONS;
 use super::{SqliteStore, backend, device_id, now_err, parse_labels};
+use crate::store::revisions::{UpdatePlan, tombstone_cutoff};
 use crate::store::{DesiredState, MAX_DOCUMENT_BYTES};
 
 pub(super) fn load_assignments(conn: &Connection) -> Result<Vec<Assignment>> {
@@ -117,8 +117,7 @@ pub(super) fn recompute(
         .map_err(backend)?;
     }
     let mut new_floor = floor;
-    if new_rev > TOMBSTONE_REVISIONS {
-        let cutoff = new_rev - TOMBSTONE_REVISIONS;
+    if let Some(cutoff) = tombstone_cutoff(new_rev) {
         let dropped = conn
             .execute(
                 "DELETE FROM tombstones WHERE device = ?1 AND revision <= ?2",
@@ -214,13 +213,12 @@ pub(super) fn read_update(
     let Some(sig) = sig else {
         return Ok(None); // no revision yet
     };
-    if let Some(h) = held
-        && h >= revision
-    {
+    let plan = UpdatePlan::for_agent(held, revision, floor);
+    if plan == UpdatePlan::UpToDate {
         return Ok(None);
     }
     let signature = Signature::from_slice(&sig).map_err(now_err)?;
-    let delta_base = held.filter(|&h| h > 0 && h >= floor);
+    let delta_base = plan.base();
     let mut upserts = Vec::new();
     {
         let mut stmt = conn
@@ -229,7 +227,7 @@ pub(super) fn read_update(
             )
             .map_err(backend)?;
         let rows = stmt
-            .query_map(params![id.as_str(), delta_base.unwrap_or(0)], |r| {
+            .query_map(params![id.as_str(), plan.since()], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
             })
             .map_err(backend)?;
