@@ -173,8 +173,9 @@ for p in "${miss_host[@]}" "${miss_cross[@]}"; do
   [ -n "${src:-}" ] && [ -z "${seen_src[$src]:-}" ] || continue
   seen_src[$src]=1
   # Installed packages of the same source at another source version (host arch only).
-  while read -r ipkg iver isrc; do
-    [ "$isrc" = "$src" ] || continue
+  # (Removed but not purged packages, dpkg's "rc", are listed too: not installed.)
+  while read -r ist ipkg iver isrc; do
+    [ "$ist" = installed ] && [ "$isrc" = "$src" ] || continue
     read -r _ isrcver < <(source_of "$ipkg" "$iver"; echo) || true
     [ -n "${isrcver:-}" ] && [ "$isrcver" != "$srcver" ] || continue
     v=$(version_built_from "$ipkg" "$srcver")
@@ -185,7 +186,7 @@ for p in "${miss_host[@]}" "${miss_cross[@]}"; do
     fi
     say "$ipkg $iver is from another build of $src than $p ($srcver): asking for $ipkg=$v"
     align+=("$ipkg=$v")
-  done < <(dpkg-query -W -f='${Package} ${Version} ${source:Package}\n' 2>/dev/null)
+  done < <(dpkg-query -W -f='${db:Status-Status} ${Package} ${Version} ${source:Package}\n' 2>/dev/null)
 done
 
 # Packages apt marked as installed automatically: one we name to set its version stays so.
@@ -197,7 +198,8 @@ apt_install() { # apt_install [apt-get options] -- PKG...
   [ $# -gt 0 ] || return 0
   local pkgs=("$@") log rc want new w
   log=$(mktemp)
-  for _ in 1 2 3; do
+  # The first try and up to three more, each with what apt asked for after the last.
+  for _ in 1 2 3 4; do
     say "installing ${pkgs[*]}"
     rc=0
     "${sudo[@]}" apt-get install -y -qq "${opts[@]}" "${pkgs[@]}" 2>"$log" || rc=$?
@@ -229,7 +231,8 @@ apt_install() { # apt_install [apt-get options] -- PKG...
   say "apt-get could not install: ${pkgs[*]}"
   # -qq hid apt's reasons: a simulation shows them.
   apt-get install -s "${opts[@]}" "${pkgs[@]}" 2>&1 |
-    grep -E '^( *[^ ]+ : | +)(Pre)?Depends|Breaks|Conflicts|^E:|held' | sed 's/^/setup:   /' >&2 || true
+    grep -E -A1 '^( *[^ ]+ : | +)(Pre)?Depends|Breaks|Conflicts|^E:|held' | grep -v '^--$' |
+    sed 's/^/setup:   /' >&2 || true
   local held
   held=$(apt-mark showhold 2>/dev/null | tr '\n' ' ')
   [ -z "$held" ] || say "held packages: $held(apt-mark unhold PKG lets apt change them)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the tests of the crates that run on the box (cairn-agent, cairn-sync-protocol,
-# cairn-tpm) for aarch64 and runs them under qemu-user, installing what it needs first.
+# Builds the tests of the crates that run on the box (cairn-agent, cairn-boot,
+# cairn-disk, cairn-sync-protocol, cairn-tpm, cairn-tpm-device) for aarch64 and runs
+# them under qemu-user, installing what it needs first.
 # A stage of ./scripts/test.sh; extra arguments go to `cargo test` (e.g. `-- NAME`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +22,5 @@ export TSS2_LOG=all+NONE
 # take about 6 minutes cold here, so 30 is a bound, not a budget.
 timeout --kill-after=30s 30m \
   "$AARCH64_CARGO" test --target "$AARCH64_TARGET" --profile qemu-test --locked --no-fail-fast \
-  -p cairn-agent -p cairn-sync-protocol -p cairn-tpm -p cairn-tpm-device \
+  -p cairn-agent -p cairn-boot -p cairn-disk -p cairn-sync-protocol -p cairn-tpm -p cairn-tpm-device \
   --features cairn-tpm-device/testkit "$@"

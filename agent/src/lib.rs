@@ -10,7 +10,7 @@
 pub mod apply;
 pub mod attest;
 pub mod client;
-pub mod crashpoint;
+pub use cairn_boot::crashpoint;
 pub mod reboot;
 pub mod reconcile;
 pub mod store;

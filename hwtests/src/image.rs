@@ -945,7 +945,7 @@ fn build_pi_boot(
 /// fresh box (slot A on partition 2 the default, slot B on 3 not bootable yet);
 /// `cairn-hub image configure` adds `cairn/agent.toml`.
 fn build_pi_firmware_partition(spec: &Spec, out: &Path) -> Result<()> {
-    use cairn_agent::upgrade::boot::tryboot::{AUTOBOOT, TryBoot};
+    use cairn_boot::tryboot::{AUTOBOOT, TryBoot};
     let dir = out.with_extension("autoboot");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

@@ -37,8 +37,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cairn_agent::upgrade::boot::gpt::{Partition, partitions};
-use cairn_agent::upgrade::boot::tryboot::{AUTOBOOT, firmware_boot};
+use cairn_boot::gpt::{Partition, partitions};
+use cairn_boot::tryboot::{AUTOBOOT, firmware_boot};
 
 use crate::machine::Machine;
 use crate::tools::run;

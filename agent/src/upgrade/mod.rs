@@ -13,7 +13,7 @@
 //! [`boot::BootControl`], and marks a slot unbootable before the first byte of it is
 //! written.
 
-pub mod boot;
+pub use cairn_boot as boot;
 pub mod install;
 pub mod offline;
 pub mod plan;

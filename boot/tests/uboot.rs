@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cairn_agent::upgrade::boot::uboot::{EnvCopy, UbootBoot, firmware_boot};
-use cairn_agent::upgrade::boot::{BootControl, Slot};
+use cairn_boot::uboot::{EnvCopy, UbootBoot, firmware_boot};
+use cairn_boot::{BootControl, Slot};
 
 const SIZE: usize = 0x2000;
 

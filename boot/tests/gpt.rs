@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cairn_agent::upgrade::boot::gpt::{GptBoot, Guid, PartRef, SlotAttrs, firmware_boot};
-use cairn_agent::upgrade::boot::{BootControl, Slot};
+use cairn_boot::gpt::{GptBoot, Guid, PartRef, SlotAttrs, firmware_boot};
+use cairn_boot::{BootControl, Slot};
 
 fn sgdisk(args: &[&str]) -> String {
     let out = Command::new("sgdisk")
@@ -398,7 +398,7 @@ fn a_power_cut_between_the_two_copies_leaves_a_valid_table_and_is_healed() {
 fn partitions_are_listed_as_sgdisk_made_them() {
     let d = tempfile::tempdir().unwrap();
     let p = image(d.path());
-    let parts = cairn_agent::upgrade::boot::gpt::partitions(&p).unwrap();
+    let parts = cairn_boot::gpt::partitions(&p).unwrap();
     let names: Vec<(u32, &str)> = parts.iter().map(|x| (x.number, x.name.as_str())).collect();
     assert_eq!(
         names,
@@ -422,7 +422,7 @@ fn partitions_are_listed_as_sgdisk_made_them() {
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], 512).unwrap();
     let len = f.metadata().unwrap().len();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], len - 512).unwrap();
-    let e = cairn_agent::upgrade::boot::gpt::partitions(&p)
+    let e = cairn_boot::gpt::partitions(&p)
         .unwrap_err()
         .to_string();
     assert!(e.contains("no valid GPT") && e.contains("disk.img"), "{e}");

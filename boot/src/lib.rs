@@ -1,4 +1,6 @@
-//! Boot control: how the upgrade engine tells the boot loader which slot to boot.
+//! Boot control: how the upgrade engine tells the boot loader which slot to boot. Its
+//! own crate, so that image builders and rigs use the backends and boot-loader models
+//! without the rest of the agent (`cairn_agent::upgrade::boot` re-exports it).
 //!
 //! Every backend implements [`BootControl`]. The engine calls, in this order and each
 //! only after the previous step is durable in its own database:
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 
 pub use cairn_sync_protocol::release::Slot;
 
+pub mod crashpoint;
 pub mod efiboot;
 pub mod file;
 pub mod gpt;
@@ -132,9 +135,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BootError> {
         f.write_all(bytes).map_err(BootError::io("writing", &tmp))?;
         f.sync_all().map_err(BootError::io("syncing", &tmp))?;
     }
-    crate::crashpoint::hit("boot state: before rename");
+    crashpoint::hit("boot state: before rename");
     rename_durable(&tmp, path)?;
-    crate::crashpoint::hit("boot state: after rename");
+    crashpoint::hit("boot state: after rename");
     Ok(())
 }
 
