@@ -422,8 +422,6 @@ fn partitions_are_listed_as_sgdisk_made_them() {
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], 512).unwrap();
     let len = f.metadata().unwrap().len();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], len - 512).unwrap();
-    let e = cairn_boot::gpt::partitions(&p)
-        .unwrap_err()
-        .to_string();
+    let e = cairn_boot::gpt::partitions(&p).unwrap_err().to_string();
     assert!(e.contains("no valid GPT") && e.contains("disk.img"), "{e}");
 }

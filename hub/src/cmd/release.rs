@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
-use crate::TargetArgs;
+use crate::cmd::state::TargetArgs;
 
 #[derive(Subcommand)]
 pub enum ReleaseCmd {

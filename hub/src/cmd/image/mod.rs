@@ -652,7 +652,7 @@ mod tests {
     fn rendered_file_is_the_fixture_the_agent_parses() {
         let t = token();
         let text = render("hub.example.net:7440", &t.encode(), &t.id_hex()).unwrap();
-        assert_eq!(text, include_str!("../../tests/data/first-boot.toml"));
+        assert_eq!(text, include_str!("../../../tests/data/first-boot.toml"));
         let s = Summary::of(&text).unwrap();
         assert_eq!(s.hub.as_deref(), Some("hub.example.net:7440"));
         assert_eq!(s.token, Some(Ok(t)));
