@@ -167,6 +167,7 @@ version_built_from() { # version_built_from PKG SOURCEVERSION: PKG's version of 
 # (Both awk programs read apt-cache's output to the end: exiting early would kill
 # apt-cache with SIGPIPE, which pipefail and set -e turn into a silent exit 141.)
 align=()
+host_arch=$(dpkg --print-architecture)
 declare -A seen_src=()
 for p in "${miss_host[@]}" "${miss_cross[@]}"; do
   read -r src srcver < <(source_of "${p%%:*}"; echo) || true
@@ -174,8 +175,9 @@ for p in "${miss_host[@]}" "${miss_cross[@]}"; do
   seen_src[$src]=1
   # Installed packages of the same source at another source version (host arch only).
   # (Removed but not purged packages, dpkg's "rc", are listed too: not installed.)
-  while read -r ist ipkg iver isrc; do
+  while read -r ist iarch ipkg iver isrc; do
     [ "$ist" = installed ] && [ "$isrc" = "$src" ] || continue
+    [ "$iarch" = "$host_arch" ] || [ "$iarch" = all ] || continue
     read -r _ isrcver < <(source_of "$ipkg" "$iver"; echo) || true
     [ -n "${isrcver:-}" ] && [ "$isrcver" != "$srcver" ] || continue
     v=$(version_built_from "$ipkg" "$srcver")
@@ -186,7 +188,7 @@ for p in "${miss_host[@]}" "${miss_cross[@]}"; do
     fi
     say "$ipkg $iver is from another build of $src than $p ($srcver): asking for $ipkg=$v"
     align+=("$ipkg=$v")
-  done < <(dpkg-query -W -f='${db:Status-Status} ${Package} ${Version} ${source:Package}\n' 2>/dev/null)
+  done < <(dpkg-query -W -f='${db:Status-Status} ${Architecture} ${Package} ${Version} ${source:Package}\n' 2>/dev/null)
 done
 
 # Packages apt marked as installed automatically: one we name to set its version stays so.

@@ -98,7 +98,7 @@ fn parse_device(id: &str) -> Result<DeviceId, ApiError> {
 }
 
 /// A device as the API shows it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeviceView {
     #[serde(flatten)]
     pub record: DeviceRecord,
@@ -127,7 +127,7 @@ pub struct CreateToken {
     pub labels: String,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedToken {
     /// The join token to give to `cairn-agent run --join-token`. Shown once.
     pub token: String,
@@ -200,7 +200,7 @@ async fn show_device(State(api): State<Api>, Path(id): Path<String>) -> ApiResul
 }
 
 /// One resource of a device's desired state, without its content.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ResourceView {
     pub name: String,
     pub kind: String,
@@ -222,7 +222,7 @@ pub struct ResourceView {
     pub health_timeout_s: Option<u32>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DesiredView {
     pub device: String,
     pub revision: u64,
@@ -281,7 +281,7 @@ async fn show_state(State(api): State<Api>, Path(id): Path<String>) -> ApiResult
     }))
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Revoked {
     pub device: String,
     /// Whether a live connection was closed.
@@ -328,7 +328,7 @@ async fn show_attestation(
 }
 
 /// The boot event log a device's last verified evidence replayed to.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct EventLogView {
     pub device: String,
     /// When that evidence verified.
@@ -474,7 +474,7 @@ async fn put_policy(
     Ok(Json(policy))
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Deleted {
     pub name: String,
 }
@@ -721,7 +721,7 @@ async fn list_labels(State(api): State<Api>) -> ApiResult<Vec<LabelCount>> {
     Ok(Json(api.store.labels().await?))
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,

@@ -14,7 +14,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use cairn_sync_protocol::message::Labels;
+
+use crate::api::DeviceView;
+use crate::attest::AttestPolicy;
 use crate::server::CliContext;
+use crate::store::{AttestRecord, EventRecord, UpgradeStatus};
 
 /// Exit codes of the CLI, documented in `--help`.
 pub mod exit {
@@ -275,68 +280,46 @@ pub fn ago(ms: Option<u64>) -> String {
     }
 }
 
-pub fn labels_of(v: &Value) -> String {
-    v.get("labels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
-}
-
-fn u(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+/// Labels as `k=v,k2=v2`.
+pub fn labels_of(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// One device as a table row.
-pub fn device_row(d: &Value) -> Vec<String> {
-    let status = if d.get("revoked_ms").is_some_and(|v| !v.is_null()) {
+pub fn device_row(d: &DeviceView) -> Vec<String> {
+    let r = &d.record;
+    let status = if r.revoked_ms.is_some() {
         "revoked".to_string()
-    } else if d.get("connected").and_then(Value::as_bool).unwrap_or(false) {
+    } else if d.connected {
         "online".to_string()
     } else {
-        format!(
-            "offline ({})",
-            ago(d.get("last_seen_ms").and_then(Value::as_u64))
-        )
+        format!("offline ({})", ago(r.last_seen_ms))
     };
-    let drift = if d.get("drift").and_then(Value::as_bool).unwrap_or(false) {
-        if u(d, "failing") > 0 {
-            format!("yes ({} failing)", u(d, "failing"))
-        } else {
-            "yes".into()
-        }
-    } else {
-        "no".into()
+    let drift = match (d.drift, r.failing) {
+        (false, _) => "no".to_string(),
+        (true, 0) => "yes".to_string(),
+        (true, n) => format!("yes ({n} failing)"),
     };
-    let attest = match (
-        d.get("attestation").and_then(Value::as_str),
-        d.get("attest_status").and_then(Value::as_str),
-    ) {
+    let attest = match (r.attestation.as_deref(), r.attest_status.as_deref()) {
         (None, _) => "none".to_string(),
         (Some(kind), Some("quarantined")) => format!("QUARANTINED ({kind})"),
         (Some(kind), Some(status)) => format!("{kind} {status}"),
         (Some(kind), None) => kind.to_string(),
     };
     vec![
-        d.get("id")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        d.get("hostname")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string(),
-        labels_of(d),
+        r.id.to_string(),
+        r.hostname.clone(),
+        labels_of(&r.labels),
         status,
-        u(d, "desired_revision").to_string(),
-        u(d, "applied_revision").to_string(),
+        r.desired_revision.to_string(),
+        r.applied_revision.to_string(),
         drift,
         attest,
-        os_cell(d),
+        os_cell(r.upgrade.as_ref()),
     ]
 }
 
@@ -346,25 +329,24 @@ fn pct(n: u64, of: u64) -> u64 {
 
 /// The OS column: the committed version, plus the upgrade when one is under way or
 /// failed: `1.0.0 (2.0.0 downloading 45%)`, `1.0.0 (2.0.0 rolled-back)`.
-pub fn os_cell(d: &Value) -> String {
-    let Some(up) = d.get("upgrade").filter(|u| u.is_object()) else {
+pub fn os_cell(up: Option<&UpgradeStatus>) -> String {
+    let Some(up) = up else {
         return "-".into();
     };
-    let s = |k: &str| up.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let (committed, version, phase) = (s("committed_version"), s("version"), s("phase"));
-    let committed = if committed.is_empty() {
-        "?".to_string()
+    let committed = if up.committed_version.is_empty() {
+        "?"
     } else {
-        committed
+        &up.committed_version
     };
-    match phase.as_str() {
-        "committed" if version == committed => committed,
-        "committed" => version,
+    let version = &up.version;
+    match up.phase.as_str() {
+        "committed" if version == committed => committed.to_string(),
+        "committed" => version.clone(),
         "downloading" => format!(
             "{committed} ({version} downloading {}%)",
-            pct(u(up, "bytes_done"), u(up, "bytes_total"))
+            pct(up.bytes_done, up.bytes_total)
         ),
-        _ => format!("{committed} ({version} {phase})"),
+        phase => format!("{committed} ({version} {phase})"),
     }
 }
 
@@ -385,35 +367,29 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// A device's upgrade status, for `device show`.
-pub fn print_upgrade(d: &Value) {
+pub fn print_upgrade(up: Option<&UpgradeStatus>) {
     // The device row above has the OS column; nothing to add without a report.
-    let Some(up) = d.get("upgrade").filter(|u| u.is_object()) else {
+    let Some(up) = up else {
         return;
     };
-    let s = |k: &str| up.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     println!(
         "{:<13} {} committed, booted from slot {}",
         "boot:",
-        s("committed_version"),
-        s("booted_slot").to_uppercase()
-    );
-    let (done, total, down) = (
-        u(up, "bytes_done"),
-        u(up, "bytes_total"),
-        u(up, "bytes_downloaded"),
+        up.committed_version,
+        up.booted_slot.to_uppercase()
     );
     println!(
         "{:<13} {} {} into slot {} ({} of {}, {} downloaded, the rest copied locally; {})",
         "upgrade:",
-        s("version"),
-        s("phase"),
-        s("target_slot").to_uppercase(),
-        human_bytes(done),
-        human_bytes(total),
-        human_bytes(down),
-        ago(up.get("at_ms").and_then(Value::as_u64))
+        up.version,
+        up.phase,
+        up.target_slot.to_uppercase(),
+        human_bytes(up.bytes_done),
+        human_bytes(up.bytes_total),
+        human_bytes(up.bytes_downloaded),
+        ago(Some(up.at_ms))
     );
-    if let Some(e) = up.get("error").and_then(Value::as_str) {
+    if let Some(e) = &up.error {
         println!("{:<13} {e}", "error:");
     }
 }
@@ -431,100 +407,77 @@ pub const DEVICE_HEADER: [&str; 9] = [
 ];
 
 /// One attestation policy as a table row.
-pub fn policy_row(p: &Value) -> Vec<String> {
-    let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let pcrs: Vec<String> = p["pcrs"]
-        .as_array()
-        .map(|a| a.iter().map(|v| v.to_string()).collect())
-        .unwrap_or_default();
-    let golden = p["golden"].as_object().map_or(0, |g| {
-        g.values().map(|v| v.as_array().map_or(0, Vec::len)).sum()
-    });
+pub fn policy_row(p: &AttestPolicy) -> Vec<String> {
+    let pcrs: Vec<String> = p.pcrs.iter().map(u32::to_string).collect();
+    let golden: usize = p.golden.values().map(Vec::len).sum();
     vec![
-        s("name"),
-        p["priority"].to_string(),
-        s("selector"),
-        s("require"),
+        p.name.clone(),
+        p.priority.to_string(),
+        p.selector.clone(),
+        p.require.to_string(),
         pcrs.join(","),
-        if p["tofu"].as_bool().unwrap_or(false) {
-            "yes".into()
-        } else {
-            "no".into()
-        },
+        if p.tofu { "yes" } else { "no" }.to_string(),
         format!("{golden} value(s)"),
     ]
 }
 
 /// A device's attestation, for `device show`.
-pub fn print_attestation(a: &Value) {
-    let s = |k: &str| a.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+pub fn print_attestation(a: &AttestRecord) {
     println!(
         "{:<13} {} (EK sha256:{})",
         "identity:",
-        s("kind"),
-        &s("ek_sha256")[..16.min(s("ek_sha256").len())]
+        a.kind,
+        a.ek_sha256.get(..16).unwrap_or(&a.ek_sha256)
     );
-    if let Some(issuer) = a.get("ek_issuer").and_then(Value::as_str) {
+    if let Some(issuer) = &a.ek_issuer {
         println!("{:<13} {issuer}", "ek ca:");
     }
     println!(
         "{:<13} {}{}",
         "attest:",
-        s("status"),
-        a.get("reason")
-            .and_then(Value::as_str)
+        a.status,
+        a.reason
+            .as_deref()
             .map(|r| format!(": {r}"))
             .unwrap_or_default()
     );
     println!(
         "{:<13} {} (event log {} bytes)",
         "verified:",
-        ago(a.get("verified_ms").and_then(Value::as_u64)),
-        a["log_len"]
+        ago(a.verified_ms),
+        a.log_len
     );
-    if a["ima_len"].as_u64().unwrap_or(0) > 0 {
+    if a.ima_len > 0 {
         println!(
             "{:<13} {} entries verified against PCR 10 ({} bytes of the list)",
-            "ima:", a["ima_entries"], a["ima_len"]
+            "ima:", a.ima_entries, a.ima_len
         );
     }
-    if let Some(pcrs) = a["pcrs"].as_object() {
-        let mut pcrs: Vec<(u32, &str)> = pcrs
-            .iter()
-            .filter_map(|(i, v)| Some((i.parse().ok()?, v.as_str().unwrap_or(""))))
-            .collect();
-        pcrs.sort_unstable();
-        for (i, v) in pcrs {
-            println!("  PCR {i:>2}  {v}");
-        }
+    for (i, v) in &a.pcrs {
+        println!("  PCR {i:>2}  {v}");
     }
-    let empty = Vec::new();
-    for set in a["accepted"].as_array().unwrap_or(&empty) {
+    for set in &a.accepted {
         println!(
             "  accepted: {} ({} PCRs, {})",
-            set["source"].as_str().unwrap_or(""),
-            set["pcrs"].as_object().map_or(0, serde_json::Map::len),
-            ago(set["added_ms"].as_u64())
+            set.source,
+            set.pcrs.len(),
+            ago(Some(set.added_ms))
         );
     }
 }
 
 /// Prints one event line.
-pub fn print_event(e: &Value) {
-    let at = e.get("at_ms").and_then(Value::as_u64).unwrap_or(0);
-    let when = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(at));
-    let seq = e
-        .get("seq")
-        .and_then(Value::as_u64)
-        .map_or_else(|| "-".to_string(), |s| s.to_string());
-    let res = e.get("resource").and_then(Value::as_str).unwrap_or("-");
+pub fn print_event(e: &EventRecord) {
+    let when =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms));
+    let seq = e.seq.map_or_else(|| "-".to_string(), |s| s.to_string());
     println!(
         "{when}  {:<16} {:>6}  {:<16} {:<12} {}",
-        e.get("device").and_then(Value::as_str).unwrap_or(""),
+        e.device,
         seq,
-        e.get("kind").and_then(Value::as_str).unwrap_or(""),
-        res,
-        e.get("message").and_then(Value::as_str).unwrap_or("")
+        e.kind,
+        e.resource.as_deref().unwrap_or("-"),
+        e.message
     );
 }
 

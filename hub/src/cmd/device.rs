@@ -4,9 +4,11 @@
 use std::path::PathBuf;
 
 use base64::Engine;
+use cairn_hub::api::{DesiredView, DeviceView, EventLogView, Revoked};
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
+use cairn_hub::store::{AssignOutcome, AttestRecord, EventRecord};
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::events::url_escape;
 
@@ -60,7 +62,7 @@ pub(crate) enum DeviceCmd {
 pub(crate) async fn devices(client: &Client, cmd: Option<DevicesCmd>, json: bool) -> CliResult<()> {
     match cmd {
         None | Some(DevicesCmd::List) => {
-            let ds: Vec<Value> = client.get("/v1/devices").await?;
+            let ds: Vec<DeviceView> = client.get("/v1/devices").await?;
             if json {
                 cli::print_json(&ds)?;
             } else {
@@ -69,13 +71,13 @@ pub(crate) async fn devices(client: &Client, cmd: Option<DevicesCmd>, json: bool
             }
         }
         Some(DevicesCmd::Revoke { id }) => {
-            let r: Value = client
+            let r: Revoked = client
                 .post(&format!("/v1/devices/{id}/revoke"), &json!({}))
                 .await?;
             if json {
                 cli::print_json(&r)?;
             } else {
-                let how = if r["disconnected"].as_bool().unwrap_or(false) {
+                let how = if r.disconnected {
                     "its connection was closed"
                 } else {
                     "it was not connected"
@@ -84,7 +86,7 @@ pub(crate) async fn devices(client: &Client, cmd: Option<DevicesCmd>, json: bool
             }
         }
         Some(DevicesCmd::Label { id, labels }) => {
-            let r: Value = client
+            let r: AssignOutcome = client
                 .put(
                     &format!("/v1/devices/{id}/labels"),
                     &json!({ "labels": labels }),
@@ -93,10 +95,13 @@ pub(crate) async fn devices(client: &Client, cmd: Option<DevicesCmd>, json: bool
             if json {
                 cli::print_json(&r)?;
             } else {
-                let changed = r["changed"].as_array().map_or(0, Vec::len);
                 println!(
                     "labels of {id} set to {labels}; desired state {}",
-                    if changed > 0 { "changed" } else { "unchanged" }
+                    if r.changed.is_empty() {
+                        "unchanged"
+                    } else {
+                        "changed"
+                    }
                 );
             }
         }
@@ -108,11 +113,11 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
     match cmd {
         DeviceCmd::Eventlog { id, out } => {
             use anyhow::Context as _;
-            let v: Value = client
+            let v: EventLogView = client
                 .get(&format!("/v1/devices/{id}/attestation/log"))
                 .await?;
             let log = base64::engine::general_purpose::STANDARD
-                .decode(v["log_base64"].as_str().unwrap_or_default())
+                .decode(&v.log_base64)
                 .context("the hub sent a log that is not base64")?;
             if out.as_os_str() == "-" {
                 use std::io::Write as _;
@@ -123,7 +128,7 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
                 std::fs::write(&out, &log).with_context(|| format!("writing {}", out.display()))?;
                 if json {
                     cli::print_json(
-                        &json!({"device": id, "out": out, "len": log.len(), "pcrs": v["pcrs"]}),
+                        &json!({"device": id, "out": out, "len": log.len(), "pcrs": v.pcrs}),
                     )?;
                 } else {
                     println!(
@@ -137,9 +142,9 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
         DeviceCmd::Accept { id } => {
             // Accept exactly what is shown: the hub refuses if newer measurements
             // arrived in between.
-            let seen: Value = client.get(&format!("/v1/devices/{id}/attestation")).await?;
-            let body = json!({ "verified_ms": seen["verified_ms"] });
-            let a: Value = client
+            let seen: AttestRecord = client.get(&format!("/v1/devices/{id}/attestation")).await?;
+            let body = json!({ "verified_ms": seen.verified_ms });
+            let a: AttestRecord = client
                 .post(&format!("/v1/devices/{id}/attestation/accept"), &body)
                 .await?;
             if json {
@@ -163,7 +168,7 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
                 map.insert(i.trim().to_string(), json!(v.trim()));
             }
             let body = json!({ "source": source, "added_ms": 0, "pcrs": map });
-            let a: Value = client
+            let a: AttestRecord = client
                 .post(&format!("/v1/devices/{id}/attestation/expected"), &body)
                 .await?;
             if json {
@@ -176,7 +181,7 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
             }
         }
         DeviceCmd::Unexpect { id, source } => {
-            let a: Value = client
+            let a: AttestRecord = client
                 .delete(&format!(
                     "/v1/devices/{id}/attestation/expected?source={}",
                     url_escape(&source)
@@ -189,14 +194,14 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
             }
         }
         DeviceCmd::Show { id } => {
-            let d: Value = client.get(&format!("/v1/devices/{id}")).await?;
-            let attestation: Option<Value> = if d["attestation"].is_null() {
+            let d: DeviceView = client.get(&format!("/v1/devices/{id}")).await?;
+            let attestation: Option<AttestRecord> = if d.record.attestation.is_none() {
                 None
             } else {
                 Some(client.get(&format!("/v1/devices/{id}/attestation")).await?)
             };
-            let state: Value = client.get(&format!("/v1/devices/{id}/state")).await?;
-            let evs: Vec<Value> = client
+            let state: DesiredView = client.get(&format!("/v1/devices/{id}/state")).await?;
+            let evs: Vec<EventRecord> = client
                 .get_query(
                     "/v1/events",
                     &[("device", id.clone()), ("limit", "100000".into())],
@@ -211,48 +216,43 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
                 for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
                     println!("{:<13} {v}", format!("{}:", k.to_lowercase()));
                 }
-                println!(
-                    "{:<13} {}",
-                    "agent:",
-                    d["agent_version"].as_str().unwrap_or("")
-                );
+                let r = &d.record;
+                println!("{:<13} {}", "agent:", r.agent_version);
                 println!(
                     "{:<13} revision {} (the newest the agent confirmed it stored)",
-                    "stored:", d["stored_revision"]
+                    "stored:", r.stored_revision
                 );
-                println!("{:<13} {}", "reports:", d["reports_acked"]);
-                cli::print_upgrade(&d);
+                println!("{:<13} {}", "reports:", r.reports_acked);
+                cli::print_upgrade(r.upgrade.as_ref());
                 match &attestation {
                     Some(a) => cli::print_attestation(a),
                     None => println!("{:<13} none (enrolled without a TPM)", "identity:"),
                 }
-                println!("desired state (revision {}):", state["revision"]);
-                let empty = Vec::new();
-                for r in state["resources"].as_array().unwrap_or(&empty) {
-                    if r["kind"] == "os" {
+                println!("desired state (revision {}):", state.revision);
+                for r in &state.resources {
+                    let sha = |n: usize| r.content_sha256.get(..n).unwrap_or(&r.content_sha256);
+                    if r.kind == "os" {
                         println!(
                             "  {:<16} release {} (id {}), downgrade {}, trial boot {}s",
-                            r["name"].as_str().unwrap_or(""),
-                            r["version"].as_str().unwrap_or("?"),
-                            &r["content_sha256"].as_str().unwrap_or("")
-                                [..16.min(r["content_sha256"].as_str().unwrap_or("").len())],
-                            if r["allow_downgrade"].as_bool().unwrap_or(false) {
+                            r.name,
+                            r.version.as_deref().unwrap_or("?"),
+                            sha(16),
+                            if r.allow_downgrade.unwrap_or(false) {
                                 "allowed"
                             } else {
                                 "refused"
                             },
-                            r["health_timeout_s"]
+                            r.health_timeout_s.unwrap_or(0)
                         );
                         continue;
                     }
                     println!(
                         "  {:<16} {} {:o} {} bytes sha256:{}",
-                        r["name"].as_str().unwrap_or(""),
-                        r["path"].as_str().unwrap_or(""),
-                        r["mode"].as_u64().unwrap_or(0),
-                        r["size"],
-                        &r["content_sha256"].as_str().unwrap_or("")
-                            [..12.min(r["content_sha256"].as_str().unwrap_or("").len())]
+                        r.name,
+                        r.path,
+                        r.mode,
+                        r.size,
+                        sha(12)
                     );
                 }
                 println!("recent events:");

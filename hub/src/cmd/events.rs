@@ -1,8 +1,8 @@
 //! `cairn-hub events`: what agents reported and the hub recorded, optionally followed.
 
 use cairn_hub::cli::{self, CliResult, Client};
+use cairn_hub::store::EventRecord;
 use clap::Args;
-use serde_json::Value;
 
 #[derive(Args)]
 pub(crate) struct EventsArgs {
@@ -36,9 +36,9 @@ pub(crate) async fn run(client: &Client, a: EventsArgs, json: bool) -> CliResult
         if a.follow {
             q.push(("wait_ms", "30000".into()));
         }
-        let evs: Vec<Value> = client.get_query("/v1/events", &q).await?;
-        if let Some(last) = evs.last().and_then(|e| e["id"].as_u64()) {
-            after = last;
+        let evs: Vec<EventRecord> = client.get_query("/v1/events", &q).await?;
+        if let Some(last) = evs.last() {
+            after = last.id;
         }
         if json {
             if a.follow {

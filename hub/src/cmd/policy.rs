@@ -1,8 +1,10 @@
 //! `cairn-hub policy`: attestation policies.
 
+use cairn_hub::api::Deleted;
+use cairn_hub::attest::AttestPolicy;
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Subcommand)]
 pub(crate) enum PolicyCmd {
@@ -69,12 +71,12 @@ fn parse_pcrs(s: &str) -> CliResult<Vec<u32>> {
 pub(crate) async fn run(client: &Client, cmd: PolicyCmd, json: bool) -> CliResult<()> {
     match cmd {
         PolicyCmd::Ls => {
-            let ps: Vec<Value> = client.get("/v1/attestation/policies").await?;
+            let ps: Vec<AttestPolicy> = client.get("/v1/attestation/policies").await?;
             if json {
                 cli::print_json(&ps)?;
             } else {
                 let mut ps = ps;
-                ps.sort_by_key(|p| (p["priority"].as_i64().unwrap_or(0), p["name"].to_string()));
+                ps.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
                 let rows: Vec<Vec<String>> = ps.iter().map(cli::policy_row).collect();
                 cli::print_table(
                     &[
@@ -111,7 +113,7 @@ pub(crate) async fn run(client: &Client, cmd: PolicyCmd, json: bool) -> CliResul
                 "name": name, "selector": selector, "priority": priority, "require": require,
                 "pcrs": parse_pcrs(&pcrs)?, "tofu": tofu, "golden": gold,
             });
-            let p: Value = client.put("/v1/attestation/policies", &body).await?;
+            let p: AttestPolicy = client.put("/v1/attestation/policies", &body).await?;
             if json {
                 cli::print_json(&p)?;
             } else {
@@ -121,7 +123,7 @@ pub(crate) async fn run(client: &Client, cmd: PolicyCmd, json: bool) -> CliResul
             }
         }
         PolicyCmd::Rm { name } => {
-            let r: Value = client
+            let r: Deleted = client
                 .delete(&format!("/v1/attestation/policies/{name}"))
                 .await?;
             if json {

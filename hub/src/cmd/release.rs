@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use cairn_hub::release::{self as rel, BuildInput, BuildSpec, BundleInfo};
+use cairn_hub::store::AssignOutcome;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -607,7 +608,7 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
 }
 
 /// `os set` / `os unset`.
-pub async fn os(client: &Client, cmd: OsCmd, json: bool) -> CliResult<Value> {
+pub async fn os(client: &Client, cmd: OsCmd, json: bool) -> CliResult<AssignOutcome> {
     let body = match cmd {
         OsCmd::Set(a) => {
             let secs = u32::try_from(a.health_timeout.as_secs())

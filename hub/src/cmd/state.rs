@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use base64::Engine;
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
+use cairn_hub::store::{AssignOutcome, LabelCount};
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Args)]
 #[group(id = "target", required = true, multiple = false)]
@@ -86,31 +87,24 @@ pub(crate) async fn unset(client: &Client, a: UnsetArgs, json: bool) -> CliResul
 }
 
 pub(crate) async fn labels(client: &Client, json: bool) -> CliResult<()> {
-    let ls: Vec<Value> = client.get("/v1/labels").await?;
+    let ls: Vec<LabelCount> = client.get("/v1/labels").await?;
     if json {
         cli::print_json(&ls)?;
     } else {
         let rows: Vec<Vec<String>> = ls
             .iter()
-            .map(|l| {
-                vec![
-                    l["key"].as_str().unwrap_or("").to_string(),
-                    l["value"].as_str().unwrap_or("").to_string(),
-                    l["devices"].to_string(),
-                ]
-            })
+            .map(|l| vec![l.key.clone(), l.value.clone(), l.devices.to_string()])
             .collect();
         cli::print_table(&["KEY", "VALUE", "DEVICES"], &rows);
     }
     Ok(())
 }
 
-pub(crate) fn print_outcome(out: Value, json: bool) -> CliResult<()> {
+pub(crate) fn print_outcome(out: AssignOutcome, json: bool) -> CliResult<()> {
     if json {
         return cli::print_json(&out);
     }
-    let changed = out["changed"].as_array().map_or(0, Vec::len);
-    let matched = out["matched"].as_u64().unwrap_or(0);
+    let (matched, changed) = (out.matched, out.changed.len());
     println!(
         "{matched} {} match; {changed} got a new signed revision and {} being updated",
         if matched == 1 { "device" } else { "devices" },

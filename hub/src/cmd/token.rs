@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
+use cairn_hub::api::CreatedToken;
 use cairn_hub::cli::{self, CliResult, Client};
+use cairn_hub::store::TokenInfo;
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Subcommand)]
 pub(crate) enum TokenCmd {
@@ -29,14 +31,14 @@ pub(crate) async fn run(client: &Client, cmd: TokenCmd, json: bool) -> CliResult
     match cmd {
         TokenCmd::Create { ttl, uses, labels } => {
             let body = json!({ "ttl_secs": ttl.as_secs().max(1), "uses": uses, "labels": labels });
-            let t: Value = client.post("/v1/tokens", &body).await?;
+            let t: CreatedToken = client.post("/v1/tokens", &body).await?;
             if json {
                 cli::print_json(&t)?;
             } else {
-                println!("{}", t["token"].as_str().unwrap_or_default());
+                println!("{}", t.token);
                 eprintln!(
                     "token {}: {} use(s), expires in {}, labels {}",
-                    t["id"].as_str().unwrap_or_default(),
+                    t.info.id,
                     uses,
                     humantime::format_duration(ttl),
                     if labels.is_empty() { "(none)" } else { &labels }
@@ -44,7 +46,7 @@ pub(crate) async fn run(client: &Client, cmd: TokenCmd, json: bool) -> CliResult
             }
         }
         TokenCmd::List => {
-            let ts: Vec<Value> = client.get("/v1/tokens").await?;
+            let ts: Vec<TokenInfo> = client.get("/v1/tokens").await?;
             if json {
                 cli::print_json(&ts)?;
             } else {
@@ -52,10 +54,10 @@ pub(crate) async fn run(client: &Client, cmd: TokenCmd, json: bool) -> CliResult
                 let rows: Vec<Vec<String>> = ts
                     .iter()
                     .map(|t| {
-                        let exp = t["expires_ms"].as_u64().unwrap_or(0);
+                        let exp = t.expires_ms;
                         vec![
-                            t["id"].as_str().unwrap_or("").to_string(),
-                            format!("{}/{}", t["uses_left"], t["uses_total"]),
+                            t.id.clone(),
+                            format!("{}/{}", t.uses_left, t.uses_total),
                             if exp <= now {
                                 "expired".into()
                             } else {
@@ -66,7 +68,7 @@ pub(crate) async fn run(client: &Client, cmd: TokenCmd, json: bool) -> CliResult
                                     ))
                                 )
                             },
-                            cli::labels_of(t),
+                            cli::labels_of(&t.labels),
                         ]
                     })
                     .collect();

@@ -66,7 +66,7 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// A join token as the store keeps it (the secret only as a hash).
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: String,
     pub created_ms: u64,
@@ -152,7 +152,7 @@ pub enum EnrollRefusal {
 }
 
 /// A device's root of trust and what the hub last saw of it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct AttestRecord {
     /// [`crate::attest::kind`].
     pub kind: String,
@@ -189,7 +189,7 @@ pub mod attest_status {
 }
 
 /// Everything the hub knows about one device.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DeviceRecord {
     #[schema(value_type = String)]
     pub id: DeviceId,
@@ -227,7 +227,7 @@ pub struct DeviceRecord {
 }
 
 /// A device's latest OS upgrade report, as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct UpgradeStatus {
     /// The release being installed (or that ended in `phase`).
     pub version: String,
@@ -357,7 +357,7 @@ pub enum Change {
 }
 
 /// What an assignment changed.
-#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct AssignOutcome {
     /// Devices the target matches now.
     pub matched: usize,
@@ -367,7 +367,7 @@ pub struct AssignOutcome {
 }
 
 /// One stored event: reported by an agent, or recorded by the hub itself.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Store-wide increasing id, for paging and following.
     pub id: u64,
@@ -409,7 +409,7 @@ pub mod hub_event {
 pub const UPGRADE_EVENT_PREFIX: &str = "upgrade.";
 
 /// Label keys and values in use, with device counts.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct LabelCount {
     pub key: String,
     pub value: String,
