@@ -25,7 +25,10 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 mod releases;
 
-pub use releases::{bundle_path, clean_partial_pushes};
+pub use releases::{
+    AddedReleaseKey, DeviceRollout, Pushed, ReleaseStatus, ReleaseView, bundle_path,
+    clean_partial_pushes,
+};
 
 use crate::attest::{AttestPolicy, MeasurementSet};
 use crate::desired::{Selector, Target, parse_labels};

@@ -57,7 +57,7 @@ pub struct AddReleaseKey {
     pub name: String,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AddedReleaseKey {
     #[serde(flatten)]
     pub key: ReleaseKeyRecord,
@@ -142,14 +142,28 @@ async fn trusted(api: &Api) -> Result<Vec<VerifyingKey>, ApiError> {
 // ------------------------------------------------------------ releases
 
 /// A release as the API shows it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ReleaseView {
     #[serde(flatten)]
     pub record: ReleaseRecord,
     /// PCR index → sha256 value (hex) that booting it is expected to measure.
+    #[serde(deserialize_with = "pcr_map")]
     pub expected_pcrs: BTreeMap<u32, String>,
     /// Devices whose desired OS it is.
     pub devices: usize,
+}
+
+/// PCR maps read back by clients: beside a `#[serde(flatten)]` field serde hands map
+/// keys over as strings, which a `u32` key refuses; the index is parsed from them.
+fn pcr_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, String>, D::Error> {
+    let m = <BTreeMap<String, String> as Deserialize>::deserialize(d)?;
+    m.into_iter()
+        .map(|(k, v)| {
+            k.parse()
+                .map(|k| (k, v))
+                .map_err(|_| serde::de::Error::custom(format!("PCR index {k:?}")))
+        })
+        .collect()
 }
 
 fn release_view(rec: ReleaseRecord, devices: usize) -> ReleaseView {
@@ -169,7 +183,7 @@ fn release_view(rec: ReleaseRecord, devices: usize) -> ReleaseView {
     }
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Pushed {
     #[serde(flatten)]
     pub release: ReleaseView,
@@ -472,7 +486,7 @@ pub(super) async fn delete_release(
 }
 
 /// One device a release is assigned to.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeviceRollout {
     pub device: String,
     pub hostname: String,
@@ -482,7 +496,7 @@ pub struct DeviceRollout {
     pub upgrade: Option<UpgradeStatus>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ReleaseStatus {
     pub release: ReleaseView,
     pub devices: Vec<DeviceRollout>,

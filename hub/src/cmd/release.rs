@@ -6,9 +6,12 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_hub::api::Deleted;
+use cairn_hub::api::{AddedReleaseKey, Pushed, ReleaseStatus, ReleaseView};
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use cairn_hub::release::{self as rel, BuildInput, BuildSpec, BundleInfo};
 use cairn_hub::store::AssignOutcome;
+use cairn_hub::store::{ReleaseKeyRecord, UpgradeStatus};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -368,24 +371,25 @@ async fn push(client: &Client, file: PathBuf, json: bool) -> CliResult<()> {
     let manifest = signed
         .decode_unverified()
         .map_err(|e| failed(format!("{}: {e}", file.display())))?;
-    let keys: Vec<Value> = client.get("/v1/release-keys").await?;
+    let keys: Vec<ReleaseKeyRecord> = client.get("/v1/release-keys").await?;
     let key_id = signed.key_id.to_string();
-    if !keys.iter().any(|k| k["key_id"] == json!(key_id)) {
+    if !keys.iter().any(|k| k.key_id == key_id) {
         return Err(failed(format!(
             "{} is signed with release key {key_id}, which the hub does not trust; add it first: cairn-hub release key add FILE.pub",
             file.display()
         )));
     }
     let id = signed.id().to_hex();
-    let existing: CliResult<Value> = client
+    let existing: CliResult<ReleaseView> = client
         .get(&format!("/v1/releases/{}", manifest.version))
         .await;
     match existing {
-        Ok(r) if r["id"] == json!(id) => {
+        Ok(r) if r.record.id == id => {
             if json {
-                let mut r = r;
-                r["outcome"] = json!("already-present");
-                cli::print_json(&r)?;
+                cli::print_json(&Pushed {
+                    release: r,
+                    outcome: "already-present".into(),
+                })?;
             } else {
                 println!(
                     "release {} is already on the hub (same id {}); nothing to push",
@@ -398,8 +402,7 @@ async fn push(client: &Client, file: PathBuf, json: bool) -> CliResult<()> {
         Ok(r) => {
             return Err(failed(format!(
                 "version {} is already on the hub with different content (release {}); versions are immutable: build a new version",
-                manifest.version,
-                r["id"].as_str().unwrap_or("?")
+                manifest.version, r.record.id
             )));
         }
         Err(e) if e.code == exit::NOT_FOUND => {}
@@ -423,7 +426,7 @@ async fn push(client: &Client, file: PathBuf, json: bool) -> CliResult<()> {
         pb.inc(n as u64);
         Ok(Some((buf, (f, pb))))
     });
-    let result: CliResult<Value> = client
+    let result: CliResult<Pushed> = client
         .post_stream("/v1/releases", reqwest::Body::wrap_stream(stream), len)
         .await;
     pb.finish_and_clear();
@@ -431,34 +434,36 @@ async fn push(client: &Client, file: PathBuf, json: bool) -> CliResult<()> {
     if json {
         cli::print_json(&r)?;
     } else {
-        let what = if r["outcome"] == json!("stored") {
+        let what = if r.outcome == "stored" {
             "pushed"
         } else {
             "already present:"
         };
         println!(
             "{what} release {} ({}/{}), id {}, {} — assign it with: cairn-hub os set --selector KEY=VALUE {}",
-            r["version"].as_str().unwrap_or(""),
-            r["arch"].as_str().unwrap_or(""),
-            r["board"].as_str().unwrap_or(""),
-            &r["id"].as_str().unwrap_or("")[..16.min(r["id"].as_str().unwrap_or("").len())],
-            cli::human_bytes(r["bundle_len"].as_u64().unwrap_or(0)),
-            r["version"].as_str().unwrap_or("")
+            r.release.record.version,
+            r.release.record.arch,
+            r.release.record.board,
+            r.release
+                .record
+                .id
+                .get(..16)
+                .unwrap_or(&r.release.record.id),
+            cli::human_bytes(r.release.record.bundle_len),
+            r.release.record.version
         );
     }
     Ok(())
 }
 
-fn progress_cell(up: &Value) -> String {
-    let done = up["bytes_done"].as_u64().unwrap_or(0);
-    let total = up["bytes_total"].as_u64().unwrap_or(0);
-    if total == 0 {
+fn progress_cell(up: &UpgradeStatus) -> String {
+    if up.bytes_total == 0 {
         return "-".into();
     }
     format!(
         "{}% ({} downloaded)",
-        done.saturating_mul(100) / total,
-        cli::human_bytes(up["bytes_downloaded"].as_u64().unwrap_or(0))
+        up.bytes_done.saturating_mul(100) / up.bytes_total,
+        cli::human_bytes(up.bytes_downloaded)
     )
 }
 
@@ -467,7 +472,7 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
     match cmd {
         ReleaseCmd::Key(KeyCmd::Add { key, name }) => {
             let vk = rel::parse_public_key(&key).map_err(usage)?;
-            let r: Value = client
+            let r: AddedReleaseKey = client
                 .post(
                     "/v1/release-keys",
                     &json!({ "public_key": hex::encode(vk.as_bytes()), "name": name }),
@@ -475,20 +480,17 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
                 .await?;
             if json {
                 cli::print_json(&r)?;
-            } else if r["added"].as_bool().unwrap_or(false) {
+            } else if r.added {
                 println!(
                     "the hub now trusts release key {}; devices get it with their next desired-OS assignment",
-                    r["key_id"].as_str().unwrap_or("")
+                    r.key.key_id
                 );
             } else {
-                println!(
-                    "release key {} was trusted already",
-                    r["key_id"].as_str().unwrap_or("")
-                );
+                println!("release key {} was trusted already", r.key.key_id);
             }
         }
         ReleaseCmd::Key(KeyCmd::Ls) => {
-            let ks: Vec<Value> = client.get("/v1/release-keys").await?;
+            let ks: Vec<ReleaseKeyRecord> = client.get("/v1/release-keys").await?;
             if json {
                 cli::print_json(&ks)?;
             } else {
@@ -496,10 +498,10 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
                     .iter()
                     .map(|k| {
                         vec![
-                            k["key_id"].as_str().unwrap_or("").to_string(),
-                            k["name"].as_str().unwrap_or("").to_string(),
-                            cli::ago(k["added_ms"].as_u64()),
-                            k["public_key"].as_str().unwrap_or("").to_string(),
+                            k.key_id.clone(),
+                            k.name.clone(),
+                            cli::ago(Some(k.added_ms)),
+                            k.public_key.clone(),
                         ]
                     })
                     .collect();
@@ -507,7 +509,7 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
             }
         }
         ReleaseCmd::Key(KeyCmd::Rm { key_id }) => {
-            let r: Value = client.delete(&format!("/v1/release-keys/{key_id}")).await?;
+            let r: Deleted = client.delete(&format!("/v1/release-keys/{key_id}")).await?;
             if json {
                 cli::print_json(&r)?;
             } else {
@@ -518,21 +520,22 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
         }
         ReleaseCmd::Push { file } => push(client, file, json).await?,
         ReleaseCmd::Ls => {
-            let rs: Vec<Value> = client.get("/v1/releases").await?;
+            let rs: Vec<ReleaseView> = client.get("/v1/releases").await?;
             if json {
                 cli::print_json(&rs)?;
             } else {
                 let rows: Vec<Vec<String>> = rs
                     .iter()
                     .map(|r| {
+                        let rec = &r.record;
                         vec![
-                            r["version"].as_str().unwrap_or("").to_string(),
-                            r["arch"].as_str().unwrap_or("").to_string(),
-                            r["board"].as_str().unwrap_or("").to_string(),
-                            cli::human_bytes(r["bundle_len"].as_u64().unwrap_or(0)),
-                            r["key_id"].as_str().unwrap_or("").to_string(),
-                            cli::ago(r["pushed_ms"].as_u64()),
-                            r["devices"].to_string(),
+                            rec.version.clone(),
+                            rec.arch.clone(),
+                            rec.board.clone(),
+                            cli::human_bytes(rec.bundle_len),
+                            rec.key_id.clone(),
+                            cli::ago(Some(rec.pushed_ms)),
+                            r.devices.to_string(),
                         ]
                     })
                     .collect();
@@ -545,7 +548,7 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
             }
         }
         ReleaseCmd::Rm { version } => {
-            let r: Value = client.delete(&format!("/v1/releases/{version}")).await?;
+            let r: Deleted = client.delete(&format!("/v1/releases/{version}")).await?;
             if json {
                 cli::print_json(&r)?;
             } else {
@@ -553,36 +556,35 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
             }
         }
         ReleaseCmd::Status { version } => {
-            let st: Value = client
+            let st: ReleaseStatus = client
                 .get(&format!("/v1/releases/{version}/status"))
                 .await?;
             if json {
                 cli::print_json(&st)?;
             } else {
-                let empty = Vec::new();
-                let devices = st["devices"].as_array().unwrap_or(&empty);
-                println!("release {version}: assigned to {} device(s)", devices.len());
+                let devices = &st.devices;
+                println!(
+                    "release {version}: assigned to {} {}",
+                    devices.len(),
+                    if devices.len() == 1 {
+                        "device"
+                    } else {
+                        "devices"
+                    }
+                );
                 let rows: Vec<Vec<String>> = devices
                     .iter()
                     .map(|d| {
-                        let up = &d["upgrade"];
-                        let mine = up["version"] == json!(version);
+                        let up = d.upgrade.as_ref();
+                        let mine = up.filter(|u| u.version == version);
                         vec![
-                            d["device"].as_str().unwrap_or("").to_string(),
-                            d["hostname"].as_str().unwrap_or("").to_string(),
-                            if d["connected"].as_bool().unwrap_or(false) {
-                                "online".into()
-                            } else {
-                                "offline".into()
-                            },
-                            d["state"].as_str().unwrap_or("").to_string(),
-                            if mine { progress_cell(up) } else { "-".into() },
-                            up["committed_version"].as_str().unwrap_or("-").to_string(),
-                            if mine {
-                                up["error"].as_str().unwrap_or("").to_string()
-                            } else {
-                                String::new()
-                            },
+                            d.device.clone(),
+                            d.hostname.clone(),
+                            if d.connected { "online" } else { "offline" }.to_string(),
+                            d.state.clone(),
+                            mine.map_or_else(|| "-".into(), progress_cell),
+                            up.map_or("-", |u| u.committed_version.as_str()).to_string(),
+                            mine.and_then(|u| u.error.clone()).unwrap_or_default(),
                         ]
                     })
                     .collect();

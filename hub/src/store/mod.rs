@@ -282,7 +282,7 @@ impl UpgradeStatus {
 }
 
 /// A trusted release key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ReleaseKeyRecord {
     /// [`cairn_sync_protocol::release::KeyId`] in hex (16 digits).
     pub key_id: String,
@@ -301,7 +301,7 @@ pub struct PayloadInfo {
 }
 
 /// A release stored on the hub (its bundle is `DATA_DIR/releases/<id>.cairn`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ReleaseRecord {
     /// [`cairn_sync_protocol::release::ReleaseId`] in hex.
     pub id: String,
