@@ -101,7 +101,7 @@ fn parse_device(id: &str) -> Result<DeviceId, ApiError> {
 }
 
 /// A device as the API shows it.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DeviceView {
     #[serde(flatten)]
     pub record: DeviceRecord,

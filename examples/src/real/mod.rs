@@ -26,7 +26,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use cairn_hub::api::DeviceView;
 use cairn_hub::cli::{Client, Connect};
+use cairn_hub::store::EventRecord;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 use serde_json::json;
@@ -55,59 +57,15 @@ pub struct RealOptions {
     pub enroll_timeout: Duration,
 }
 
-/// One device as the hub's admin API lists it.
-#[derive(Debug, Clone, Deserialize)]
-struct HubDevice {
-    id: String,
-    hostname: String,
-    connected: bool,
-    desired_revision: u64,
-    stored_revision: u64,
-    applied_revision: u64,
-    failing: u32,
-    reports_acked: u64,
-    applied_ms: Option<u64>,
-    online_since_ms: Option<u64>,
-    #[serde(default)]
-    attestation: Option<String>,
-    #[serde(default)]
-    attest_status: Option<String>,
-    #[serde(default)]
-    quarantine: Option<String>,
-    #[serde(default)]
-    upgrade: Option<HubUpgrade>,
-}
+/// One device as the hub's admin API lists it: the API's own type.
+type HubDevice = DeviceView;
 
-/// A device's latest upgrade report, as the hub shows it.
-#[derive(Debug, Clone, Deserialize)]
-struct HubUpgrade {
-    version: String,
-    phase: String,
-    bytes_total: u64,
-    bytes_downloaded: u64,
-    at_ms: u64,
-}
-
-impl HubUpgrade {
-    fn is_final(&self) -> bool {
-        matches!(self.phase.as_str(), "committed" | "rolled-back" | "failed")
-    }
-}
-
-impl HubDevice {
-    fn converged(&self) -> bool {
-        self.applied_revision == self.desired_revision
-            && self.stored_revision == self.desired_revision
-            && self.failing == 0
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct HubEvent {
-    id: u64,
-    device: String,
-    seq: Option<u64>,
-    kind: String,
+/// Converged: the agent stored and applied the newest revision, and nothing fails.
+fn is_converged(d: &HubDevice) -> bool {
+    let r = &d.record;
+    r.applied_revision == r.desired_revision
+        && r.stored_revision == r.desired_revision
+        && r.failing == 0
 }
 
 /// A pool process and its command channel.
@@ -228,9 +186,9 @@ impl Fleet {
     /// session since its restart if it had one.
     fn done(&self, i: usize) -> bool {
         self.devices[i].as_ref().is_some_and(|d| {
-            d.converged()
+            is_converged(d)
                 && d.connected
-                && self.resync_after[i].is_none_or(|t| d.online_since_ms.unwrap_or(0) >= t)
+                && self.resync_after[i].is_none_or(|t| d.record.online_since_ms.unwrap_or(0) >= t)
         })
     }
 
@@ -314,7 +272,7 @@ impl Fleet {
             .await
             .map_err(|e| e.error.context("listing devices"))?;
         for d in list {
-            if let Some(i) = pool::index_of(&d.hostname)
+            if let Some(i) = pool::index_of(&d.record.hostname)
                 && i < self.devices.len()
             {
                 self.devices[i] = Some(d);
@@ -354,7 +312,7 @@ impl Fleet {
             .devices
             .iter()
             .flatten()
-            .filter(|d| d.converged())
+            .filter(|d| is_converged(d))
             .count();
         if let Some(t0) = self.timeline_start {
             self.timeline.push(Sample {
@@ -426,19 +384,19 @@ impl Fleet {
         let mut due = 0;
         for i in 0..self.devices.len() {
             let Some(d) = &self.devices[i] else { continue };
-            let changed = d.desired_revision != self.desired_before[i];
+            let changed = d.record.desired_revision != self.desired_before[i];
             if !(changed || self.resync_after[i].is_some()) || !(all || self.faults_on[i] == 0) {
                 continue;
             }
             due += 1;
             if self.done(i) {
                 let applied = if changed {
-                    d.applied_ms.unwrap_or(0)
+                    d.record.applied_ms.unwrap_or(0)
                 } else {
                     0
                 };
                 let session = if self.resync_after[i].is_some() {
-                    d.online_since_ms.unwrap_or(0)
+                    d.record.online_since_ms.unwrap_or(0)
                 } else {
                     0
                 };
@@ -449,7 +407,7 @@ impl Fleet {
             if let Some(d) = &self.devices[i]
                 && (all || self.faults_on[i] == 0)
             {
-                self.desired_before[i] = d.desired_revision;
+                self.desired_before[i] = d.record.desired_revision;
                 self.resync_after[i] = None;
             }
         }
@@ -650,7 +608,9 @@ impl Fleet {
         let finished = |f: &Fleet, i: usize| -> bool {
             match (
                 &f.assigned[i],
-                f.devices[i].as_ref().and_then(|d| d.upgrade.as_ref()),
+                f.devices[i]
+                    .as_ref()
+                    .and_then(|d| d.record.upgrade.as_ref()),
             ) {
                 (None, _) => true,
                 (Some(v), Some(u)) => &u.version == v && u.is_final(),
@@ -683,7 +643,9 @@ impl Fleet {
                 continue;
             }
             due += 1;
-            if let Some(u) = self.devices[i].as_ref().and_then(|d| d.upgrade.as_ref())
+            if let Some(u) = self.devices[i]
+                .as_ref()
+                .and_then(|d| d.record.upgrade.as_ref())
                 && finished(self, i)
             {
                 times.push(u.at_ms.saturating_sub(self.t_ref[i]));
@@ -1013,11 +975,11 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
     Ok(report)
 }
 
-async fn all_events(api: &Client) -> Result<Vec<HubEvent>> {
-    let mut out: Vec<HubEvent> = Vec::new();
+async fn all_events(api: &Client) -> Result<Vec<EventRecord>> {
+    let mut out: Vec<EventRecord> = Vec::new();
     loop {
         let after = out.last().map_or(0, |e| e.id);
-        let page: Vec<HubEvent> = api
+        let page: Vec<EventRecord> = api
             .get_query(
                 "/v1/events",
                 &[("after", after.to_string()), ("limit", "50000".into())],
@@ -1031,7 +993,7 @@ async fn all_events(api: &Client) -> Result<Vec<HubEvent>> {
     }
 }
 
-fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut Report) {
+fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[EventRecord], report: &mut Report) {
     let by_index: BTreeMap<usize, &AgentAudit> = audits.iter().map(|a| (a.index, a)).collect();
     let mut converged = 0;
     let mut signed = 0;
@@ -1066,33 +1028,35 @@ fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut
             continue;
         };
         if let Some(p) = &a.problem {
-            report.problems.push(format!("{} ({name}): {p}", d.id));
+            report
+                .problems
+                .push(format!("{} ({name}): {p}", d.record.id));
         }
         ev.created += a.last_seq;
-        ev.delivered += d.reports_acked.min(a.last_seq);
-        ev.lost += a.last_seq.saturating_sub(d.reports_acked);
-        if a.stored_revision == d.desired_revision
-            && a.applied_revision == d.desired_revision
-            && d.converged()
+        ev.delivered += d.record.reports_acked.min(a.last_seq);
+        ev.lost += a.last_seq.saturating_sub(d.record.reports_acked);
+        if a.stored_revision == d.record.desired_revision
+            && a.applied_revision == d.record.desired_revision
+            && is_converged(d)
             && a.files_match
         {
             converged += 1;
         } else {
             report.problems.push(format!(
                 "{}: desired revision {}, agent stored {} and applied {}{}",
-                d.id,
-                d.desired_revision,
+                d.record.id,
+                d.record.desired_revision,
                 a.stored_revision,
                 a.applied_revision,
                 if a.files_match { "" } else { ", files differ" }
             ));
         }
-        if a.outbox_depth == 0 && d.reports_acked == a.last_seq {
+        if a.outbox_depth == 0 && d.record.reports_acked == a.last_seq {
             exact += 1;
         } else {
             report.problems.push(format!(
                 "{}: hub stored reports up to {}, agent numbered {} ({} still queued)",
-                d.id, d.reports_acked, a.last_seq, a.outbox_depth
+                d.record.id, d.record.reports_acked, a.last_seq, a.outbox_depth
             ));
         }
         if a.signed {
@@ -1100,7 +1064,7 @@ fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut
         } else {
             report.problems.push(format!(
                 "{}: stored state does not verify with the hub key",
-                d.id
+                d.record.id
             ));
         }
     }
@@ -1129,18 +1093,25 @@ fn check(fleet: &Fleet, audits: &[AgentAudit], events: &[HubEvent], report: &mut
                 let mut trusted = 0;
                 for d in fleet.devices.iter().flatten() {
                     *kinds
-                        .entry(d.attestation.clone().unwrap_or_else(|| "none".into()))
+                        .entry(
+                            d.record
+                                .attestation
+                                .clone()
+                                .unwrap_or_else(|| "none".into()),
+                        )
                         .or_default() += 1;
-                    if d.attestation.is_some() && d.attest_status.as_deref() == Some("trusted") {
+                    if d.record.attestation.is_some()
+                        && d.record.attest_status.as_deref() == Some("trusted")
+                    {
                         trusted += 1;
                     } else if report.problems.len() < 300 {
                         report.problems.push(format!(
                             "{} ({}): attestation {:?}, status {:?}: {}",
-                            d.id,
-                            d.hostname,
-                            d.attestation,
-                            d.attest_status,
-                            d.quarantine.as_deref().unwrap_or("")
+                            d.record.id,
+                            d.record.hostname,
+                            d.record.attestation,
+                            d.record.attest_status,
+                            d.record.quarantine.as_deref().unwrap_or("")
                         ));
                     }
                 }
