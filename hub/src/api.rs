@@ -111,6 +111,17 @@ pub struct DeviceView {
     pub drift: bool,
 }
 
+/// One device with everything `cairn-hub device show --json` prints: its attestation,
+/// desired state and events (the CLI's composition of several API calls, so that
+/// scripts read it as one typed document).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    pub device: DeviceView,
+    pub attestation: Option<AttestRecord>,
+    pub desired: DesiredView,
+    pub events: Vec<EventRecord>,
+}
+
 fn view(api: &Api, record: DeviceRecord) -> DeviceView {
     DeviceView {
         connected: api.registry.is_online(&record.id),

@@ -110,6 +110,12 @@ impl HubProc {
             .with_context(|| format!("cairn-hub {}: not JSON: {out}", args.join(" ")))
     }
 
+    /// [`HubProc::cli`] with `--json`, read as the API type `T`.
+    pub fn json_as<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        serde_json::from_value(self.json(args)?)
+            .with_context(|| format!("cairn-hub {}: not the expected document", args.join(" ")))
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.dir.join("hub.log"), lines)
     }

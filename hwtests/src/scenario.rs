@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cairn_hub::api::{DeviceDetail, DeviceView};
+use cairn_hub::store::UpgradeStatus;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::hub::HubProc;
 use crate::image::Built;
@@ -177,9 +178,18 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn device(&self) -> Result<Value> {
+    fn device(&self) -> Result<DeviceDetail> {
         let id = self.report.device.clone().context("no device yet")?;
-        self.hub().json(&["device", "show", &id])
+        self.hub().json_as(&["device", "show", &id])
+    }
+
+    /// The device's upgrade report (none yet: an error, so that waits keep waiting).
+    fn upgrade(&self) -> Result<UpgradeStatus> {
+        self.device()?
+            .device
+            .record
+            .upgrade
+            .context("the device has reported no upgrade yet")
     }
 }
 
@@ -286,40 +296,38 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
         r.m.power_on()?;
         let limit = r.env.timeouts.enroll;
         r.wait("the box enrolls and attests", limit, |r| {
-            let devs = r.hub().json(&["devices"])?;
-            let found = devs
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|d| d["labels"]["rig"].as_str() == Some(run_label_value(&label)));
+            let devs: Vec<DeviceView> = r.hub().json_as(&["devices"])?;
+            let found = devs.iter().find(|d| {
+                d.record
+                    .labels
+                    .iter()
+                    .any(|(k, v)| k.as_str() == "rig" && v.as_str() == run_label_value(&label))
+            });
             if let Some(d) = found {
-                r.report.device = d["id"].as_str().map(str::to_string);
+                r.report.device = Some(d.record.id.to_string());
                 return Ok(if r.env.tpm {
-                    d["attest_status"] == "trusted"
+                    d.record.attest_status.as_deref() == Some("trusted")
                 } else {
-                    d["connected"] == true
+                    d.connected
                 });
             }
             Ok(false)
         })?;
         let d = r.device()?;
+        let id = &d.device.record.id;
         if !r.env.tpm {
-            return Ok(format!(
-                "{} enrolled and connected (no TPM)",
-                d["device"]["id"]
-            ));
+            return Ok(format!("{id} enrolled and connected (no TPM)"));
         }
-        let a = &d["attestation"];
-        if a["kind"] != "tpm" {
+        let a = d.attestation.context("the device has no attestation")?;
+        if a.kind != "tpm" {
             bail!(
-                "attested as {} (expected a TPM whose EK certificate chains to the --ek-ca): {a}",
-                a["kind"]
+                "attested as {} (expected a TPM whose EK certificate chains to the --ek-ca): {a:?}",
+                a.kind
             );
         }
         Ok(format!(
-            "{} attested: TPM, PCR 4 {}",
-            d["device"]["id"],
-            short(&a["pcrs"]["4"])
+            "{id} attested: TPM, PCR 4 {}",
+            short(a.pcrs.get(&4).map_or("-", String::as_str))
         ))
     })?;
 
@@ -341,7 +349,7 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
             let p = predict::with_uki(&log, &old, &new)?;
             let v = p.get(&4).context("v2's UKI does not change PCR 4")?;
             predicted_pcr4 = hex::encode(v);
-            Ok(format!("{} (v1's log, v2's UKI)", short_s(&predicted_pcr4)))
+            Ok(format!("{} (v1's log, v2's UKI)", short(&predicted_pcr4)))
         })?;
     }
     let expect_pcr4 = Some(predicted_pcr4.as_str()).filter(|p| !p.is_empty());
@@ -367,10 +375,9 @@ fn event_log_step(run: &mut Run<'_>, rel: &Releases<'_>, reference: &Path) -> Re
         let log = std::fs::read(reference)?;
         let replayed = predict::replay(&log)?;
         let d = r.device()?;
+        let a = d.attestation.context("the device has no attestation")?;
         for pcr in 0..8u32 {
-            let quoted = d["attestation"]["pcrs"][pcr.to_string()]
-                .as_str()
-                .unwrap_or_default();
+            let quoted = a.pcrs.get(&pcr).map_or("", String::as_str);
             let ours = replayed.get(&pcr).map(hex::encode).unwrap_or_default();
             if quoted != ours {
                 bail!("PCR {pcr}: the event log replays to {ours}, the quote says {quoted}");
@@ -406,15 +413,17 @@ fn upgrade_steps(
             "the box starts writing slot B",
             r.env.timeouts.upgrade,
             |r| {
-                let u = r.device()?["device"]["upgrade"].clone();
+                let Some(u) = r.device()?.device.record.upgrade else {
+                    return Ok(false);
+                };
                 let written_one = console_text(r.m)
                     .get(console_before..)
                     .is_some_and(|t| t.contains("payload written"));
-                let mid = u["phase"] == "downloading"
-                    && u["version"] == "2.0.0"
-                    && (u["bytes_done"].as_u64().unwrap_or(0) > 0 || written_one);
+                let mid = u.phase == "downloading"
+                    && u.version == "2.0.0"
+                    && (u.bytes_done > 0 || written_one);
                 if mid {
-                    at = format!("{} of {} bytes", u["bytes_done"], u["bytes_total"]);
+                    at = format!("{} of {} bytes", u.bytes_done, u.bytes_total);
                 }
                 Ok(mid)
             },
@@ -428,33 +437,37 @@ fn upgrade_steps(
     run.step("v2: resume, trial boot, commit", |r| {
         let limit = r.env.timeouts.upgrade;
         r.wait("2.0.0 committed", limit, |r| {
-            let u = r.device()?["device"]["upgrade"].clone();
-            Ok(u["phase"] == "committed" && u["committed_version"] == "2.0.0")
+            let Some(u) = r.device()?.device.record.upgrade else {
+                return Ok(false);
+            };
+            Ok(u.phase == "committed" && u.committed_version == "2.0.0")
         })?;
-        let d = r.device()?;
-        let u = &d["device"]["upgrade"];
-        if u["booted_slot"] != "b" {
-            bail!("committed 2.0.0 but booted slot {}", u["booted_slot"]);
+        let u = r.upgrade()?;
+        if u.booted_slot != "b" {
+            bail!("committed 2.0.0 but booted slot {}", u.booted_slot);
         }
         let Some(predicted) = expect_pcr4 else {
             return Ok("slot B, committed (no TPM: nothing measured)".into());
         };
         let limit = r.env.timeouts.enroll;
         r.wait("the v2 boot attested", limit, |r| {
-            let a = r.device()?["attestation"].clone();
-            Ok(a["pcrs"]["4"].as_str() == Some(predicted))
+            let a = r.device()?.attestation;
+            Ok(a.and_then(|a| a.pcrs.get(&4).cloned()).as_deref() == Some(predicted))
         })?;
-        let a = &r.device()?["attestation"];
-        if a["status"] != "trusted" {
+        let a = r
+            .device()?
+            .attestation
+            .context("the device has no attestation")?;
+        if a.status != "trusted" {
             bail!(
                 "v2 booted but the hub's attestation says {}: {}",
-                a["status"],
-                a["reason"]
+                a.status,
+                a.reason.as_deref().unwrap_or("-")
             );
         }
         Ok(format!(
             "slot B, PCR 4 as predicted, attestation {}",
-            a["status"]
+            a.status
         ))
     })?;
 
@@ -464,19 +477,18 @@ fn upgrade_steps(
         r.os_set("3.0.0")?;
         let limit = r.env.timeouts.rollback;
         r.wait("3.0.0 rolled back", limit, |r| {
-            let d = r.device()?;
-            let u = &d["device"]["upgrade"];
-            Ok(u["version"] == "3.0.0"
-                && u["phase"] == "rolled-back"
-                && d["device"]["connected"] == true)
+            let d = r.device()?.device;
+            Ok(d.connected
+                && d.record
+                    .upgrade
+                    .is_some_and(|u| u.version == "3.0.0" && u.phase == "rolled-back"))
         })?;
-        let d = r.device()?;
-        let u = &d["device"]["upgrade"];
-        if u["committed_version"] != "2.0.0" || u["booted_slot"] != "b" {
+        let u = r.upgrade()?;
+        if u.committed_version != "2.0.0" || u.booted_slot != "b" {
             bail!(
                 "after the rollback: committed {} on slot {}",
-                u["committed_version"],
-                u["booted_slot"]
+                u.committed_version,
+                u.booted_slot
             );
         }
         if r.m.has_console() && !console_text(r.m).contains("built with --fault init-panic") {
@@ -484,7 +496,7 @@ fn upgrade_steps(
         }
         Ok(format!(
             "back on 2.0.0 (slot B); hub says: {}",
-            u["error"].as_str().unwrap_or("-")
+            u.error.as_deref().unwrap_or("-")
         ))
     })?;
     Ok(())
@@ -551,11 +563,7 @@ fn hex_32(s: &str) -> Result<[u8; 32]> {
     v.try_into().map_err(|_| anyhow::anyhow!("not 32 bytes"))
 }
 
-fn short(v: &Value) -> String {
-    short_s(v.as_str().unwrap_or("-"))
-}
-
-fn short_s(s: &str) -> String {
+fn short(s: &str) -> String {
     if s.len() > 16 {
         format!("{}…", &s[..16])
     } else {

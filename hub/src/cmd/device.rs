@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use base64::Engine;
-use cairn_hub::api::{DesiredView, DeviceView, EventLogView, Revoked};
+use cairn_hub::api::{DesiredView, DeviceDetail, DeviceView, EventLogView, Revoked};
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use cairn_hub::store::{AssignOutcome, AttestRecord, EventRecord};
 use clap::Subcommand;
@@ -207,11 +207,21 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
                     &[("device", id.clone()), ("limit", "100000".into())],
                 )
                 .await?;
+            let detail = DeviceDetail {
+                device: d,
+                attestation,
+                desired: state,
+                events: evs,
+            };
             if json {
-                cli::print_json(
-                    &json!({ "device": d, "attestation": attestation, "desired": state, "events": evs }),
-                )?;
+                cli::print_json(&detail)?;
             } else {
+                let DeviceDetail {
+                    device: d,
+                    attestation,
+                    desired: state,
+                    events: evs,
+                } = detail;
                 let row = cli::device_row(&d);
                 for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
                     println!("{:<13} {v}", format!("{}:", k.to_lowercase()));
