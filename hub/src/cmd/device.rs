@@ -193,83 +193,88 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
                 println!("removed the expected measurements {source:?} of {id}");
             }
         }
-        DeviceCmd::Show { id } => {
-            let d: DeviceView = client.get(&format!("/v1/devices/{id}")).await?;
-            let attestation: Option<AttestRecord> = if d.record.attestation.is_none() {
-                None
-            } else {
-                Some(client.get(&format!("/v1/devices/{id}/attestation")).await?)
-            };
-            let state: DesiredView = client.get(&format!("/v1/devices/{id}/state")).await?;
-            let evs: Vec<EventRecord> = client
-                .get_query(
-                    "/v1/events",
-                    &[("device", id.clone()), ("limit", "100000".into())],
-                )
-                .await?;
-            let detail = DeviceDetail {
-                device: d,
-                attestation,
-                desired: state,
-                events: evs,
-            };
-            if json {
-                cli::print_json(&detail)?;
-            } else {
-                let DeviceDetail {
-                    device: d,
-                    attestation,
-                    desired: state,
-                    events: evs,
-                } = detail;
-                let row = cli::device_row(&d);
-                for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
-                    println!("{:<13} {v}", format!("{}:", k.to_lowercase()));
-                }
-                let r = &d.record;
-                println!("{:<13} {}", "agent:", r.agent_version);
+        DeviceCmd::Show { id } => show(client, &id, json).await?,
+    }
+    Ok(())
+}
+
+/// `device show`: the device row, its attestation, desired state and recent events.
+async fn show(client: &Client, id: &str, json: bool) -> CliResult<()> {
+    let id = id.to_string();
+    let d: DeviceView = client.get(&format!("/v1/devices/{id}")).await?;
+    let attestation: Option<AttestRecord> = if d.record.attestation.is_none() {
+        None
+    } else {
+        Some(client.get(&format!("/v1/devices/{id}/attestation")).await?)
+    };
+    let state: DesiredView = client.get(&format!("/v1/devices/{id}/state")).await?;
+    let evs: Vec<EventRecord> = client
+        .get_query(
+            "/v1/events",
+            &[("device", id.clone()), ("limit", "100000".into())],
+        )
+        .await?;
+    let detail = DeviceDetail {
+        device: d,
+        attestation,
+        desired: state,
+        events: evs,
+    };
+    if json {
+        cli::print_json(&detail)?;
+    } else {
+        let DeviceDetail {
+            device: d,
+            attestation,
+            desired: state,
+            events: evs,
+        } = detail;
+        let row = cli::device_row(&d);
+        for (k, v) in cli::DEVICE_HEADER.iter().zip(&row) {
+            println!("{:<13} {v}", format!("{}:", k.to_lowercase()));
+        }
+        let r = &d.record;
+        println!("{:<13} {}", "agent:", r.agent_version);
+        println!(
+            "{:<13} revision {} (the newest the agent confirmed it stored)",
+            "stored:", r.stored_revision
+        );
+        println!("{:<13} {}", "reports:", r.reports_acked);
+        cli::print_upgrade(r.upgrade.as_ref());
+        match &attestation {
+            Some(a) => cli::print_attestation(a),
+            None => println!("{:<13} none (enrolled without a TPM)", "identity:"),
+        }
+        println!("desired state (revision {}):", state.revision);
+        for r in &state.resources {
+            let sha = |n: usize| r.content_sha256.get(..n).unwrap_or(&r.content_sha256);
+            if r.kind == "os" {
                 println!(
-                    "{:<13} revision {} (the newest the agent confirmed it stored)",
-                    "stored:", r.stored_revision
+                    "  {:<16} release {} (id {}), downgrade {}, trial boot {}s",
+                    r.name,
+                    r.version.as_deref().unwrap_or("?"),
+                    sha(16),
+                    if r.allow_downgrade.unwrap_or(false) {
+                        "allowed"
+                    } else {
+                        "refused"
+                    },
+                    r.health_timeout_s.unwrap_or(0)
                 );
-                println!("{:<13} {}", "reports:", r.reports_acked);
-                cli::print_upgrade(r.upgrade.as_ref());
-                match &attestation {
-                    Some(a) => cli::print_attestation(a),
-                    None => println!("{:<13} none (enrolled without a TPM)", "identity:"),
-                }
-                println!("desired state (revision {}):", state.revision);
-                for r in &state.resources {
-                    let sha = |n: usize| r.content_sha256.get(..n).unwrap_or(&r.content_sha256);
-                    if r.kind == "os" {
-                        println!(
-                            "  {:<16} release {} (id {}), downgrade {}, trial boot {}s",
-                            r.name,
-                            r.version.as_deref().unwrap_or("?"),
-                            sha(16),
-                            if r.allow_downgrade.unwrap_or(false) {
-                                "allowed"
-                            } else {
-                                "refused"
-                            },
-                            r.health_timeout_s.unwrap_or(0)
-                        );
-                        continue;
-                    }
-                    println!(
-                        "  {:<16} {} {:o} {} bytes sha256:{}",
-                        r.name,
-                        r.path,
-                        r.mode,
-                        r.size,
-                        sha(12)
-                    );
-                }
-                println!("recent events:");
-                for e in evs.iter().rev().take(10).rev() {
-                    cli::print_event(e);
-                }
+                continue;
             }
+            println!(
+                "  {:<16} {} {:o} {} bytes sha256:{}",
+                r.name,
+                r.path,
+                r.mode,
+                r.size,
+                sha(12)
+            );
+        }
+        println!("recent events:");
+        for e in evs.iter().rev().take(10).rev() {
+            cli::print_event(e);
         }
     }
     Ok(())
