@@ -120,7 +120,7 @@ impl Hub {
 
     /// Starts again on the same port with the same data directory.
     pub fn restart(&mut self) {
-        let r = self.proc().restart();
+        let r = self.proc().start_again();
         self.started(r);
     }
 

@@ -114,16 +114,11 @@ impl HubProcess {
         }
     }
 
-    /// Starts a killed (or exited) hub again, asking for the ports it had.
+    /// Starts the hub again, asking for the ports it had; a hub still running is
+    /// SIGKILLed first.
     pub fn start_again(&mut self) -> Result<(), StartError> {
         self.kill();
         self.spawn(Some(self.endpoints.clone()))
-    }
-
-    /// [`HubProcess::kill`], then [`HubProcess::start_again`].
-    pub fn restart(&mut self) -> Result<(), StartError> {
-        self.kill();
-        self.start_again()
     }
 }
 

@@ -103,17 +103,16 @@ impl HubProc {
 
     /// [`HubProc::cli`] with `--json`, parsed.
     pub fn json(&self, args: &[&str]) -> Result<Value> {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.cli(&a)?;
-        serde_json::from_str(&out)
-            .with_context(|| format!("cairn-hub {}: not JSON: {out}", args.join(" ")))
+        self.json_as(args)
     }
 
     /// [`HubProc::cli`] with `--json`, read as the API type `T`.
     pub fn json_as<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
-        serde_json::from_value(self.json(args)?)
-            .with_context(|| format!("cairn-hub {}: not the expected document", args.join(" ")))
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a)?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("cairn-hub {}: not the expected JSON: {out}", args.join(" ")))
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
