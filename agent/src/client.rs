@@ -14,11 +14,11 @@ use cairn_sync_protocol::agent::{AgentEvent, AgentSession};
 use cairn_sync_protocol::message::{EnrollRequest, RefusalCode};
 use cairn_sync_protocol::token::JoinToken;
 use cairn_sync_protocol::{SessionConfig, Text};
-use rand::Rng;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use crate::store::{Accepted, Identity, Store};
+use crate::store::{Identity, Store};
+use crate::sync::{Backoff, Reply};
 use crate::tls;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -43,32 +43,6 @@ pub enum LinkError {
     EnrollRefused { code: RefusalCode, message: String },
     #[error("{0:#}")]
     Other(anyhow::Error),
-}
-
-/// Jittered exponential backoff ("equal jitter": half fixed, half random).
-#[derive(Debug)]
-pub struct Backoff {
-    cur: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self { cur: min, min, max }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let half = self.cur / 2;
-        let jitter = rand::thread_rng().gen_range(0..=half.as_millis() as u64);
-        let d = half + Duration::from_millis(jitter);
-        self.cur = (self.cur * 2).min(self.max);
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.cur = self.min;
-    }
 }
 
 /// How a connection ended.
@@ -515,34 +489,31 @@ fn handle_event(
                     Ok::<_, crate::store::StoreError>((r, s.desired_revision()?, s.last_seq()?))
                 })
                 .map_err(store_err)?;
-            let (result, held, tail) = outcome;
+            let (offer, held, tail) = outcome;
             shared.outbox_tail.send_replace(tail);
-            match result {
-                Accepted::Stored(rev) => {
+            match (offer.reply, offer.refused) {
+                (Reply::Holds(rev), None) => {
                     info!(revision = rev, "desired state stored");
                     session.state_stored(rev);
                     shared.state_changed.notify_one();
                     shared.os_changed.notify_one();
                 }
-                Accepted::Refused(cairn_sync_protocol::state::StateError::BaseMismatch {
-                    ..
-                }) => {
-                    info!(
-                        held,
-                        "delta does not apply to the held revision; asking for a snapshot"
-                    );
-                    session.state_unusable(held);
-                }
-                Accepted::Refused(
-                    e @ cairn_sync_protocol::state::StateError::BadSignature { .. },
-                ) if update.base_revision.is_some() => {
-                    // Possibly a delta built from an inconsistent read; a snapshot settles it.
-                    warn!(error = %e, "delta refused; asking for a full snapshot");
-                    session.state_unusable(held);
-                }
-                Accepted::Refused(e) => {
+                (Reply::Holds(rev), Some(e)) => {
                     warn!(error = %e, "state update refused");
-                    session.state_stored(held);
+                    session.state_stored(rev);
+                }
+                (Reply::Unusable { held: h }, why) => {
+                    match why {
+                        Some(e @ cairn_sync_protocol::state::StateError::BadSignature { .. }) => {
+                            // Possibly a delta built from an inconsistent read.
+                            warn!(error = %e, "delta refused; asking for a full snapshot");
+                        }
+                        _ => info!(
+                            held,
+                            "delta does not apply to the held revision; asking for a snapshot"
+                        ),
+                    }
+                    session.state_unusable(h);
                 }
             }
         }

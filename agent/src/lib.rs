@@ -3,6 +3,8 @@
 //!
 //! - [`store`]: SQLite state (identity, verified desired state, outbox, applied records).
 //! - [`client`]: enrollment and sync sessions over QUIC, with backoff.
+//! - [`sync`]: the link's decisions, sans I/O (offered updates, outbox renumbering,
+//!   backoff), which the fleet simulator runs too.
 //! - [`reconcile`] + [`apply`]: converge the box on the desired state, online or not.
 //! - [`tls`]: pinned-CA enrollment and mutual-TLS sync configurations.
 #![deny(unsafe_code)]
@@ -14,6 +16,7 @@ pub use cairn_boot::crashpoint;
 pub mod reboot;
 pub mod reconcile;
 pub mod store;
+pub mod sync;
 pub mod tls;
 pub mod upgrade;
 

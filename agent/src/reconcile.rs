@@ -9,11 +9,17 @@
 //! `removed` (no longer desired). A status report follows whenever the applied revision
 //! or the number of failing resources changes.
 //!
+//! [`pass`] holds the decisions, with the box behind the [`Applier`] trait; the agent
+//! runs it over its SQLite store and files, the fleet simulator over a model of both.
+//!
 //! A pass acts on the box before it records: a crash in between means the next pass
 //! finds the resource already right and records it as applied, without a drift event.
 
-use cairn_sync_protocol::message::EventKind;
-use cairn_sync_protocol::state::Resource;
+use std::collections::BTreeMap;
+
+use cairn_sync_protocol::ResourceName;
+use cairn_sync_protocol::message::{EventKind, ReportBody};
+use cairn_sync_protocol::state::{Resource, StateDocument};
 
 use crate::apply::{Applier, Outcome};
 use crate::store::{AppliedRecord, Result, Store, event_body};
@@ -30,11 +36,51 @@ pub struct PassSummary {
     pub last_seq: u64,
 }
 
-/// Runs one reconcile pass.
+/// What one pass decided to record: applied rows to write and remove, the events to
+/// report and the new status (if it changed), all in one transaction.
+#[derive(Debug, Default)]
+pub struct Pass {
+    pub summary: PassSummary,
+    pub upserts: Vec<(ResourceName, AppliedRecord)>,
+    pub removals: Vec<String>,
+    pub reports: Vec<ReportBody>,
+    /// (desired revision, applied revision, failing resources), when it changed.
+    pub status: Option<(u64, u64, u32)>,
+}
+
+impl Pass {
+    /// Whether the pass has nothing to record.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty()
+            && self.removals.is_empty()
+            && self.reports.is_empty()
+            && self.status.is_none()
+    }
+}
+
+/// Runs one reconcile pass over the store: [`pass`], then its record in one transaction.
 pub fn reconcile(store: &mut Store, applier: &dyn Applier) -> Result<PassSummary> {
     let doc = store.desired()?;
     let before = store.applied()?;
-    let revision = doc.as_ref().map_or(0, |d| d.revision);
+    let last = store.last_status()?;
+    let mut p = pass(doc.as_ref(), &before, last, applier)?;
+    if p.is_empty() {
+        return Ok(p.summary);
+    }
+    p.summary.last_seq = store.commit_pass(p.upserts, p.removals, p.reports, p.status)?;
+    Ok(p.summary)
+}
+
+/// One pass's decisions: acts on the box through `applier` (the only I/O), and returns
+/// what to record, given the desired document, the applied rows before and the last
+/// status reported (desired, applied, failing).
+pub fn pass(
+    doc: Option<&StateDocument>,
+    before: &BTreeMap<String, AppliedRecord>,
+    last: (u64, u64, u32),
+    applier: &dyn Applier,
+) -> Result<Pass> {
+    let revision = doc.map_or(0, |d| d.revision);
     let mut summary = PassSummary {
         revision,
         ..Default::default()
@@ -44,13 +90,12 @@ pub fn reconcile(store: &mut Store, applier: &dyn Applier) -> Result<PassSummary
     let mut reports = Vec::new();
 
     // The OS release is the upgrade engine's (`crate::upgrade`), not an applier's.
-    let resources: std::collections::BTreeMap<_, _> = doc
-        .map(|d| d.resources)
-        .unwrap_or_default()
-        .into_iter()
+    let resources: BTreeMap<&ResourceName, &Resource> = doc
+        .iter()
+        .flat_map(|d| d.resources.iter())
         .filter(|(_, r)| !matches!(r, Resource::Os(_)))
         .collect();
-    for (name, res) in &resources {
+    for (&name, &res) in &resources {
         let hash = res.hash().0;
         let prev = before.get(name.as_str());
         let same_spec = prev.is_some_and(|p| p.hash == hash);
@@ -115,7 +160,7 @@ pub fn reconcile(store: &mut Store, applier: &dyn Applier) -> Result<PassSummary
         .values()
         .filter_map(|r| applier.locate(r).ok())
         .collect();
-    for (name, prev) in &before {
+    for (name, prev) in before {
         if resources.keys().any(|n| n.as_str() == name) {
             continue;
         }
@@ -158,21 +203,20 @@ pub fn reconcile(store: &mut Store, applier: &dyn Applier) -> Result<PassSummary
             }
         };
         summary.removed += 1;
-        removals.push(name.clone());
+        removals.push(name.to_string());
         reports.push(event_body(EventKind::Removed, None, Some(revision), &msg));
     }
 
     let failing = summary.failed as u32;
-    let last = store.last_status()?;
     let applied_rev = if failing == 0 { revision } else { last.1 };
     let status = (revision, applied_rev, failing);
-    let status_changed = last != status;
-    if upserts.is_empty() && removals.is_empty() && reports.is_empty() && !status_changed {
-        return Ok(summary);
-    }
-    summary.last_seq =
-        store.commit_pass(upserts, removals, reports, status_changed.then_some(status))?;
-    Ok(summary)
+    Ok(Pass {
+        summary,
+        upserts,
+        removals,
+        reports,
+        status: (last != status).then_some(status),
+    })
 }
 
 fn record(hash: [u8; 32], revision: u64, path: &str, error: Option<String>) -> AppliedRecord {

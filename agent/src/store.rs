@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_sync_protocol::message::{Event, EventKind, Report, ReportBody, Status};
-use cairn_sync_protocol::state::{StateDocument, StateError, StateUpdate};
+use cairn_sync_protocol::state::{StateDocument, StateUpdate};
+
+use crate::sync::Offer;
 use cairn_sync_protocol::{DeviceId, ResourceName, Text};
 use ed25519_dalek::VerifyingKey;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -76,15 +78,6 @@ pub struct Identity {
     pub ca_der: Vec<u8>,
     /// The hub's state-signing key, pinned at enrollment.
     pub state_key: VerifyingKey,
-}
-
-/// What happened to an offered state update.
-#[derive(Debug)]
-pub enum Accepted {
-    /// Stored; the revision is now the held one.
-    Stored(u64),
-    /// Refused (already recorded as a `state-rejected` event).
-    Refused(StateError),
 }
 
 /// One resource's last apply.
@@ -251,68 +244,37 @@ impl Store {
             .map(|r| r.unwrap_or(0))
     }
 
-    /// Verifies an update against the held document and the pinned key and stores the
-    /// result, recording a `state-accepted` or `state-rejected` event in the same
-    /// transaction.
-    pub fn accept_state(&mut self, identity: &Identity, update: &StateUpdate) -> Result<Accepted> {
+    /// Judges an update against the held document and the pinned key
+    /// ([`crate::sync::offer`]) and stores the outcome: the new document and its
+    /// `state-accepted` event, or the `state-rejected` event, in one transaction. The
+    /// returned offer's `doc` is the stored document.
+    pub fn accept_state(&mut self, identity: &Identity, update: &StateUpdate) -> Result<Offer> {
         let held = self.desired()?;
-        let verdict = update.apply_to(&identity.device, held.as_ref(), &identity.state_key);
+        let offer =
+            crate::sync::offer(update, &identity.device, held.as_ref(), &identity.state_key);
         let path = self.path.clone();
         let db = |source| StoreError::Db {
             path: path.clone(),
             source,
         };
         let tx = self.conn.transaction().map_err(db)?;
-        let outcome = match verdict {
-            Ok(doc) => {
-                let blob = postcard::to_allocvec(&doc).map_err(|e| StoreError::Corrupt {
-                    path: path.clone(),
-                    what: "desired state",
-                    detail: e.to_string(),
-                })?;
-                tx.execute(
-                    "INSERT OR REPLACE INTO desired (id, revision, doc) VALUES (1, ?1, ?2)",
-                    params![doc.revision, blob],
-                )
-                .map_err(db)?;
-                let msg = format!(
-                    "revision {} stored ({} resources, {})",
-                    doc.revision,
-                    doc.resources.len(),
-                    if update.base_revision.is_some() {
-                        "delta"
-                    } else {
-                        "snapshot"
-                    }
-                );
-                push_event(
-                    &tx,
-                    EventKind::StateAccepted,
-                    None,
-                    Some(doc.revision),
-                    &msg,
-                )
-                .map_err(db)?;
-                Accepted::Stored(doc.revision)
-            }
-            Err(e) => {
-                // A delta on the wrong base is not an attack: the agent asks for a
-                // snapshot, no event needed.
-                if !matches!(e, StateError::BaseMismatch { .. }) {
-                    push_event(
-                        &tx,
-                        EventKind::StateRejected,
-                        None,
-                        Some(update.revision),
-                        &e.to_string(),
-                    )
-                    .map_err(db)?;
-                }
-                Accepted::Refused(e)
-            }
-        };
+        if let Some(doc) = &offer.doc {
+            let blob = postcard::to_allocvec(doc).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                what: "desired state",
+                detail: e.to_string(),
+            })?;
+            tx.execute(
+                "INSERT OR REPLACE INTO desired (id, revision, doc) VALUES (1, ?1, ?2)",
+                params![doc.revision, blob],
+            )
+            .map_err(db)?;
+        }
+        if let Some(event) = &offer.event {
+            push_report(&tx, event.clone()).map_err(db)?;
+        }
         tx.commit().map_err(db)?;
-        Ok(outcome)
+        Ok(offer)
     }
 
     /// Highest sequence number ever allocated.
@@ -331,37 +293,34 @@ impl Store {
     /// continues after them. Returns the new last sequence number if anything moved.
     pub fn rebase_outbox(&mut self, hub_acked: u64) -> Result<Option<u64>> {
         let last = self.last_seq()?;
-        if hub_acked <= last {
-            return Ok(None);
-        }
         let path = self.path.clone();
         let db = |source| StoreError::Db {
             path: path.clone(),
             source,
         };
         let tx = self.conn.transaction().map_err(db)?;
-        let min: Option<u64> = tx
-            .query_row("SELECT MIN(seq) FROM outbox", [], |r| r.get(0))
+        let queued: (Option<u64>, Option<u64>) = tx
+            .query_row("SELECT MIN(seq), MAX(seq) FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .map_err(db)?;
-        let new_last = match min {
-            None => hub_acked,
-            Some(min) => {
-                let shift = hub_acked + 1 - min;
-                // Through negative keys, so that no row lands on another mid-update.
-                tx.execute("UPDATE outbox SET seq = -seq", []).map_err(db)?;
-                tx.execute("UPDATE outbox SET seq = ?1 - seq", [shift as i64])
-                    .map_err(db)?;
-                tx.query_row("SELECT MAX(seq) FROM outbox", [], |r| r.get(0))
-                    .map_err(db)?
-            }
+        let queued = queued.0.zip(queued.1);
+        let Some(plan) = crate::sync::rebase(hub_acked, last, queued) else {
+            return Ok(None);
         };
+        if plan.shift > 0 {
+            // Through negative keys, so that no row lands on another mid-update.
+            tx.execute("UPDATE outbox SET seq = -seq", []).map_err(db)?;
+            tx.execute("UPDATE outbox SET seq = ?1 - seq", [plan.shift as i64])
+                .map_err(db)?;
+        }
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_seq', ?1)",
-            [&new_last.to_le_bytes()[..]],
+            [&plan.last_seq.to_le_bytes()[..]],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
-        Ok(min.map(|_| new_last))
+        Ok(queued.map(|_| plan.last_seq))
     }
 
     /// The stored upgrade job (JSON), if any.
@@ -592,24 +551,6 @@ fn push_report(tx: &rusqlite::Transaction<'_>, body: ReportBody) -> rusqlite::Re
         [&seq.to_le_bytes()[..]],
     )?;
     Ok(seq)
-}
-
-fn push_event(
-    tx: &rusqlite::Transaction<'_>,
-    kind: EventKind,
-    resource: Option<ResourceName>,
-    revision: Option<u64>,
-    message: &str,
-) -> rusqlite::Result<u64> {
-    push_report(
-        tx,
-        ReportBody::Event(Event {
-            kind,
-            resource,
-            revision,
-            message: Text::truncated(message),
-        }),
-    )
 }
 
 /// A status report body.

@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use cairn_agent::store::{Accepted, Identity, Store};
+use cairn_agent::store::{Identity, Store};
+use cairn_agent::sync::Reply;
 use cairn_sync_protocol::message::{EventKind, ReportBody};
 use cairn_sync_protocol::state::{
     FileResource, Resource, StateError, StateUpdate, document_digest, sign_state,
@@ -66,33 +67,33 @@ fn replayed_stale_and_foreign_state_is_refused_and_reported() {
 
     let r1 = update(&hub_key, &dev, 1, "one");
     let r2 = update(&hub_key, &dev, 2, "two");
-    assert!(matches!(
-        store.accept_state(&identity, &r1).unwrap(),
-        Accepted::Stored(1)
-    ));
-    assert!(matches!(
-        store.accept_state(&identity, &r2).unwrap(),
-        Accepted::Stored(2)
-    ));
+    assert_eq!(
+        store.accept_state(&identity, &r1).unwrap().reply,
+        Reply::Holds(1)
+    );
+    assert_eq!(
+        store.accept_state(&identity, &r2).unwrap().reply,
+        Reply::Holds(2)
+    );
 
     // Replay of an old revision, and of the held one.
     for old in [&r1, &r2] {
-        match store.accept_state(&identity, old).unwrap() {
-            Accepted::Refused(StateError::Stale { held: 2, .. }) => {}
+        match store.accept_state(&identity, old).unwrap().refused {
+            Some(StateError::Stale { held: 2, .. }) => {}
             other => panic!("replay must be refused as stale, got {other:?}"),
         }
     }
     // A newer revision signed by another key.
     let forged = update(&SigningKey::from_bytes(&[2; 32]), &dev, 3, "evil");
-    match store.accept_state(&identity, &forged).unwrap() {
-        Accepted::Refused(StateError::BadSignature { revision: 3 }) => {}
+    match store.accept_state(&identity, &forged).unwrap().refused {
+        Some(StateError::BadSignature { revision: 3 }) => {}
         other => panic!("foreign signature must be refused, got {other:?}"),
     }
     // State for another device.
     let other = update(&hub_key, &DeviceId::new("dev-other").unwrap(), 4, "x");
     assert!(matches!(
-        store.accept_state(&identity, &other).unwrap(),
-        Accepted::Refused(StateError::WrongDevice { .. })
+        store.accept_state(&identity, &other).unwrap().refused,
+        Some(StateError::WrongDevice { .. })
     ));
     drop(store);
 

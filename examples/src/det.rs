@@ -6,18 +6,24 @@
 //!
 //! Every device has a real [`AgentSession`] and, while connected, the hub a real
 //! [`HubSession`]; frames are the real postcard frames those sessions emit. Desired state
-//! is computed with the hub's own [`effective`] over [`Assignment`]s and [`Selector`]s,
-//! signed with a real ed25519 hub key ([`sign_state`] over [`document_digest`]) and
-//! verified by every agent with [`StateUpdate::apply_to`]. The drivers around the
-//! sessions mirror the real ones event by event: the hub's connection task
-//! (`hub/src/endpoint.rs`: accept a sync, push a delta newer than what the agent holds,
-//! one update in flight at a time, snapshots on resync, reports acknowledged only after
-//! their group commit) and the agent's link and reconciler (`agent/src/client.rs`,
-//! `agent/src/store.rs`, `agent/src/reconcile.rs`: `state-accepted`, `applied`,
-//! `drift-corrected`, `removed` events and status reports, numbered in the outbox and
-//! deleted when acknowledged; jittered exponential backoff). Which update an agent gets
-//! (delta or snapshot) and how long removals are remembered are decided by the stores'
-//! own `cairn_hub::store::revisions`, over this model's rows.
+//! is computed with the hub's own [`effective`] over [`Assignment`]s and [`Selector`]s
+//! and signed with a real ed25519 hub key ([`sign_state`] over [`document_digest`]).
+//!
+//! Every decision is the shipped code's, called the way its tokio driver calls it:
+//!
+//! - the hub's [`SyncCore`] (`cairn_hub::sync`): what to send a device and when, one
+//!   update in flight, snapshots on resync, reports acknowledged only once stored, the
+//!   gate; this driver carries out its actions as the endpoint's connection
+//!   task does;
+//! - which update (delta or snapshot) and how long removals are remembered: the stores'
+//!   own [`cairn_hub::store::revisions`], over this model's rows;
+//! - the agent's [`offer`] (verify, store or refuse, ask for a snapshot), [`rebase`]
+//!   (outbox renumbering) and [`Backoff`] (`cairn_agent::sync`);
+//! - the agent's reconcile pass, [`reconcile::pass`], acting on a model of the box's
+//!   files through the same [`Applier`] trait as the real file applier.
+//!
+//! Deliberate bugs ([`Sabotage`]) are switched on inside those cores, so the checks are
+//! shown to catch a broken product, not a broken model.
 //!
 //! # What is modelled
 //!
@@ -67,22 +73,29 @@
 //! device-targeted assignments, apply failures, restored databases, flow control and
 //! the hub's CPU: protocol logic only, at the scale of the fleet.
 
+use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use cairn_agent::store::event_body;
+
+use cairn_agent::apply::{Applier, ApplyError, Outcome};
+use cairn_agent::reconcile;
+use cairn_agent::store::{AppliedRecord, event_body, status_body};
+use cairn_agent::sync::{Backoff, Reply, offer, rebase};
+use cairn_hub::attest::DEFAULT_CHALLENGE_INTERVAL;
 use cairn_hub::desired::{Assignment, Selector, Target, effective};
 use cairn_hub::store::revisions::{UpdatePlan, tombstone_cutoff};
+use cairn_hub::sync::{Action, Gate, SyncCore};
 use cairn_sync_protocol::agent::{AgentEvent, AgentSession};
 use cairn_sync_protocol::hub::{HubEvent, HubSession};
 use cairn_sync_protocol::message::{
-    EventKind, HubMessage, Labels, Report as ReportMsg, ReportBody, Status,
+    EventKind, HubMessage, Labels, Report as ReportMsg, ReportBody,
 };
+use cairn_sync_protocol::sabotage;
 use cairn_sync_protocol::state::{
-    DocumentDigest, FileResource, Resource, ResourceHash, StateDocument, StateError, StateUpdate,
-    document_digest, sign_state,
+    DocumentDigest, FileResource, Resource, StateDocument, StateUpdate, document_digest, sign_state,
 };
 use cairn_sync_protocol::{DeviceId, ResourceName, SessionConfig, Text, frame};
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
@@ -113,6 +126,7 @@ const PROBES: [T; 3] = [SEC, 3 * SEC, 7 * SEC];
 pub const RECONCILE_INTERVAL: T = 5 * SEC;
 /// How long after a report batch arrives the hub's group commit makes it durable.
 pub const COMMIT_DELAY: T = 5 * MS;
+
 /// Group-commit delay under [`Sabotage::AckBeforeDurable`], long enough for a hub crash
 /// to catch batches in it.
 const SABOTAGE_COMMIT_DELAY: T = 2 * SEC;
@@ -141,16 +155,21 @@ pub struct DetOptions {
     pub sabotage: Option<Sabotage>,
 }
 
-/// Deliberate bugs for testing the invariant checks.
+/// Deliberate bugs in the real cores, switched on for the run's thread
+/// ([`cairn_sync_protocol::sabotage`]). With [`Sabotage::AckBeforeDurable`] the hub's
+/// group commit is also slow (2 s), so that a hub crash lands in the window; with
+/// [`Sabotage::SkipSignatureCheck`] a forged update is injected into every tenth
+/// device's stream right after the first operator action.
 #[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sabotage {
-    /// The hub acknowledges reports as soon as they arrive, before its (slow) group
-    /// commit: a hub crash then loses reports the agents already deleted.
-    AckBeforeDurable,
-    /// Agents skip the signature check, and a forged update is injected into every
-    /// tenth device's stream right after the first operator action.
-    SkipSignatureCheck,
+pub use cairn_sync_protocol::sabotage::Sabotage;
+
+/// Switches the run's sabotage off again however the run ends.
+struct SabotageGuard;
+
+impl Drop for SabotageGuard {
+    fn drop(&mut self) {
+        let _ = sabotage::set(None);
+    }
 }
 
 /// Runs `scenario` in virtual time and reports what happened.
@@ -162,6 +181,8 @@ pub fn run(scenario: &Scenario, opts: DetOptions) -> Result<Report> {
         );
     }
     let wall = Instant::now();
+    sabotage::set(opts.sabotage).map_err(|e| anyhow::anyhow!(e))?;
+    let _guard = SabotageGuard;
     let mut sim = Sim::new(scenario, opts)?;
     sim.warm_up();
     for (i, step) in scenario.steps.iter().enumerate() {
@@ -174,6 +195,8 @@ pub fn run(scenario: &Scenario, opts: DetOptions) -> Result<Report> {
     sim.step_desc = "ending faults, draining".into();
     sim.end_faults();
     sim.drain();
+    // The checks run on sound code.
+    drop(_guard);
     let mut report = sim.finish();
     report.wall_secs = wall.elapsed().as_secs_f64();
     Ok(report)
@@ -293,17 +316,59 @@ struct Link {
     deliver_at: Option<T>,
 }
 
-/// What the agent's SQLite database holds.
+/// What the agent's SQLite database holds, and the box's files.
 #[derive(Default)]
 struct AgentDurable {
     doc: Option<StateDocument>,
     last_seq: u64,
     outbox: VecDeque<ReportMsg>,
-    /// Applied records (name, spec hash) and whether the file on the box is still as
-    /// applied (false after drift).
-    applied: Vec<(ResourceName, ResourceHash, bool)>,
+    /// The reconciler's applied records, by resource name.
+    applied: BTreeMap<String, AppliedRecord>,
     /// (desired, applied, failing) of the last status report.
     last_status: (u64, u64, u32),
+    /// The box: managed files by path, each with the spec hash of the resource it is
+    /// as (a drifted file holds another value).
+    files: Vec<(String, [u8; 32])>,
+}
+
+/// The box's files as the agent's [`Applier`] sees them, for its own reconcile pass.
+struct ModelBox<'a>(RefCell<&'a mut Vec<(String, [u8; 32])>>);
+
+impl Applier for ModelBox<'_> {
+    fn apply(&self, resource: &Resource) -> Result<Outcome, ApplyError> {
+        let path = self.locate(resource)?;
+        let want = resource.hash().0;
+        let mut files = self.0.borrow_mut();
+        match files.iter_mut().find(|(p, _)| *p == path) {
+            Some((_, h)) if *h == want => Ok(Outcome::Unchanged),
+            Some((_, h)) => {
+                *h = want;
+                Ok(Outcome::Changed {
+                    before: "content differs".into(),
+                })
+            }
+            None => {
+                files.push((path, want));
+                Ok(Outcome::Changed {
+                    before: "absent".into(),
+                })
+            }
+        }
+    }
+
+    fn remove(&self, recorded_path: &str) -> Result<bool, ApplyError> {
+        let mut files = self.0.borrow_mut();
+        let before = files.len();
+        files.retain(|(p, _)| p != recorded_path);
+        Ok(files.len() < before)
+    }
+
+    fn locate(&self, resource: &Resource) -> Result<String, ApplyError> {
+        match resource {
+            Resource::File(f) => Ok(f.path.as_str().to_string()),
+            Resource::Os(_) => Err(ApplyError::WrongKind("os")),
+        }
+    }
 }
 
 struct AgentConn {
@@ -336,9 +401,9 @@ struct HubDurable {
 struct HubConn {
     epoch: u32,
     session: HubSession,
+    /// The hub's decisions for this session (the endpoint's own core).
+    core: SyncCore,
     synced: bool,
-    agent_holds: u64,
-    in_flight: Option<u64>,
     timer_at: Option<T>,
 }
 
@@ -356,7 +421,7 @@ struct Dev {
     aconn: Option<Box<AgentConn>>,
     attempt: u32,
     attempt_start: T,
-    backoff: T,
+    backoff: Backoff,
     last_pass: T,
     pass_at: Option<T>,
     // Hub.
@@ -518,7 +583,10 @@ impl<'a> Sim<'a> {
                 aconn: None,
                 attempt: 0,
                 attempt_start: 0,
-                backoff: BACKOFF_MIN,
+                backoff: Backoff::new(
+                    Duration::from_nanos(BACKOFF_MIN),
+                    Duration::from_nanos(BACKOFF_MAX),
+                ),
                 last_pass: 0,
                 pass_at: None,
                 hub: HubDurable::default(),
@@ -1170,13 +1238,11 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Jittered exponential backoff, as the agent's `Backoff` ("equal jitter").
+    /// The agent's own jittered exponential backoff, on the seeded generator.
     fn backoff_delay(&mut self, dev: u32) -> T {
-        let cur = self.devs[dev as usize].backoff;
-        let half = cur / 2;
-        let d = half + self.rng.gen_range(0..=half);
-        self.devs[dev as usize].backoff = (cur * 2).min(BACKOFF_MAX);
-        d
+        ns(self.devs[dev as usize]
+            .backoff
+            .next_delay_with(&mut self.rng))
     }
 
     fn attempt_failed(&mut self, dev: u32) {
@@ -1215,9 +1281,8 @@ impl<'a> Sim<'a> {
         d.hconn = Some(Box::new(HubConn {
             epoch,
             session: hub_session,
+            core: SyncCore::new(DEFAULT_CHALLENGE_INTERVAL),
             synced: false,
-            agent_holds: 0,
-            in_flight: None,
             timer_at: None,
         }));
         d.aconn = Some(Box::new(AgentConn {
@@ -1262,7 +1327,7 @@ impl<'a> Sim<'a> {
         let now = self.now;
         let d = &mut self.devs[dev as usize];
         d.agent_up = true;
-        d.backoff = BACKOFF_MIN;
+        d.backoff.reset();
         d.attempt += 1;
         d.fault_end = now;
         let attempt = d.attempt;
@@ -1302,10 +1367,14 @@ impl<'a> Sim<'a> {
 
     fn drift(&mut self, dev: u32, resource: &ResourceName) {
         let d = &mut self.devs[dev as usize];
-        let Some(entry) = d.agent.applied.iter_mut().find(|(n, _, _)| n == resource) else {
+        let Some(rec) = d.agent.applied.get(resource.as_str()) else {
             return; // not managed on this device
         };
-        entry.2 = false;
+        let Some(file) = d.agent.files.iter_mut().find(|(p, _)| *p == rec.path) else {
+            return;
+        };
+        // Changed by hand: no longer what any resource specifies.
+        file.1 = [0xd7; 32];
         // The next periodic pass finds it.
         let since = self.now.saturating_sub(d.last_pass);
         let periods = since.div_ceil(RECONCILE_INTERVAL).max(1);
@@ -1346,7 +1415,8 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// One reconcile pass (`agent/src/reconcile.rs`; files always apply here).
+    /// One pass of the agent's own reconciler ([`reconcile::pass`]) over the model box;
+    /// its record is one transaction of the model database.
     fn reconcile(&mut self, dev: u32) {
         let now = self.now;
         let d = &mut self.devs[dev as usize];
@@ -1355,75 +1425,24 @@ impl<'a> Sim<'a> {
         }
         d.last_pass = now;
         let a = &mut d.agent;
-        let revision = a.doc.as_ref().map_or(0, |doc| doc.revision);
-        let mut reports = Vec::new();
-        let mut desired: Vec<&ResourceName> = Vec::new();
-        if let Some(doc) = &a.doc {
-            for (name, res) in &doc.resources {
-                desired.push(name);
-                let hash = res.hash();
-                let path = match res {
-                    Resource::File(f) => f.path.as_str(),
-                    // The deterministic model has no OS upgrades.
-                    Resource::Os(_) => continue,
-                };
-                match a.applied.iter_mut().find(|(n, _, _)| n == name) {
-                    Some(e) if e.1 == hash && e.2 => {}
-                    Some(e) if e.1 == hash => {
-                        e.2 = true;
-                        reports.push(event_body(
-                            EventKind::DriftCorrected,
-                            Some(name),
-                            Some(revision),
-                            &format!("{path} was changed locally (content differs); restored"),
-                        ));
-                    }
-                    Some(e) => {
-                        e.1 = hash;
-                        e.2 = true;
-                        reports.push(event_body(
-                            EventKind::Applied,
-                            Some(name),
-                            Some(revision),
-                            &format!("{path}: written (was different)"),
-                        ));
-                    }
-                    None => {
-                        a.applied.push((name.clone(), hash, true));
-                        reports.push(event_body(
-                            EventKind::Applied,
-                            Some(name),
-                            Some(revision),
-                            &format!("{path}: written (was absent)"),
-                        ));
-                    }
-                }
+        let files = ModelBox(RefCell::new(&mut a.files));
+        let pass = match reconcile::pass(a.doc.as_ref(), &a.applied, a.last_status, &files) {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = format!("{}: reconcile pass failed: {e}", self.ids[dev as usize]);
+                return self.problem(msg);
             }
+        };
+        for (name, rec) in pass.upserts {
+            a.applied.insert(name.as_str().to_string(), rec);
         }
-        let mut removed = Vec::new();
-        a.applied.retain(|(n, _, _)| {
-            let keep = desired.contains(&n);
-            if !keep {
-                removed.push(n.clone());
-            }
-            keep
-        });
-        for name in removed {
-            reports.push(event_body(
-                EventKind::Removed,
-                None,
-                Some(revision),
-                &format!("{name} removed: no longer in desired state"),
-            ));
+        for name in &pass.removals {
+            a.applied.remove(name);
         }
-        let status = (revision, revision, 0);
-        if a.last_status != status {
-            a.last_status = status;
-            reports.push(ReportBody::Status(Status {
-                desired_revision: revision,
-                applied_revision: revision,
-                failing: 0,
-            }));
+        let mut reports = pass.reports;
+        if let Some((desired, applied, failing)) = pass.status {
+            a.last_status = (desired, applied, failing);
+            reports.push(status_body(desired, applied, failing));
         }
         self.push_reports(dev, reports);
     }
@@ -1467,7 +1486,7 @@ impl<'a> Sim<'a> {
         match ev {
             AgentEvent::Welcomed { reports_acked, .. } => {
                 let d = &mut self.devs[dev as usize];
-                d.backoff = BACKOFF_MIN;
+                d.backoff.reset();
                 if let Some(c) = d.aconn.as_mut()
                     && !c.synced
                 {
@@ -1477,15 +1496,18 @@ impl<'a> Sim<'a> {
                 // The hub holds more than this database numbered (restored from a
                 // backup): renumber the queue above the hub's mark.
                 let a = &mut d.agent;
-                if reports_acked > a.last_seq {
-                    let mut seq = reports_acked;
+                let queued = a.outbox.front().zip(a.outbox.back());
+                if let Some(plan) = rebase(
+                    reports_acked,
+                    a.last_seq,
+                    queued.map(|(f, b)| (f.seq, b.seq)),
+                ) {
                     for r in a.outbox.iter_mut() {
-                        seq += 1;
-                        r.seq = seq;
+                        r.seq += plan.shift;
                     }
-                    a.last_seq = seq;
+                    a.last_seq = plan.last_seq;
                     if let Some(c) = d.aconn.as_mut() {
-                        c.session.outbox_tail(inst, seq);
+                        c.session.outbox_tail(inst, plan.last_seq);
                     }
                 }
             }
@@ -1520,62 +1542,26 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// `Store::accept_state` and the link's reaction to its outcome.
+    /// The agent's own [`offer`] decision, stored in the model database, and the reply.
     fn accept_state(&mut self, dev: u32, update: &StateUpdate) {
-        let skip_check = self.sabotage == Some(Sabotage::SkipSignatureCheck);
         let d = &mut self.devs[dev as usize];
-        let device = &self.ids[dev as usize];
-        let held = d.agent.doc.as_ref();
-        let held_rev = held.map_or(0, |doc| doc.revision);
-        let verdict = if skip_check {
-            apply_unverified(update, device, held)
-        } else {
-            update.apply_to(device, held, &self.vk)
-        };
-        let (report, ack, resync) = match verdict {
-            Ok(doc) => {
-                let rev = doc.revision;
-                let msg = format!(
-                    "revision {rev} stored ({} resources, {})",
-                    doc.resources.len(),
-                    if update.base_revision.is_some() {
-                        "delta"
-                    } else {
-                        "snapshot"
-                    }
-                );
-                d.agent.doc = Some(doc);
-                (
-                    Some(event_body(EventKind::StateAccepted, None, Some(rev), &msg)),
-                    Some(rev),
-                    false,
-                )
-            }
-            Err(StateError::BaseMismatch { .. }) => (None, None, true),
-            Err(e) => {
-                let rejected = Some(event_body(
-                    EventKind::StateRejected,
-                    None,
-                    Some(update.revision),
-                    &e.to_string(),
-                ));
-                if matches!(e, StateError::BadSignature { .. }) && update.base_revision.is_some() {
-                    (rejected, None, true)
-                } else {
-                    (rejected, Some(held_rev), false)
-                }
-            }
-        };
-        let stored = ack.is_some_and(|r| r != held_rev);
+        let offer = offer(
+            update,
+            &self.ids[dev as usize],
+            d.agent.doc.as_ref(),
+            &self.vk,
+        );
+        let stored = offer.doc.is_some();
+        if let Some(doc) = offer.doc {
+            d.agent.doc = Some(doc);
+        }
         if let Some(c) = d.aconn.as_mut() {
-            if let Some(rev) = ack {
-                c.session.state_stored(rev);
-            }
-            if resync {
-                c.session.state_unusable(held_rev);
+            match offer.reply {
+                Reply::Holds(rev) => c.session.state_stored(rev),
+                Reply::Unusable { held } => c.session.state_unusable(held),
             }
         }
-        if let Some(r) = report {
+        if let Some(r) = offer.event {
             self.push_reports(dev, vec![r]);
         }
         if stored {
@@ -1647,70 +1633,91 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Hands a session event to the hub's [`SyncCore`] and carries out its actions.
     fn hub_event(&mut self, dev: u32, ev: HubEvent) {
+        let acked = self.devs[dev as usize].hub.reports_acked;
+        let id = self.ids[dev as usize].clone();
+        let Some(c) = self.devs[dev as usize].hconn.as_mut() else {
+            return;
+        };
         match ev {
             HubEvent::SyncRequested { state_revision, .. } => {
                 self.report.faults.sessions += 1;
-                let acked = self.devs[dev as usize].hub.reports_acked;
-                let id = self.ids[dev as usize].clone();
-                if let Some(c) = self.devs[dev as usize].hconn.as_mut() {
-                    c.synced = true;
-                    c.agent_holds = state_revision;
-                    c.session.accept_sync(id, acked);
+                c.synced = true;
+                c.session.accept_sync(id, acked);
+                c.core.start(state_revision, false, Gate::Open);
+            }
+            HubEvent::Reports(reports) => c.core.reports(reports),
+            HubEvent::ReportsLost { from, to } => c.core.reports_lost(from, to),
+            HubEvent::StateAcked { revision } => c.core.acked(revision),
+            HubEvent::ResyncRequested { state_revision } => c.core.resync(state_revision),
+            // Devices start enrolled; failures end the session in `hub_pump`.
+            HubEvent::EnrollRequested { .. } | HubEvent::Evidence(_) | HubEvent::Failed(_) => {}
+        }
+        self.hub_drive(dev);
+    }
+
+    /// Carries out the hub core's actions against this model's store and the session,
+    /// as the endpoint's connection task does against the real ones.
+    fn hub_drive(&mut self, dev: u32) {
+        loop {
+            let Some(c) = self.devs[dev as usize].hconn.as_mut() else {
+                return;
+            };
+            let epoch = c.epoch;
+            let Some(action) = c.core.poll_action() else {
+                return;
+            };
+            match action {
+                Action::ReadUpdate { holds } => {
+                    let u = self.read_update(dev, Some(holds));
+                    self.hub_core(dev, |core| core.update_read(u));
                 }
-                self.push_state(dev, 0);
-            }
-            HubEvent::Reports(reports) => {
-                let Some(c) = self.devs[dev as usize].hconn.as_mut() else {
-                    return;
-                };
-                let epoch = c.epoch;
-                if self.sabotage == Some(Sabotage::AckBeforeDurable)
-                    && let Some(last) = reports.last()
-                {
-                    c.session.reports_durable(last.seq);
+                Action::ReadSnapshot => {
+                    let u = self.read_update(dev, None);
+                    self.hub_core(dev, |core| core.update_read(u));
                 }
-                self.pending
-                    .push((dev, epoch, PendingWrite::Reports(reports)));
-                self.arm_commit();
-            }
-            HubEvent::ReportsLost { from, to } => {
-                let Some(c) = self.devs[dev as usize].hconn.as_ref() else {
-                    return;
-                };
-                let epoch = c.epoch;
-                self.pending
-                    .push((dev, epoch, PendingWrite::Lost { from, to }));
-                self.arm_commit();
-            }
-            HubEvent::StateAcked { revision } => {
-                let d = &mut self.devs[dev as usize];
-                let Some(c) = d.hconn.as_mut() else {
-                    return;
-                };
-                let refused = c.in_flight.filter(|&r| revision < r);
-                c.in_flight = None;
-                c.agent_holds = revision;
-                d.hub.stored_revision = d.hub.stored_revision.max(revision);
-                self.push_state(dev, refused.unwrap_or(0));
-            }
-            HubEvent::ResyncRequested { state_revision } => {
-                let update = self.read_update(dev, None);
-                if let Some(c) = self.devs[dev as usize].hconn.as_mut() {
-                    c.agent_holds = state_revision;
-                    if let Some(u) = update {
-                        c.in_flight = Some(u.revision);
+                Action::Send(u) => {
+                    if let Some(c) = self.devs[dev as usize].hconn.as_mut() {
                         c.session.send_state(u);
                     }
                 }
+                Action::RecordHeld(revision) => {
+                    let h = &mut self.devs[dev as usize].hub;
+                    h.stored_revision = h.stored_revision.max(revision);
+                }
+                Action::StoreReports(reports) => {
+                    self.pending
+                        .push((dev, epoch, PendingWrite::Reports(reports)));
+                    self.arm_commit();
+                }
+                Action::SkipReports { from, to } => {
+                    self.pending
+                        .push((dev, epoch, PendingWrite::Lost { from, to }));
+                    self.arm_commit();
+                }
+                Action::AckReports(n) => {
+                    if let Some(c) = self.devs[dev as usize].hconn.as_mut() {
+                        c.session.reports_durable(n);
+                    }
+                }
+                // Devices here are enrolled without attestation and no policy requires
+                // it: the gate opens at the start and is never checked again.
+                Action::Challenge => {}
+                Action::CheckQuarantine => self.hub_core(dev, |core| core.quarantine_checked(true)),
             }
-            // Devices start enrolled; failures end the session in `hub_pump`.
-            HubEvent::EnrollRequested { .. } | HubEvent::Evidence(_) | HubEvent::Failed(_) => {}
+        }
+    }
+
+    fn hub_core(&mut self, dev: u32, f: impl FnOnce(&mut SyncCore)) {
+        if let Some(c) = self.devs[dev as usize].hconn.as_mut() {
+            f(&mut c.core);
         }
     }
 
     fn arm_commit(&mut self) {
         if self.commit_at.is_none() {
+            // With acknowledgements before durability, a slow disk makes the window wide.
             let delay = if self.sabotage == Some(Sabotage::AckBeforeDurable) {
                 SABOTAGE_COMMIT_DELAY
             } else {
@@ -1743,7 +1750,8 @@ impl<'a> Sim<'a> {
             if let Some(c) = self.devs[dev as usize].hconn.as_mut()
                 && c.epoch == epoch
             {
-                c.session.reports_durable(acked);
+                c.core.reports_stored(acked);
+                self.hub_drive(dev);
                 self.hub_pump(dev);
             }
         }
@@ -1804,28 +1812,6 @@ impl<'a> Sim<'a> {
             }
         } else {
             self.converged -= 1;
-        }
-    }
-
-    /// Sends the update from what the agent holds to the newest revision above `min`,
-    /// unless one is already in flight (`push_state_newer_than`).
-    fn push_state(&mut self, dev: u32, min: u64) {
-        let Some(c) = self.devs[dev as usize].hconn.as_ref() else {
-            return;
-        };
-        if !c.synced || c.in_flight.is_some() {
-            return;
-        }
-        let held = c.agent_holds;
-        let Some(u) = self
-            .read_update(dev, Some(held))
-            .filter(|u| u.revision > min)
-        else {
-            return;
-        };
-        if let Some(c) = self.devs[dev as usize].hconn.as_mut() {
-            c.in_flight = Some(u.revision);
-            c.session.send_state(u);
         }
     }
 
@@ -1990,7 +1976,8 @@ impl<'a> Sim<'a> {
         h.signature = Some(signature);
         self.update_converged(dev);
         if self.devs[dev as usize].hconn.is_some() {
-            self.push_state(dev, 0);
+            self.hub_core(dev, SyncCore::state_changed);
+            self.hub_drive(dev);
             self.hub_pump(dev);
         }
     }
@@ -2053,14 +2040,17 @@ impl<'a> Sim<'a> {
             let h = &d.hub;
             let stored = a.doc.as_ref().map_or(0, |doc| doc.revision);
             let applied = a.last_status.1;
+            // Every desired file applied as specified and still so on the box.
             let same_resources = match &a.doc {
                 Some(doc) => {
                     doc.resources.len() == a.applied.len()
                         && doc.resources.iter().all(|(n, r)| {
-                            let hash = r.hash();
-                            a.applied
-                                .iter()
-                                .any(|(an, ah, ok)| an == n && *ah == hash && *ok)
+                            let hash = r.hash().0;
+                            a.applied.get(n.as_str()).is_some_and(|rec| {
+                                rec.hash == hash
+                                    && rec.error.is_none()
+                                    && a.files.iter().any(|(p, h)| *p == rec.path && *h == hash)
+                            })
                         })
                 }
                 None => a.applied.is_empty(),
@@ -2200,43 +2190,4 @@ fn drain_io(s: &mut impl SessionIo) -> (Vec<Vec<u8>>, bool, Option<Instant>) {
         frames.push(b);
     }
     (frames, s.done(), s.deadline())
-}
-
-/// `StateUpdate::apply_to` without the signature check ([`Sabotage::SkipSignatureCheck`]).
-fn apply_unverified(
-    update: &StateUpdate,
-    device: &DeviceId,
-    held: Option<&StateDocument>,
-) -> Result<StateDocument, StateError> {
-    let held_rev = held.map(|d| d.revision);
-    if let Some(h) = held_rev
-        && update.revision <= h
-    {
-        return Err(StateError::Stale {
-            held: h,
-            offered: update.revision,
-        });
-    }
-    let mut resources = match (update.base_revision, held) {
-        (None, _) => BTreeMap::new(),
-        (Some(b), Some(doc)) if doc.revision == b => doc.resources.clone(),
-        (Some(base), _) => {
-            return Err(StateError::BaseMismatch {
-                base,
-                held: held_rev,
-            });
-        }
-    };
-    for n in &update.removals {
-        resources.remove(n);
-    }
-    for (n, r) in &update.upserts {
-        resources.insert(n.clone(), r.clone());
-    }
-    Ok(StateDocument {
-        device: device.clone(),
-        revision: update.revision,
-        resources,
-        signature: update.signature,
-    })
 }

@@ -357,11 +357,14 @@ impl std::fmt::Debug for AttestConfig {
     }
 }
 
+/// How often a connected device is challenged again, unless configured otherwise.
+pub const DEFAULT_CHALLENGE_INTERVAL: Duration = Duration::from_secs(3600);
+
 impl Default for AttestConfig {
     fn default() -> Self {
         Self {
             ek_trust: None,
-            interval: Duration::from_secs(3600),
+            interval: DEFAULT_CHALLENGE_INTERVAL,
             evidence_timeout: Duration::from_secs(60),
         }
     }

@@ -11,3 +11,4 @@ pub mod process;
 pub mod release;
 pub mod server;
 pub mod store;
+pub mod sync;

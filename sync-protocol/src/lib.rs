@@ -15,6 +15,8 @@
 //!   once durable, so that nothing is lost or passed on twice across reconnects.
 //! - [`release`]: signed OS release manifests, block indexes, fetch requests.
 //! - [`bounded`]: identifiers and texts with fixed size limits.
+//! - [`sabotage`]: deliberate bugs for the simulator's tests (only with the `sabotage`
+//!   feature).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -24,6 +26,7 @@ pub mod frame;
 pub mod hub;
 pub mod message;
 pub mod release;
+pub mod sabotage;
 mod session;
 pub mod state;
 pub mod token;

@@ -244,6 +244,9 @@ impl StateUpdate {
             resources,
             signature: self.signature,
         };
+        if crate::sabotage::active(crate::sabotage::Sabotage::SkipSignatureCheck) {
+            return Ok(doc);
+        }
         hub_key
             .verify(
                 &signing_payload(device, self.revision, &doc.digest()),

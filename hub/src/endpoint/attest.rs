@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::{Connection, End, now_ms};
 use crate::attest::{self as policy, AttestPolicy, Verdict};
 use crate::store::{AttestOutcome, AttestRecord, ImaState, NewAttestation, attest_status};
+use crate::sync::Gate;
 
 const NO_IMA: ImaState = ImaState {
     len: 0,
@@ -38,15 +39,6 @@ fn judged(pol: Option<&AttestPolicy>, pcrs: &BTreeMap<u32, [u8; 32]>) -> BTreeMa
         .filter(|(k, _)| wanted.contains(k))
         .map(|(k, v)| (*k, *v))
         .collect()
-}
-
-/// Whether desired state may flow on this connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Gate {
-    Open,
-    /// Waiting for this session's first evidence.
-    Evidence,
-    Quarantined,
 }
 
 /// A challenge sent and not yet answered.
@@ -283,7 +275,7 @@ impl Connection {
         let Some(device) = self.device.clone() else {
             return Ok(());
         };
-        if !self.attested || self.session.challenge_outstanding() {
+        if self.session.challenge_outstanding() {
             return Ok(());
         }
         // Read when needed, not kept per connection: at 10k connections every kilobyte
@@ -370,22 +362,19 @@ impl Connection {
             .record_attestation(&device, outcome)
             .await
             .map_err(|e| End::Store(e.to_string()))?;
-        match quarantined {
-            Some(why) => {
-                if self.gate != Gate::Quarantined {
-                    warn!(%device, reason = %why, "device quarantined: it keeps reporting but gets no new desired state");
-                }
-                self.gate = Gate::Quarantined;
+        let before = self
+            .core
+            .evidence_judged(Instant::now(), quarantined.is_some());
+        match (quarantined, before) {
+            (Some(why), b) if b != Gate::Quarantined => {
+                warn!(%device, reason = %why, "device quarantined: it keeps reporting but gets no new desired state");
             }
-            None => {
-                if self.gate == Gate::Quarantined {
-                    info!(%device, "evidence matches again; quarantine lifted");
-                }
-                self.gate = Gate::Open;
+            (None, Gate::Quarantined) => {
+                info!(%device, "evidence matches again; quarantine lifted")
             }
+            _ => {}
         }
-        self.next_challenge = Some(Instant::now() + self.shared.attest.interval);
-        self.push_state().await.map_err(End::Store)
+        Ok(())
     }
 
     async fn enrollment_evidence(
@@ -469,36 +458,32 @@ impl Connection {
         }
     }
 
-    /// Whether state may be pushed now. A quarantined session re-reads the store, so an
-    /// operator's accept takes effect on the next notification.
-    pub(super) async fn gate_open(&mut self, device: &DeviceId) -> Result<bool, String> {
-        match self.gate {
-            Gate::Open => Ok(true),
-            Gate::Evidence => Ok(false),
-            Gate::Quarantined if !self.attested => {
-                // Unattested: open again once no policy requires attestation.
-                let rec = self
-                    .shared
-                    .store
-                    .device(device)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if let Some(rec) = rec {
-                    self.gate = self.unattested_gate(&rec).await?;
-                }
-                Ok(self.gate == Gate::Open)
-            }
-            Gate::Quarantined => {
-                if let Some(rec) = self.attest_record(device).await?
-                    && rec.status == attest_status::TRUSTED
-                {
-                    info!(%device, "quarantine lifted by the operator");
-                    self.gate = Gate::Open;
-                    return Ok(true);
-                }
-                Ok(false)
-            }
+    /// Whether the quarantine of this session's device was lifted: for an unattested
+    /// device, no policy requires attestation any more; for an attested one, an operator
+    /// accepted it (the store says trusted).
+    pub(super) async fn quarantine_lifted(&mut self, device: &DeviceId) -> Result<bool, String> {
+        if self.core.gate() != Gate::Quarantined {
+            return Ok(true);
         }
+        let rec = self
+            .shared
+            .store
+            .device(device)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(rec) = rec else {
+            return Ok(false);
+        };
+        if rec.attestation.is_none() {
+            return Ok(self.unattested_gate(&rec).await? == Gate::Open);
+        }
+        if let Some(a) = self.attest_record(device).await?
+            && a.status == attest_status::TRUSTED
+        {
+            info!(%device, "quarantine lifted by the operator");
+            return Ok(true);
+        }
+        Ok(false)
     }
 }
 

@@ -27,10 +27,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::attest::AttestConfig;
 use crate::pki::{self, HubKeys};
 use crate::store::{DynStore, EnrollRefusal, Enrollment};
+use crate::sync::{Action, Gate, SyncCore};
 
 mod attest;
 mod fetch;
-use attest::{Gate, PendingChallenge, PendingEnroll};
+use attest::{PendingChallenge, PendingEnroll};
 
 /// The fetch refusal while a session's evidence is pending: the agent retries it.
 static NOT_YET_REFUSAL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -368,6 +369,7 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
             return;
         }
     };
+    let shared_interval = shared.attest.interval;
     let mut conn_task = Connection {
         session: HubSession::new(Instant::now(), &shared.session),
         shared,
@@ -378,13 +380,9 @@ async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         device: None,
         notify: Arc::new(Notify::new()),
         session_id: 0,
-        agent_holds: 0,
-        in_flight: None,
-        gate: Gate::Open,
+        core: SyncCore::new(shared_interval),
         challenge: None,
         pending_enroll: None,
-        attested: false,
-        next_challenge: None,
         fetches: None,
     };
     let result = conn_task.run().await;
@@ -425,20 +423,13 @@ struct Connection {
     /// Woken by the registry when this device's desired state changed.
     notify: Arc<Notify>,
     session_id: u64,
-    /// Revision the agent said it holds.
-    agent_holds: u64,
-    /// Revision sent and not yet acknowledged.
-    in_flight: Option<u64>,
-    /// Whether desired state may flow (attested devices: only after evidence verified).
-    gate: Gate,
+    /// What to send, when to acknowledge and challenge, whether the gate is open: the
+    /// decisions, which this task carries out.
+    core: SyncCore,
     /// The challenge waiting for evidence.
     challenge: Option<PendingChallenge>,
     /// An enrollment waiting for its evidence.
     pending_enroll: Option<PendingEnroll>,
-    /// Whether this (sync) session's device is attested (its record is read when needed).
-    attested: bool,
-    /// When to challenge the connected device again.
-    next_challenge: Option<Instant>,
     /// Fetch streams being served; created at the first one (idle connections hold
     /// nothing), ended with the connection.
     fetches: Option<tokio::task::JoinSet<()>>,
@@ -447,11 +438,19 @@ struct Connection {
 impl Connection {
     async fn run(&mut self) -> End {
         loop {
+            if let Err(end) = self.drive().await {
+                let _ = self.flush().await;
+                return end;
+            }
             if let Err(e) = self.flush().await {
                 return End::Transport(e);
             }
             while let Some(ev) = self.session.poll_event() {
                 if let Err(end) = self.handle_event(ev).await {
+                    let _ = self.flush().await;
+                    return end;
+                }
+                if let Err(end) = self.drive().await {
                     let _ = self.flush().await;
                     return end;
                 }
@@ -463,6 +462,7 @@ impl Connection {
                 return End::Session(None);
             }
             let deadline = self.session.poll_timeout();
+            let challenge_at = self.core.poll_timeout();
             let notify = self.notify.clone();
             tokio::select! {
                 biased;
@@ -472,11 +472,7 @@ impl Connection {
                     Ok(None) => self.session.handle_end_of_stream(),
                     Err(e) => return End::Transport(e.to_string()),
                 },
-                () = notify.notified() => {
-                    if let Err(e) = self.push_state().await {
-                        return End::Store(e);
-                    }
-                }
+                () = notify.notified() => self.core.state_changed(),
                 () = sleep_until_opt(deadline) => self.session.handle_timeout(Instant::now()),
                 // Fetch streams, once the session is established for a known device.
                 r = self.conn.accept_bi(), if self.device.is_some() => match r {
@@ -485,7 +481,7 @@ impl Connection {
                             let shared = self.shared.clone();
                             // Release bytes flow only where desired state may: not
                             // before this session's evidence verified, nor in quarantine.
-                            let deny = match self.gate {
+                            let deny = match self.core.gate() {
                                 Gate::Open => None,
                                 Gate::Evidence => Some(NOT_YET_REFUSAL.as_str()),
                                 Gate::Quarantined => Some("the device is quarantined; nothing is served until it is trusted again"),
@@ -498,12 +494,7 @@ impl Connection {
                     Err(e) => return End::Transport(e.to_string()),
                 },
                 Some(_) = join_opt(&mut self.fetches) => {}
-                () = sleep_until_opt(self.next_challenge) => {
-                    self.next_challenge = None;
-                    if let Err(e) = self.challenge_sync().await {
-                        return End::Store(e);
-                    }
-                }
+                () = sleep_until_opt(challenge_at) => self.core.handle_timeout(Instant::now()),
             }
         }
     }
@@ -519,7 +510,6 @@ impl Connection {
     }
 
     async fn handle_event(&mut self, ev: HubEvent) -> Result<(), End> {
-        let store = self.shared.store.clone();
         match ev {
             HubEvent::EnrollRequested {
                 agent_version,
@@ -533,60 +523,21 @@ impl Connection {
                 self.start_sync(state_revision).await
             }
             HubEvent::Reports(reports) => {
-                let device = self.device.clone().ok_or(End::Session(None))?;
-                let n = reports.len();
-                let acked = store
-                    .record_reports(&device, reports, now_ms())
-                    .await
-                    .map_err(|e| End::Store(e.to_string()))?;
-                debug!(%device, n, acked, "reports stored");
-                self.session.reports_durable(acked);
+                self.core.reports(reports);
                 Ok(())
             }
             HubEvent::ReportsLost { from, to } => {
-                let device = self.device.clone().ok_or(End::Session(None))?;
-                warn!(%device, from, to, "agent declares reports lost (this hub's database went back in time)");
-                let acked = store
-                    .skip_reports(&device, from, to, now_ms())
-                    .await
-                    .map_err(|e| End::Store(e.to_string()))?;
-                self.session.reports_durable(acked);
+                warn!(device = ?self.device, from, to, "agent declares reports lost (this hub's database went back in time)");
+                self.core.reports_lost(from, to);
                 Ok(())
             }
             HubEvent::StateAcked { revision } => {
-                let device = self.device.clone().ok_or(End::Session(None))?;
-                let refused = self.in_flight.filter(|&r| revision < r);
-                self.in_flight = None;
-                self.agent_holds = revision;
-                store
-                    .state_stored(&device, revision)
-                    .await
-                    .map_err(|e| End::Store(e.to_string()))?;
-                if let Some(r) = refused {
-                    warn!(%device, holds = revision, refused = r, "agent refused the revision it was sent; see its events");
-                    // Do not resend what it refused, but a newer revision may exist.
-                    self.push_state_newer_than(r).await.map_err(End::Store)
-                } else {
-                    self.push_state().await.map_err(End::Store)
-                }
+                self.core.acked(revision);
+                Ok(())
             }
             HubEvent::ResyncRequested { state_revision } => {
-                let device = self.device.clone().ok_or(End::Session(None))?;
-                info!(%device, state_revision, "agent asked for a full snapshot");
-                self.agent_holds = state_revision;
-                if !self.gate_open(&device).await.map_err(End::Store)? {
-                    // Nothing flows before the evidence verified (or while quarantined);
-                    // the push when the gate opens starts from what it holds.
-                    return Ok(());
-                }
-                if let Some(u) = store
-                    .state_snapshot(&device)
-                    .await
-                    .map_err(|e| End::Store(e.to_string()))?
-                {
-                    self.in_flight = Some(u.revision);
-                    self.session.send_state(u);
-                }
+                info!(device = ?self.device, state_revision, "agent asked for a full snapshot");
+                self.core.resync(state_revision);
                 Ok(())
             }
             HubEvent::Evidence(e) => self.evidence(e).await,
@@ -767,7 +718,6 @@ impl Connection {
         };
         self.session_id = session_id;
         self.device = Some(device.clone());
-        self.agent_holds = state_revision;
         self.shared
             .store
             .set_online(&device, self.session_id, true, now_ms())
@@ -775,43 +725,64 @@ impl Connection {
             .map_err(|e| End::Store(e.to_string()))?;
         info!(%device, state_revision, reports_acked = rec.reports_acked, "agent online");
         self.session.accept_sync(device.clone(), rec.reports_acked);
-        self.attested = rec.attestation.is_some();
-        if self.attested {
-            // Nothing flows to the device until this session's evidence verified.
-            self.gate = Gate::Evidence;
-            return self.challenge_sync().await.map_err(End::Store);
-        }
-        self.gate = self.unattested_gate(&rec).await.map_err(End::Store)?;
-        self.push_state().await.map_err(End::Store)
-    }
-
-    /// Sends the update from what the agent holds to the newest revision, unless one is
-    /// already on its way.
-    async fn push_state(&mut self) -> Result<(), String> {
-        self.push_state_newer_than(0).await
-    }
-
-    /// Like `push_state`, but only a revision above `min`.
-    async fn push_state_newer_than(&mut self, min: u64) -> Result<(), String> {
-        if self.in_flight.is_some() {
-            return Ok(());
-        }
-        let Some(device) = self.device.clone() else {
-            return Ok(());
+        let attested = rec.attestation.is_some();
+        let gate = if attested {
+            Gate::Evidence
+        } else {
+            self.unattested_gate(&rec).await.map_err(End::Store)?
         };
-        if !self.gate_open(&device).await? {
-            return Ok(());
-        }
-        let update = self
-            .shared
-            .store
-            .state_update(&device, self.agent_holds)
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Some(u) = update.filter(|u| u.revision > min) {
-            debug!(%device, from = ?u.base_revision, to = u.revision, upserts = u.upserts.len(), removals = u.removals.len(), "pushing state");
-            self.in_flight = Some(u.revision);
-            self.session.send_state(u);
+        self.core.start(state_revision, attested, gate);
+        Ok(())
+    }
+
+    /// Carries out the core's actions against the store and the session.
+    async fn drive(&mut self) -> Result<(), End> {
+        let store = self.shared.store.clone();
+        let storage = |e: crate::store::StoreError| End::Store(e.to_string());
+        while let Some(action) = self.core.poll_action() {
+            let device = self.device.clone().ok_or(End::Session(None))?;
+            match action {
+                Action::ReadUpdate { holds } => {
+                    let u = store.state_update(&device, holds).await.map_err(storage)?;
+                    self.core.update_read(u);
+                }
+                Action::ReadSnapshot => {
+                    let u = store.state_snapshot(&device).await.map_err(storage)?;
+                    self.core.update_read(u);
+                }
+                Action::Send(u) => {
+                    debug!(%device, from = ?u.base_revision, to = u.revision, upserts = u.upserts.len(), removals = u.removals.len(), "pushing state");
+                    self.session.send_state(u);
+                }
+                Action::RecordHeld(revision) => {
+                    store
+                        .state_stored(&device, revision)
+                        .await
+                        .map_err(storage)?;
+                }
+                Action::StoreReports(reports) => {
+                    let n = reports.len();
+                    let acked = store
+                        .record_reports(&device, reports, now_ms())
+                        .await
+                        .map_err(storage)?;
+                    debug!(%device, n, acked, "reports stored");
+                    self.core.reports_stored(acked);
+                }
+                Action::SkipReports { from, to } => {
+                    let acked = store
+                        .skip_reports(&device, from, to, now_ms())
+                        .await
+                        .map_err(storage)?;
+                    self.core.reports_stored(acked);
+                }
+                Action::AckReports(acked) => self.session.reports_durable(acked),
+                Action::Challenge => self.challenge_sync().await.map_err(End::Store)?,
+                Action::CheckQuarantine => {
+                    let lifted = self.quarantine_lifted(&device).await.map_err(End::Store)?;
+                    self.core.quarantine_checked(lifted);
+                }
+            }
         }
         Ok(())
     }
