@@ -27,11 +27,12 @@ echo "== clippy"
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 echo "== build binaries (the end-to-end tests run them as processes)"
 cargo build --workspace --bins --locked
-echo "== the hub and the simulator neither compile nor link tpm2-tss"
+echo "== the hub, the simulator and the image builder neither compile nor link tpm2-tss"
 # Only cairn-tpm-device links it (ARCHITECTURE.md, invariants); a dependency that pulls
-# it back under the hub or the simulator fails here, as does a hub binary from this
+# it back under the hub, the simulator or the image builder (which copies the agent's
+# tpm2-tss libraries into images as files) fails here, as does a hub binary from this
 # workspace build (all features unified) that carries any of it.
-for pkg in cairn-hub cairn-examples; do
+for pkg in cairn-hub cairn-examples cairn-image; do
   if cargo tree --locked -e normal -p "$pkg" --prefix none | grep -Eq '^(tss-esapi|cairn-tpm-device) '; then
     echo "test.sh: $pkg depends on tss-esapi (cargo tree -e normal -p $pkg -i tss-esapi)" >&2
     exit 1

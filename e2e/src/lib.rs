@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cairn_agent::StatusReport;
+use cairn_hub::api::{DeviceDetail, DeviceView};
 use cairn_hub::process::{HubProcess, log_tail, same_port};
 use cairn_hub::server::Endpoints;
-use serde_json::Value;
+use cairn_hub::store::EventRecord;
+use serde::de::DeserializeOwned;
 
 pub mod abox;
 
@@ -176,10 +179,31 @@ impl Hub {
         ])
     }
 
-    pub fn json(&self, args: &[&str]) -> Value {
+    /// Runs a CLI command with `--json` that must succeed, and reads its output as the
+    /// admin API type `T` (what that command prints, see `hub/src/cmd/`).
+    pub fn json_as<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let (args, out) = self.cli_json(args);
+        assert!(
+            out.status.success(),
+            "cairn-hub {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        decode(&args, &out)
+    }
+
+    /// [`Hub::json_as`] for a command that may fail (the hub restarting, say): `None`
+    /// when it does. Output that does not decode still fails the test.
+    pub fn try_json_as<T: DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
+        let (args, out) = self.cli_json(args);
+        out.status.success().then(|| decode(&args, &out))
+    }
+
+    fn cli_json<'a>(&self, args: &[&'a str]) -> (Vec<&'a str>, Output) {
         let mut a = args.to_vec();
         a.push("--json");
-        serde_json::from_str(&self.cli_ok(&a)).unwrap()
+        let out = self.cli(&a);
+        (a, out)
     }
 
     pub fn token(&self, uses: u32, labels: &str) -> String {
@@ -197,23 +221,23 @@ impl Hub {
         .to_string()
     }
 
-    pub fn devices(&self) -> Vec<Value> {
-        self.json(&["devices"])
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+    /// `cairn-hub devices`.
+    pub fn devices(&self) -> Vec<DeviceView> {
+        self.json_as(&["devices"])
     }
 
-    pub fn device(&self, id: &str) -> Value {
-        self.json(&["device", "show", id])
+    /// `cairn-hub device show ID`: the device, its attestation, desired state and events.
+    pub fn device(&self, id: &str) -> DeviceDetail {
+        self.json_as(&["device", "show", id])
     }
 
-    pub fn events(&self, device: &str, kind: Option<&str>) -> Vec<Value> {
+    /// `cairn-hub events` of one device (all of them), optionally of one kind.
+    pub fn events(&self, device: &str, kind: Option<&str>) -> Vec<EventRecord> {
         let mut args = vec!["events", "--device", device, "--limit", "100000"];
         if let Some(k) = kind {
             args.extend(["--kind", k]);
         }
-        self.json(&args).as_array().cloned().unwrap_or_default()
+        self.json_as(&args)
     }
 
     /// Tail of the hub's log, for failure messages.
@@ -224,6 +248,19 @@ impl Hub {
 
 fn tail(p: &Path) -> String {
     log_tail(p, 30)
+}
+
+/// The output of `cairn-hub ARGS` (with `--json`) read as `T`, or a test failure naming
+/// the command, its stderr and what it printed.
+fn decode<T: DeserializeOwned>(args: &[&str], out: &Output) -> T {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "cairn-hub {args:?}: output is not a {}: {e}\nstderr: {}\noutput: {}",
+            std::any::type_name::<T>(),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// An agent process.
@@ -315,21 +352,29 @@ impl Agent {
         }
     }
 
-    /// `cairn-agent status --json`, or Null while the database does not exist yet.
-    pub fn status(&self) -> Value {
-        let out = Command::new(bin("cairn-agent"))
+    /// What `cairn-agent status` shows, read from the agent's database as the fleet
+    /// simulator reads it (`cairn_agent::status`); `None` while the database does not
+    /// exist yet or cannot be read. [`Agent::status_cli`] is the command itself.
+    pub fn status(&self) -> Option<StatusReport> {
+        cairn_agent::status(&self.dir).ok()
+    }
+
+    /// The output of `cairn-agent status --json`, as scripts get it.
+    pub fn status_cli(&self) -> Output {
+        Command::new(bin("cairn-agent"))
             .args(["status", "--json", "--data-dir"])
             .arg(&self.dir)
             .output()
-            .expect("run cairn-agent status");
-        if !out.status.success() {
-            return Value::Null;
-        }
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+            .expect("run cairn-agent status")
     }
 
     pub fn device_id(&self) -> Option<String> {
-        self.status()["device"].as_str().map(str::to_string)
+        self.status()?.device
+    }
+
+    /// The agent's last report sequence number (0 while its status cannot be read).
+    pub fn last_seq(&self) -> u64 {
+        self.status().map_or(0, |s| s.last_seq)
     }
 
     pub fn file(&self, rel: &str) -> PathBuf {
@@ -367,32 +412,25 @@ pub fn restore_dir(backup: &Path, dir: &Path) {
     copy_dir(backup, dir);
 }
 
-/// `u64` field of a JSON value (0 when absent).
-pub fn num(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or(0)
-}
-
 /// Whether the hub and the agent agree the device runs its newest desired state and
 /// every report has been stored by the hub.
 pub fn converged(hub: &Hub, agent: &Agent) -> bool {
-    let st = agent.status();
-    let Some(id) = st["device"].as_str() else {
+    let Some(st) = agent.status() else {
         return false;
     };
-    let out = hub.cli(&["device", "show", id, "--json"]);
-    if !out.status.success() {
-        return false;
-    }
-    let Ok(d) = serde_json::from_slice::<Value>(&out.stdout) else {
+    let Some(id) = st.device.as_deref() else {
         return false;
     };
-    let dev = &d["device"];
-    let desired = num(dev, "desired_revision");
-    num(&st, "desired_revision") == desired
-        && num(&st, "applied_revision") == desired
-        && num(&st, "outbox_depth") == 0
-        && num(dev, "reports_acked") == num(&st, "last_seq")
-        && num(dev, "applied_revision") == desired
+    let Some(d) = hub.try_json_as::<DeviceDetail>(&["device", "show", id]) else {
+        return false;
+    };
+    let dev = &d.device.record;
+    let desired = dev.desired_revision;
+    st.desired_revision == desired
+        && st.applied_revision == desired
+        && st.outbox_depth == 0
+        && dev.reports_acked == st.last_seq
+        && dev.applied_revision == desired
 }
 
 /// Checks the agent's managed files against the hub's desired state for the device
@@ -402,16 +440,12 @@ pub fn file_mismatches(hub: &Hub, agent: &Agent) -> Vec<String> {
     let id = agent.device_id().unwrap_or_default();
     let d = hub.device(&id);
     let mut bad = Vec::new();
-    for r in d["desired"]["resources"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
-        let path = r["path"].as_str().unwrap_or("");
+    for r in &d.desired.resources {
+        let path = r.path.as_str();
         match std::fs::read(agent.file(path)) {
             Ok(content) => {
                 let h = hex::encode(sha2::Sha256::digest(&content));
-                if h != r["content_sha256"].as_str().unwrap_or("") {
+                if h != r.content_sha256 {
                     bad.push(format!("{path}: content differs"));
                 }
             }

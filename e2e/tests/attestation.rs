@@ -20,11 +20,11 @@ use std::time::Duration;
 use cairn_agent::AgentConfig;
 use cairn_agent::attest::SharedAttester;
 use cairn_e2e::{Agent, Hub, wait_for};
+use cairn_hub::api::DeviceView;
 use cairn_sync_protocol::message::RefusalCode;
 use cairn_tpm::attest::{AttestError, Attester, Identity, Quoted};
 use cairn_tpm_device::device::Device;
 use cairn_tpm_device::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa, measure_boot};
-use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -101,14 +101,17 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-fn only_device(hub: &Hub) -> Option<Value> {
+fn only_device(hub: &Hub) -> Option<DeviceView> {
     hub.devices().into_iter().next()
 }
 
 fn attest_status(hub: &Hub) -> Option<String> {
-    only_device(hub)?["attest_status"]
-        .as_str()
-        .map(str::to_string)
+    only_device(hub)?.record.attest_status
+}
+
+/// Why the only device is quarantined, if it is.
+fn quarantine(hub: &Hub) -> Option<String> {
+    only_device(hub)?.record.quarantine
 }
 
 #[test]
@@ -150,16 +153,22 @@ fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts(
         agent.file("etc/motd").exists()
     });
     let shown = hub.device(&id);
-    let a = &shown["attestation"];
-    assert_eq!(a["kind"], "tpm", "{shown}");
+    let a = shown
+        .attestation
+        .as_ref()
+        .expect("the device's attestation");
+    assert_eq!(a.kind, "tpm", "{shown:?}");
     assert!(
-        a["ek_issuer"].as_str().unwrap().contains("swtpm-localca"),
-        "{a}"
+        a.ek_issuer.as_deref().unwrap().contains("swtpm-localca"),
+        "{a:?}"
     );
-    assert_eq!(a["accepted"][0]["source"], "first-seen");
+    assert_eq!(
+        a.accepted.first().map(|s| s.source.as_str()),
+        Some("first-seen")
+    );
     // The hub holds the PCRs of the real boot, replayed from its log and quoted.
     for (i, v) in fixture_pcrs("boot-a").into_iter().filter(|(i, _)| *i <= 9) {
-        assert_eq!(a["pcrs"][i.to_string()].as_str().unwrap(), v, "PCR {i}");
+        assert_eq!(a.pcrs.get(&i).unwrap(), &v, "PCR {i}");
     }
     let table = hub.cli_ok(&["devices"]);
     assert!(table.contains("tpm trusted"), "{table}");
@@ -188,7 +197,11 @@ fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts(
         .unwrap()
         .1;
     wait_for("the expected boot verifies", timeout, || {
-        hub.device(&id)["attestation"]["pcrs"]["9"].as_str() == Some(boot_b_pcr9.as_str())
+        hub.device(&id)
+            .attestation
+            .and_then(|a| a.pcrs.get(&9).cloned())
+            .as_deref()
+            == Some(boot_b_pcr9.as_str())
     });
     assert_eq!(attest_status(&hub).as_deref(), Some("trusted"));
     assert!(hub.events(&id, Some("hub.quarantined")).is_empty());
@@ -200,19 +213,19 @@ fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts(
         attest_status(&hub).as_deref() == Some("quarantined")
     });
     let d = only_device(&hub).unwrap();
-    let why = d["quarantine"].as_str().unwrap();
+    let why = d.record.quarantine.as_deref().unwrap();
     assert!(why.contains("PCR 4"), "{why}");
     assert!(hub.cli_ok(&["devices"]).contains("QUARANTINED"));
     let events = hub.events(&id, Some("hub.quarantined"));
     assert_eq!(events.len(), 1, "{events:?}");
     // Quarantined: no new state, but reports still arrive.
-    let reports_before = cairn_e2e::num(&d, "reports_acked");
+    let reports_before = d.record.reports_acked;
     hub.set_file("--selector", "site=a", "banner", "etc/banner", "two");
     agent.restart();
     wait_for(
         "reports still arrive from the quarantined device",
         timeout,
-        || only_device(&hub).is_some_and(|d| cairn_e2e::num(&d, "reports_acked") > reports_before),
+        || only_device(&hub).is_some_and(|d| d.record.reports_acked > reports_before),
     );
     std::thread::sleep(Duration::from_secs(3));
     assert!(
@@ -227,17 +240,20 @@ fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts(
         agent.file("etc/banner").exists()
     });
     assert_eq!(attest_status(&hub).as_deref(), Some("trusted"));
-    let a = &hub.device(&id)["attestation"];
-    let sources: Vec<&str> = a["accepted"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["source"].as_str().unwrap())
-        .collect();
-    assert_eq!(sources, ["release 2", "accepted by operator"], "{a}");
+    let a = hub
+        .device(&id)
+        .attestation
+        .expect("the device's attestation");
+    let sources: Vec<&str> = a.accepted.iter().map(|s| s.source.as_str()).collect();
+    assert_eq!(sources, ["release 2", "accepted by operator"], "{a:?}");
 
     // Connected devices are challenged again every --attest-interval (2 s here).
-    let verified = |hub: &Hub| cairn_e2e::num(&hub.device(&id)["attestation"], "verified_ms");
+    let verified = |hub: &Hub| {
+        hub.device(&id)
+            .attestation
+            .and_then(|a| a.verified_ms)
+            .unwrap_or(0)
+    };
     let first = verified(&hub);
     wait_for("a periodic re-attestation", timeout, || {
         verified(&hub) > first
@@ -252,11 +268,7 @@ fn a_tpm_device_is_quarantined_when_its_boot_changes_until_the_operator_accepts(
     }
     agent.start_again();
     wait_for("unexplained PCRs quarantine the device", timeout, || {
-        only_device(&hub).is_some_and(|d| {
-            d["quarantine"]
-                .as_str()
-                .is_some_and(|w| w.contains("does not replay"))
-        })
+        quarantine(&hub).is_some_and(|w| w.contains("does not replay"))
     });
     let out = hub.cli(&["device", "accept", &id]);
     assert!(!out.status.success());
@@ -332,7 +344,7 @@ fn an_ek_from_an_untrusted_ca_and_a_software_tpm_are_refused_where_policy_requir
     wait_for(
         "the software agent enrolls",
         Duration::from_secs(60),
-        || only_device(&hub).is_some_and(|d| d["attestation"] == "software"),
+        || only_device(&hub).is_some_and(|d| d.record.attestation.as_deref() == Some("software")),
     );
     assert_eq!(attest_status(&hub).as_deref(), Some("trusted"));
 }
@@ -508,8 +520,7 @@ fn cloned_identities_replayed_quotes_and_logs_that_do_not_replay_are_refused() {
         attest_status(&hub).as_deref() == Some("quarantined")
     });
     assert!(r.is_none(), "the agent stopped: {r:?}");
-    let d = only_device(&hub).unwrap();
-    let why = d["quarantine"].as_str().unwrap();
+    let why = quarantine(&hub).unwrap();
     assert!(why.contains("nonce"), "{why}");
 }
 
@@ -559,7 +570,7 @@ fn a_data_directory_copied_to_another_box_is_useless() {
     // The original, on its own TPM, still works.
     agent.start_again();
     wait_for("the original reconnects", Duration::from_secs(60), || {
-        only_device(&hub).is_some_and(|d| d["connected"] == true)
+        only_device(&hub).is_some_and(|d| d.connected)
     });
 }
 
@@ -593,9 +604,8 @@ fn the_ima_list_is_verified_incrementally_and_a_forged_entry_quarantines() {
     );
     let ima_entries = |hub: &Hub| -> u64 {
         only_device(hub)
-            .and_then(|d| d["id"].as_str().map(str::to_string))
-            .map(|id| cairn_e2e::num(&hub.device(&id)["attestation"], "ima_entries"))
-            .unwrap_or(0)
+            .and_then(|d| hub.device(d.record.id.as_str()).attestation)
+            .map_or(0, |a| a.ima_entries)
     };
     wait_for(
         "the first two entries verify",
@@ -635,13 +645,7 @@ fn the_ima_list_is_verified_incrementally_and_a_forged_entry_quarantines() {
     wait_for(
         "the forged entry quarantines",
         Duration::from_secs(60),
-        || {
-            only_device(&hub).is_some_and(|d| {
-                d["quarantine"]
-                    .as_str()
-                    .is_some_and(|w| w.contains("IMA measurement list"))
-            })
-        },
+        || quarantine(&hub).is_some_and(|w| w.contains("IMA measurement list")),
     );
 }
 
@@ -663,12 +667,9 @@ fn an_unattested_device_gets_no_state_while_policy_requires_attestation() {
     wait_for("state reaches the unattested device", timeout, || {
         agent.file("etc/one").exists()
     });
-    assert_eq!(only_device(&hub).unwrap()["attestation"], Value::Null);
+    assert_eq!(only_device(&hub).unwrap().record.attestation, None);
     // Nothing to accept on it: refused as a conflict (exit 1), not "no such device" (3).
-    let id = only_device(&hub).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = only_device(&hub).unwrap().record.id.to_string();
     let out = hub.cli(&["device", "accept", &id]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -686,7 +687,7 @@ fn an_unattested_device_gets_no_state_while_policy_requires_attestation() {
     let mut agent = agent;
     agent.restart();
     wait_for("the agent reconnects", timeout, || {
-        only_device(&hub).is_some_and(|d| d["connected"] == true)
+        only_device(&hub).is_some_and(|d| d.connected)
     });
     hub.set_file("--selector", "site=a", "two", "etc/two", "2");
     std::thread::sleep(Duration::from_secs(3));

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cairn_e2e::{Agent, Hub, converged, file_mismatches, num, wait_for};
+use cairn_e2e::{Agent, Hub, converged, file_mismatches, wait_for};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -21,7 +21,7 @@ fn three_agents_enroll_and_converge_by_selector() {
     ];
     wait_for("three devices online", T, || {
         let ds = hub.devices();
-        ds.len() == 3 && ds.iter().all(|d| d["connected"] == true)
+        ds.len() == 3 && ds.iter().all(|d| d.connected)
     });
 
     let out = hub.cli_ok(&[
@@ -86,8 +86,8 @@ fn three_agents_enroll_and_converge_by_selector() {
         "{table}"
     );
     for d in hub.devices() {
-        assert_eq!(d["drift"], false, "{d}");
-        assert!(num(&d, "desired_revision") >= 2);
+        assert!(!d.drift, "{d:?}");
+        assert!(d.record.desired_revision >= 2);
     }
     let labels = hub.cli_ok(&["labels"]);
     assert!(
@@ -121,7 +121,7 @@ fn offline_agent_records_events_and_delivers_each_exactly_once() {
     // The hub goes away; the agent keeps enforcing state and queues what it sees.
     hub.kill();
     for round in 0..ROUNDS {
-        let seq_before = num(&agent.status(), "last_seq");
+        let seq_before = agent.last_seq();
         for i in 0..FILES {
             std::fs::write(
                 agent.file(&format!("data/f{i}")),
@@ -133,11 +133,14 @@ fn offline_agent_records_events_and_delivers_each_exactly_once() {
             (0..FILES).all(|i| {
                 std::fs::read_to_string(agent.file(&format!("data/f{i}")))
                     .is_ok_and(|c| c == format!("content {i}\n"))
-            }) && num(&agent.status(), "last_seq") >= seq_before + FILES as u64
+            }) && agent.last_seq() >= seq_before + FILES as u64
         });
     }
     let st = agent.status();
-    assert!(num(&st, "outbox_depth") >= (FILES * ROUNDS) as u64, "{st}");
+    assert!(
+        st.as_ref().map_or(0, |s| s.outbox_depth) >= (FILES * ROUNDS) as u64,
+        "{st:?}"
+    );
 
     // Back online: every event arrives, once, in order.
     hub.restart();
@@ -148,15 +151,11 @@ fn offline_agent_records_events_and_delivers_each_exactly_once() {
         FILES * ROUNDS,
         "each drift correction exactly once"
     );
-    let seqs: Vec<u64> = hub
-        .events(&id, None)
-        .iter()
-        .filter_map(|e| e["seq"].as_u64())
-        .collect();
+    let seqs: Vec<u64> = hub.events(&id, None).iter().filter_map(|e| e.seq).collect();
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
         "agent events stored in sequence order"
     );
-    let dev = hub.device(&id)["device"].clone();
-    assert_eq!(num(&dev, "reports_acked"), num(&agent.status(), "last_seq"));
+    let dev = hub.device(&id).device;
+    assert_eq!(dev.record.reports_acked, agent.last_seq());
 }

@@ -7,8 +7,11 @@
 use std::path::Path;
 use std::process::Command;
 
-/// Runs `examples/scenarios/NAME.toml` in real mode; its JSON report.
-fn run_scenario(name: &str) -> serde_json::Value {
+use cairn_examples::report::Report;
+use cairn_examples::scenario::Invariant;
+
+/// Runs `examples/scenarios/NAME.toml` in real mode; its report (`fleet-sim --json`).
+fn run_scenario(name: &str) -> Report {
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/scenarios")
         .join(format!("{name}.toml"));
@@ -25,29 +28,35 @@ fn run_scenario(name: &str) -> serde_json::Value {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(&stdout).unwrap()
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("fleet-sim --json printed no report: {e}\n{stdout}"))
 }
 
 #[test]
 fn ci_scenario_with_200_real_agents_holds_every_invariant() {
     let report = run_scenario("ci-small");
-    assert_eq!(report["mode"], "real");
-    assert_eq!(report["devices"], 200);
-    let invariants = report["invariants"].as_array().unwrap();
-    assert_eq!(invariants.len(), 4, "{report}");
-    assert!(invariants.iter().all(|i| i["ok"] == true), "{report}");
-    for p in report["phases"].as_array().unwrap() {
-        assert_eq!(p["converged"], p["devices"], "{p}");
+    let text = report.render();
+    assert_eq!(report.mode, "real");
+    assert_eq!(report.devices, 200);
+    let invariants = &report.invariants;
+    assert_eq!(invariants.len(), 4, "{text}");
+    assert!(invariants.iter().all(|i| i.ok), "{text}");
+    for p in &report.phases {
+        assert_eq!(p.converged, p.devices, "{p:?}");
     }
     // Something really happened: the partition and the drift left their traces.
-    assert_eq!(report["faults"]["hub_restarts"], 1);
-    assert_eq!(report["faults"]["partitions"], 50);
-    assert_eq!(report["events"]["drift_corrected"], 40, "{report}");
-    assert_eq!(report["events"]["lost"], 0);
-    assert_eq!(report["events"]["duplicated"], 0);
-    assert!(report["wire"]["to_hub"].as_u64().unwrap() > 0);
-    assert!(report["hub"]["rss_peak_mb"].as_f64().unwrap() > 0.0);
-    assert!(!report["timeline"].as_array().unwrap().is_empty());
+    assert_eq!(report.faults.hub_restarts, 1);
+    assert_eq!(report.faults.partitions, 50);
+    assert_eq!(report.events.drift_corrected, 40, "{text}");
+    assert_eq!(report.events.lost, 0);
+    assert_eq!(report.events.duplicated, 0);
+    assert!(report.wire.to_hub > 0);
+    let hub = report
+        .hub
+        .as_ref()
+        .expect("real mode reports the hub's usage");
+    assert!(hub.rss_peak_mb > 0.0);
+    assert!(!report.timeline.is_empty());
 }
 
 /// `examples/scenarios/upgrade.toml` with 200 real agents on file-backed A/B slots:
@@ -57,20 +66,21 @@ fn ci_scenario_with_200_real_agents_holds_every_invariant() {
 #[test]
 fn upgrade_scenario_ends_with_every_box_committed_or_rolled_back() {
     let report = run_scenario("upgrade");
-    let invariants = report["invariants"].as_array().unwrap();
-    assert_eq!(invariants.len(), 5, "{report}");
-    assert!(invariants.iter().all(|i| i["ok"] == true), "{report}");
+    let text = report.render();
+    let invariants = &report.invariants;
+    assert_eq!(invariants.len(), 5, "{text}");
+    assert!(invariants.iter().all(|i| i.ok), "{text}");
     let os = invariants
         .iter()
-        .find(|i| i["invariant"] == "os-committed-or-rolled-back")
+        .find(|i| i.invariant == Invariant::OsCommittedOrRolledBack)
         .unwrap();
-    let detail = os["detail"].as_str().unwrap_or_default();
+    let detail = os.detail.as_str();
     // 20 kiosks roll 2.0.0 back (failing check); the 50 canaries roll 2.1.0 back
     // (kernel panic); everyone else commits 2.0.0.
     assert!(detail.contains("2.0.0 rolled-back"), "{detail}");
     assert!(detail.contains("2.1.0 rolled-back"), "{detail}");
     assert!(detail.contains("2.0.0 committed"), "{detail}");
-    assert_eq!(report["faults"]["agent_crashes"], 20);
-    assert_eq!(report["events"]["lost"], 0);
-    assert_eq!(report["events"]["duplicated"], 0);
+    assert_eq!(report.faults.agent_crashes, 20);
+    assert_eq!(report.events.lost, 0);
+    assert_eq!(report.events.duplicated, 0);
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_e2e::{Agent, Hub, converged, wait_for};
+use cairn_hub::server::Endpoints;
 use cairn_sync_protocol::Text;
 use cairn_sync_protocol::frame;
 use cairn_sync_protocol::message::{AgentMessage, Hello, Intent, PROTOCOL_VERSION, RefusalCode};
@@ -99,12 +100,13 @@ fn revoked_device_is_cut_off_at_once_and_stays_out() {
         "agent learns it is revoked",
         Duration::from_secs(10),
         || {
-            agent.status()["revoked"]
-                .as_str()
+            agent
+                .status()
+                .and_then(|s| s.revoked)
                 .is_some_and(|r| r.contains("revoked by the operator"))
         },
     );
-    assert!(hub.device(&id)["device"]["revoked_ms"].is_u64());
+    assert!(hub.device(&id).device.record.revoked_ms.is_some());
     let events = hub.events(&id, Some("hub.revoked"));
     assert_eq!(events.len(), 1);
 
@@ -112,9 +114,9 @@ fn revoked_device_is_cut_off_at_once_and_stays_out() {
     hub.set_file("--selector", "site=x", "m", "m", "x");
     agent.restart();
     wait_for("restarted agent is refused again", T, || {
-        agent.status()["connection"]
-            .as_str()
-            .is_some_and(|c| c.starts_with("revoked"))
+        agent
+            .status()
+            .is_some_and(|s| s.connection.starts_with("revoked"))
     });
     assert!(!agent.file("m").exists());
     let table = hub.cli_ok(&["devices"]);
@@ -134,7 +136,8 @@ fn certificate_from_another_hub_is_refused_on_both_sides() {
     agent.kill();
     let mut moved = Agent::start(&tmp.path().join("a"), &hub_b.quic, None);
     wait_for("agent reports the TLS refusal", T, || {
-        moved.status()["connection"].as_str().is_some_and(|c| {
+        moved.status().is_some_and(|s| {
+            let c = s.connection;
             c.contains("certificate") || c.contains("UnknownIssuer") || c.contains("CA")
         })
     });
@@ -145,10 +148,10 @@ fn certificate_from_another_hub_is_refused_on_both_sides() {
 /// Opens a QUIC connection the way an enrolling agent does, then sends `bytes` on the
 /// session stream and returns how the hub closed the connection.
 async fn send_raw(hub: &Hub, bytes: Vec<u8>) -> (u64, String) {
-    let endpoints: serde_json::Value =
+    let endpoints: Endpoints =
         serde_json::from_str(&std::fs::read_to_string(hub.dir.join("endpoints.json")).unwrap())
             .unwrap();
-    let fp: [u8; 32] = hex_decode(endpoints["ca_fingerprint"].as_str().unwrap());
+    let fp: [u8; 32] = hex_decode(&endpoints.ca_fingerprint);
     let cfg = cairn_agent::tls::enroll_config(fp, Duration::from_secs(1), Duration::from_secs(10))
         .unwrap();
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -262,7 +265,7 @@ fn forged_state_from_the_wire_is_refused_and_reported() {
     hub.set_file("--selector", "site=x", "motd", "motd", "one");
     wait_for("converged on revision 1", T, || converged(&hub, &agent));
     let id = agent.device_id().unwrap();
-    let held = agent.status()["desired_revision"].as_u64().unwrap();
+    let held = agent.status().expect("agent status").desired_revision;
 
     agent.kill();
     hub.set_file("--selector", "site=x", "motd", "motd", "two");
@@ -280,15 +283,12 @@ fn forged_state_from_the_wire_is_refused_and_reported() {
 
     agent.restart();
     wait_for("the hub receives the agent's refusal", T, || {
-        hub.events(&id, Some("state-rejected")).iter().any(|e| {
-            e["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("not signed by this hub")
-        })
+        hub.events(&id, Some("state-rejected"))
+            .iter()
+            .any(|e| e.message.contains("not signed by this hub"))
     });
     assert_eq!(std::fs::read_to_string(agent.file("motd")).unwrap(), "one");
-    assert_eq!(agent.status()["desired_revision"].as_u64().unwrap(), held);
+    assert_eq!(agent.status().expect("agent status").desired_revision, held);
     assert!(
         agent.exited().is_none(),
         "the agent keeps running on its verified state"

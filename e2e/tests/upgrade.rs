@@ -6,9 +6,11 @@
 
 use std::time::Duration;
 
+use cairn_agent::upgrade::Job;
 use cairn_agent::upgrade::boot::file::FileBoot;
 use cairn_agent::upgrade::boot::{BootControl, Slot};
 use cairn_e2e::abox::{SimBox, build_bundle, mutate_blocks, random_image};
+use cairn_sync_protocol::message::UpgradePhase;
 use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 
@@ -43,7 +45,8 @@ fn setup(seed: u64) -> Setup {
     }
 }
 
-fn job(sim: &SimBox) -> serde_json::Value {
+/// The agent's durable upgrade job, as it stored it.
+fn job(sim: &SimBox) -> Job {
     let db = rusqlite::Connection::open(cairn_agent::db_path(&sim.data_dir)).unwrap();
     let j: String = db
         .query_row("SELECT job FROM upgrade WHERE id = 1", [], |r| r.get(0))
@@ -93,9 +96,9 @@ fn happy_path_commits_v2_and_keeps_v1_as_fallback() {
     assert_eq!(st.bootable, [true, true], "slot A stays as the fallback");
     assert_eq!(committed_version(&s.sim).as_deref(), Some("2.0.0"));
     let j = job(&s.sim);
-    assert_eq!(j["phase"], "Committed");
+    assert_eq!(j.phase, UpgradePhase::Committed);
     // Delta: 10% of the blocks changed; the rest was copied from slot A.
-    let downloaded = j["progress"][0]["downloaded"].as_u64().unwrap();
+    let downloaded = j.progress[0].downloaded;
     let ratio = downloaded as f64 / IMAGE as f64;
     eprintln!(
         "delta: downloaded {downloaded} of {IMAGE} bytes ({:.1}%)",
@@ -339,7 +342,7 @@ fn failed_health_check_rolls_back() {
     assert_eq!(run.boots, 2, "into the trial, and back");
     assert_eq!(s.sim.booted(), Slot::A);
     assert_eq!(s.sim.slot_bytes(Slot::A, IMAGE), s.v1);
-    assert_eq!(job(&s.sim)["phase"], "RolledBack");
+    assert_eq!(job(&s.sim).phase, UpgradePhase::RolledBack);
     assert_eq!(
         committed_version(&s.sim),
         None,
@@ -369,7 +372,7 @@ fn crash_loop_on_the_trial_rolls_back() {
     assert!(run.kills >= 3, "{run:?}");
     assert!(run.stderr.contains("crash loop"), "{}", run.stderr);
     assert_eq!(s.sim.booted(), Slot::A);
-    assert_eq!(job(&s.sim)["phase"], "RolledBack");
+    assert_eq!(job(&s.sim).phase, UpgradePhase::RolledBack);
 }
 
 #[test]
@@ -452,7 +455,7 @@ fn assert_committed_or_rolled_back(s: &Setup, run: &cairn_e2e::abox::Run, what: 
     assert!(run.stderr.contains("rolled back"), "{what}: {}", run.stderr);
     assert_eq!(s.sim.booted(), Slot::A, "{what}");
     assert_eq!(s.sim.slot_bytes(Slot::A, IMAGE), s.v1, "{what}");
-    assert_eq!(job(&s.sim)["phase"], "RolledBack", "{what}");
+    assert_eq!(job(&s.sim).phase, UpgradePhase::RolledBack, "{what}");
     assert_eq!(committed_version(&s.sim), None, "{what}");
 }
 

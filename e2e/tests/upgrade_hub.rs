@@ -12,12 +12,14 @@ use cairn_agent::upgrade::REBOOT_EXIT_CODE;
 use cairn_agent::upgrade::boot::Slot;
 use cairn_e2e::abox::{SimBox, mutate_blocks, random_image};
 use cairn_e2e::{Agent, Hub, wait_for};
-use serde_json::Value;
+use cairn_hub::api::ReleaseStatus;
+use cairn_hub::store::UpgradeStatus;
 
 const IMAGE: usize = 8 << 20;
 
-fn upgrade(hub: &Hub, id: &str) -> Value {
-    hub.device(id)["device"]["upgrade"].clone()
+/// The device's latest upgrade report, as the hub shows it.
+fn upgrade(hub: &Hub, id: &str) -> Option<UpgradeStatus> {
+    hub.device(id).device.record.upgrade
 }
 
 /// Waits for the agent to stop for a reboot, then boots the box and starts it again.
@@ -97,20 +99,20 @@ fn operator_upgrades_a_box_through_the_hub_and_a_broken_release_rolls_back() {
         "60s",
     ]);
     wait_for("upgrade started", Duration::from_secs(60), || {
-        upgrade(&hub, &id)["phase"].is_string()
+        upgrade(&hub, &id).is_some()
     });
     agent.kill();
     agent.start_again();
     let slot = reboot_when_asked(&mut agent, &sim, "reboot into the 2.0.0 trial");
     assert_eq!(slot, Slot::B);
     wait_for("2.0.0 committed", Duration::from_secs(60), || {
-        upgrade(&hub, &id)["phase"] == "committed"
+        upgrade(&hub, &id).is_some_and(|u| u.phase == "committed")
     });
-    let u = upgrade(&hub, &id);
-    assert_eq!(u["version"], "2.0.0");
-    assert_eq!(u["committed_version"], "2.0.0");
-    assert_eq!(u["booted_slot"], "b");
-    let downloaded = u["bytes_downloaded"].as_u64().unwrap();
+    let u = upgrade(&hub, &id).expect("an upgrade report");
+    assert_eq!(u.version, "2.0.0");
+    assert_eq!(u.committed_version, "2.0.0");
+    assert_eq!(u.booted_slot, "b");
+    let downloaded = u.bytes_downloaded;
     eprintln!(
         "2.0.0 over QUIC: {downloaded} of {IMAGE} bytes downloaded ({:.1}%)",
         100.0 * downloaded as f64 / IMAGE as f64
@@ -121,8 +123,14 @@ fn operator_upgrades_a_box_through_the_hub_and_a_broken_release_rolls_back() {
     );
     assert_eq!(sim.slot_bytes(Slot::B, IMAGE), v2);
     assert_eq!(sim.slot_bytes(Slot::A, IMAGE), v1);
-    let status = hub.json(&["release", "status", "2.0.0"]);
-    assert!(status.to_string().contains("committed"), "{status}");
+    let status: ReleaseStatus = hub.json_as(&["release", "status", "2.0.0"]);
+    assert!(
+        status
+            .devices
+            .iter()
+            .any(|d| d.device == id && d.state == "committed"),
+        "{status:?}"
+    );
 
     // A broken 3.0.0: its health check fails on the trial; the box ends back on 2.0.0
     // by itself and the hub says why.
@@ -142,13 +150,13 @@ fn operator_upgrades_a_box_through_the_hub_and_a_broken_release_rolls_back() {
     let slot = reboot_when_asked(&mut agent, &sim, "reboot back after the failed trial");
     assert_eq!(slot, Slot::B);
     wait_for("3.0.0 rolled back", Duration::from_secs(60), || {
-        upgrade(&hub, &id)["phase"] == "rolled-back"
+        upgrade(&hub, &id).is_some_and(|u| u.phase == "rolled-back")
     });
-    let u = upgrade(&hub, &id);
-    let err = u["error"].as_str().unwrap_or_default().to_string();
-    assert!(err.contains("rolled back: health check failed"), "{u}");
-    assert!(err.contains("service kiosk failed"), "{u}");
-    assert_eq!(u["committed_version"], "2.0.0");
+    let u = upgrade(&hub, &id).expect("an upgrade report");
+    let err = u.error.clone().unwrap_or_default();
+    assert!(err.contains("rolled back: health check failed"), "{u:?}");
+    assert!(err.contains("service kiosk failed"), "{u:?}");
+    assert_eq!(u.committed_version, "2.0.0");
     assert_eq!(sim.slot_bytes(Slot::B, IMAGE), v2, "2.0.0 still runs");
     let events = hub.events(&id, Some("upgrade.rolled-back"));
     assert_eq!(events.len(), 1, "{events:?}");
@@ -156,7 +164,7 @@ fn operator_upgrades_a_box_through_the_hub_and_a_broken_release_rolls_back() {
     wait_for(
         "the agent back online with its reports delivered",
         Duration::from_secs(60),
-        || hub.device(&id)["device"]["connected"] == true && agent.status()["outbox_depth"] == 0,
+        || hub.device(&id).device.connected && agent.status().is_some_and(|s| s.outbox_depth == 0),
     );
     assert_eq!(agent.exited(), None, "the agent keeps running on 2.0.0");
 }

@@ -39,9 +39,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use cairn_boot::gpt::{Partition, partitions};
 use cairn_boot::tryboot::{AUTOBOOT, firmware_boot};
+use cairn_image::tools::run;
 
 use crate::machine::Machine;
-use crate::tools::run;
 
 const QEMU: &str = "qemu-system-aarch64";
 /// What every kernel prints as it restarts with a command (kernel/reboot.c).
@@ -83,7 +83,7 @@ impl PiVm {
     /// A Pi in `dir` booting `disk` (flashed with [`Machine::flash`]).
     pub fn create(name: &str, dir: &Path, disk: &Path) -> Result<PiVm> {
         for tool in [QEMU, "fdtput", "mcopy"] {
-            crate::tools::which(
+            cairn_image::tools::which(
                 tool,
                 "`scripts/setup.sh images` installs qemu-system-arm, device-tree-compiler and mtools",
             )?;

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use cairn_hub::api::{DeviceDetail, DeviceView};
 use cairn_hub::store::UpgradeStatus;
+use cairn_image::Built;
 use serde::Serialize;
 
 use crate::hub::HubProc;
-use crate::image::Built;
 use crate::machine::{Machine, console_tail, console_text};
 use crate::predict;
 
@@ -269,7 +269,7 @@ fn steps(run: &mut Run<'_>, rel: &Releases<'_>) -> Result<()> {
             .context("token create printed no token")?
             .to_string();
         let img = work.join("flash.img");
-        crate::tools::run(
+        cairn_image::tools::run(
             std::process::Command::new("cp")
                 .arg("--sparse=always")
                 .arg(&rel.v1.disk)

@@ -13,9 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cairn_image::Arch;
 use cairn_tpm_device::testkit::{EkCert, Swtpm, SwtpmOptions, TestCa};
 
-use crate::Arch;
 use crate::machine::Machine;
 
 /// The UEFI firmware of each architecture, as Debian's `ovmf` and
@@ -61,7 +61,7 @@ impl Vm {
     /// signed by its own manufacturer CA ([`Vm::ek_ca_pem`]).
     pub fn create(name: &str, arch: Arch, dir: &Path, disk: &Path) -> Result<Vm> {
         for tool in [qemu(arch), "swtpm"] {
-            crate::tools::which(
+            cairn_image::tools::which(
                 tool,
                 "`scripts/setup.sh images` installs qemu-system-x86, ovmf and swtpm",
             )?;
@@ -177,7 +177,7 @@ impl Machine for Vm {
         if self.qemu.is_some() {
             bail!("{} is on: power it off before flashing", self.name);
         }
-        crate::tools::run(
+        cairn_image::tools::run(
             Command::new("cp")
                 .arg("--sparse=always")
                 .arg(image)

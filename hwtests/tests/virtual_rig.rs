@@ -12,13 +12,12 @@
 
 use std::path::{Path, PathBuf};
 
-use cairn_hwtests::Arch;
 use cairn_hwtests::hub::{HubProc, bin_dir};
-use cairn_hwtests::image::{self, Fault, Layout};
 use cairn_hwtests::machine::{Machine, console_tail};
 use cairn_hwtests::pivm::PiVm;
 use cairn_hwtests::scenario::{self, Env, Releases, Timeouts};
 use cairn_hwtests::vm::Vm;
+use cairn_image::{Arch, Built, Fault, Layout, Spec};
 
 /// A scratch directory for one rig run, removed afterwards unless `CAIRN_RIG_KEEP` is
 /// set (then its path is printed: disk, console, QEMU and hub logs stay for a look).
@@ -37,7 +36,7 @@ fn target_dir() -> PathBuf {
     bin_dir().unwrap().parent().unwrap().to_path_buf()
 }
 
-fn build(version: &str, fault: Option<Fault>, out: &std::path::Path) -> image::Built {
+fn build(version: &str, fault: Option<Fault>, out: &std::path::Path) -> Built {
     built(&spec_for(
         Arch::X86_64,
         "nuc",
@@ -48,8 +47,8 @@ fn build(version: &str, fault: Option<Fault>, out: &std::path::Path) -> image::B
     ))
 }
 
-fn built(spec: &image::Spec) -> image::Built {
-    image::build(spec).unwrap_or_else(|e| panic!("building {}: {e:#}", spec.version))
+fn built(spec: &Spec) -> Built {
+    cairn_image::build(spec).unwrap_or_else(|e| panic!("building {}: {e:#}", spec.version))
 }
 
 fn spec_for(
@@ -59,13 +58,13 @@ fn spec_for(
     version: &str,
     fault: Option<Fault>,
     out: &Path,
-) -> image::Spec {
+) -> Spec {
     // QEMU's serial ports (a Pi's own UART would be ttyS1).
     let console = match arch {
         Arch::X86_64 => "console=ttyS0,115200",
         Arch::Aarch64 => "console=ttyAMA0,115200",
     };
-    image::Spec {
+    Spec {
         arch,
         board: board.into(),
         version: version.into(),
@@ -204,7 +203,7 @@ fn pi4_image_upgrades_by_tryboot_through_a_power_cut_and_rolls_back() {
         &tmp.path().join("again"),
     );
     again.kernel_deb = Some(kernel_deb);
-    let again = image::build(&again).unwrap();
+    let again = cairn_image::build(&again).unwrap();
     assert_eq!(
         sha256(again.payload("boot").unwrap()),
         sha256(v1.payload("boot").unwrap()),

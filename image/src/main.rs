@@ -5,14 +5,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cairn_hwtests::Arch;
-use cairn_hwtests::image::{self, Fault, Layout};
+use cairn_image::{Arch, Fault, Layout, Spec};
 use clap::{Parser, Subcommand};
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 built, 1 the build failed (the error says which step), 2 bad usage.
 
 Example (a NUC image of version 1.0.0, then its release):
+  cargo build --profile agent -p cairn-agent          # target/agent/cairn-agent
   cairn-image build --arch x86_64 --board nuc --version 1.0.0 \\
     --agent target/agent/cairn-agent --out out/1.0.0
   cairn-hub image configure out/1.0.0/cairn-nuc-1.0.0.img --hub hub.example.net:7440 --token cairn1_...
@@ -21,15 +21,20 @@ Example (a NUC image of version 1.0.0, then its release):
 
 A Raspberry Pi 4 image (the firmware's tryboot A/B layout; its release carries the
 slot's boot partition instead of a UKI):
+  ./scripts/build-aarch64.sh                          # the aarch64 agent; prints its path
   cairn-image build --arch aarch64 --board rpi4 --version 1.0.0 \\
     --agent target/aarch64/aarch64-unknown-linux-gnu/agent/cairn-agent --out out/rpi4-1.0.0
   cairn-hub release build out/rpi4-1.0.0/rootfs.squashfs --version 1.0.0 --arch aarch64 \\
     --board rpi4 --payload boot=out/rpi4-1.0.0/boot.vfat --key release.pem --out os.cairn
 
-Needs: apt-get (packages are downloaded, not installed), dpkg-deb, sgdisk, mtools,
-mksquashfs, mke2fs, cpio, objcopy. Logs: RUST_LOG=debug.";
+From the workspace, run it as `cargo run -p cairn-image -- build ...`.
 
-/// Builds Cairn OS images.
+Needs: apt-get (packages are downloaded, not installed), dpkg-deb, sgdisk, mtools,
+mksquashfs, mke2fs, cpio, zstd, objcopy (`scripts/setup.sh images`; for aarch64
+aarch64-linux-gnu-objcopy, `scripts/setup.sh aarch64`). Logs: RUST_LOG=debug.";
+
+/// Builds flashable Cairn OS disk images, and the slot contents of the matching A/B
+/// release, from Debian packages and a cairn-agent binary, without root.
 #[derive(Parser)]
 #[command(name = "cairn-image", version, after_help = AFTER_HELP)]
 struct Cli {
@@ -100,9 +105,15 @@ struct Build {
 }
 
 fn main() -> ExitCode {
-    cairn_hwtests::init_logging();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let Cmd::Build(b) = Cli::parse().cmd;
-    let spec = image::Spec {
+    let spec = Spec {
         arch: b.arch,
         board: b.board,
         version: b.version,
@@ -120,7 +131,7 @@ fn main() -> ExitCode {
         agent_args: b.agent_args,
         console: b.console,
     };
-    match image::build(&spec) {
+    match cairn_image::build(&spec) {
         Ok(built) if b.json => match serde_json::to_string_pretty(&built) {
             Ok(t) => {
                 println!("{t}");

@@ -1,5 +1,6 @@
 //! Running the external tools an image is made with (sgdisk, mtools, mksquashfs,
-//! mke2fs, cpio, objcopy), and small file-tree helpers.
+//! mke2fs, cpio, objcopy), and small file-tree helpers. Public: the hardware tests run
+//! their own tools (QEMU, swtpm, mtools) with [`run`] and [`which`] too.
 
 use std::path::Path;
 use std::process::{Command, Stdio};

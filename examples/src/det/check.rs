@@ -47,11 +47,13 @@ impl Sim<'_> {
             ev.created += a.last_seq;
             ev.delivered += h.reports_stored;
             ev.lost += a.last_seq.saturating_sub(h.reports_stored);
-            ev.duplicated += h.reports_duplicated;
+            // Stored and declared lost add up to the mark unless something was stored twice.
+            let duplicated = (h.reports_stored + h.reports_skipped).saturating_sub(h.reports_acked);
+            ev.duplicated += duplicated;
             ev.drift_corrected += h.drift_corrected;
             if h.reports_acked == a.last_seq
                 && h.reports_stored == a.last_seq
-                && h.reports_duplicated == 0
+                && duplicated == 0
                 && a.outbox.is_empty()
             {
                 reports_ok += 1;

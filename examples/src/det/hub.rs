@@ -172,9 +172,9 @@ impl Sim<'_> {
                 PendingWrite::Reports(reports) => self.record_reports(dev, reports),
                 PendingWrite::Lost { from, to } => {
                     let h = &mut self.devs[dev as usize].hub;
-                    if from == h.reports_acked + 1 && to >= from {
-                        h.reports_skipped += to - from + 1;
-                        h.reports_acked = to;
+                    if let Some(mark) = stream::skip(h.reports_acked, from, to) {
+                        h.reports_skipped += mark - h.reports_acked;
+                        h.reports_acked = mark;
                     }
                     h.reports_acked
                 }
@@ -193,13 +193,8 @@ impl Sim<'_> {
         let d = &mut self.devs[dev as usize];
         let h = &mut d.hub;
         let mut status_changed = false;
+        let (reports, mark) = stream::accept(h.reports_acked, reports);
         for r in reports {
-            if r.seq <= h.reports_acked {
-                continue;
-            }
-            if r.seq != h.reports_acked + 1 {
-                break;
-            }
             match r.body {
                 ReportBody::Event(e) => {
                     if e.kind == EventKind::DriftCorrected {
@@ -213,9 +208,9 @@ impl Sim<'_> {
                     status_changed = true;
                 }
             }
-            h.reports_acked = r.seq;
             h.reports_stored += 1;
         }
+        h.reports_acked = mark;
         let acked = h.reports_acked;
         if status_changed {
             self.update_converged(dev);
@@ -366,32 +361,31 @@ impl Sim<'_> {
     /// The hub's `recompute`: a new signed revision if the effective document changed.
     pub(super) fn recompute(&mut self, dev: u32, ids: &[(u16, u32)], digest: &DocumentDigest) {
         let h = &self.devs[dev as usize].hub;
-        let unchanged = h.resources.len() == ids.len()
-            && h.resources.iter().zip(ids).all(|(a, b)| (a.0, a.1) == *b);
-        if unchanged {
+        // Resources are interned by value: the same id is the same spec.
+        let current: BTreeMap<u16, u32> = h.resources.iter().map(|x| (x.0, x.1)).collect();
+        let desired: BTreeMap<u16, u32> = ids.iter().copied().collect();
+        let Some(diff) = revisions::diff(&current, &desired) else {
             return;
-        }
+        };
         let new_rev = h.revision + 1;
         let resources: Vec<(u16, u32, u64)> = ids
             .iter()
             .map(|&(n, r)| {
-                let rev = h
-                    .resources
-                    .iter()
-                    .find(|x| x.0 == n && x.1 == r)
-                    .map_or(new_rev, |x| x.2);
+                let rev = if diff.changed.contains(&n) {
+                    new_rev
+                } else {
+                    h.resources
+                        .iter()
+                        .find(|x| x.0 == n)
+                        .map_or(new_rev, |x| x.2)
+                };
                 (n, r, rev)
             })
             .collect();
-        let removed: Vec<u16> = h
-            .resources
-            .iter()
-            .filter(|x| !ids.iter().any(|y| y.0 == x.0))
-            .map(|x| x.0)
-            .collect();
+        let removed = diff.removed;
         let signature = sign_state(&self.key, &self.ids[dev as usize], new_rev, digest);
         let h = &mut self.devs[dev as usize].hub;
-        h.tombstones.retain(|t| !ids.iter().any(|y| y.0 == t.0));
+        h.tombstones.retain(|t| !diff.changed.contains(&t.0));
         for n in removed {
             h.tombstones.retain(|t| t.0 != n);
             h.tombstones.push((n, new_rev));

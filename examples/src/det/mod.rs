@@ -86,7 +86,8 @@ use cairn_agent::store::{AppliedRecord, event_body, status_body};
 use cairn_agent::sync::{Backoff, Reply, offer, rebase};
 use cairn_hub::attest::DEFAULT_CHALLENGE_INTERVAL;
 use cairn_hub::desired::{Assignment, Selector, Target, effective};
-use cairn_hub::store::revisions::{UpdatePlan, tombstone_cutoff};
+use cairn_hub::store::revisions::{self, UpdatePlan, tombstone_cutoff};
+use cairn_hub::store::stream;
 use cairn_hub::sync::{Action, Gate, SyncCore};
 use cairn_sync_protocol::agent::{AgentEvent, AgentSession};
 use cairn_sync_protocol::hub::{HubEvent, HubSession};
@@ -354,7 +355,6 @@ struct HubDurable {
     reports_acked: u64,
     reports_stored: u64,
     reports_skipped: u64,
-    reports_duplicated: u64,
     drift_corrected: u64,
 }
 

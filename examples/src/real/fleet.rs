@@ -295,7 +295,12 @@ impl Fleet {
     }
 
     /// Waits until every reachable device converged; returns the phase.
-    pub(super) async fn converge(&mut self, name: &str, timeout: Duration, all: bool) -> Result<Phase> {
+    pub(super) async fn converge(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        all: bool,
+    ) -> Result<Phase> {
         let start = Instant::now();
         loop {
             self.tick().await?;
@@ -634,7 +639,11 @@ impl Fleet {
     }
 
     /// An operator's `set` or `unset` through the admin API, timed.
-    pub(super) async fn change_state(&mut self, step: &Step, body: &serde_json::Value) -> Result<()> {
+    pub(super) async fn change_state(
+        &mut self,
+        step: &Step,
+        body: &serde_json::Value,
+    ) -> Result<()> {
         self.operator_action();
         let t = Instant::now();
         let _: serde_json::Value = self

@@ -16,6 +16,7 @@
 
 pub mod revisions;
 pub mod sqlite;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -9,6 +9,8 @@
 //! revision whose tombstones were dropped: a delta can only be built from a revision at
 //! or above it.
 
+use std::collections::BTreeMap;
+
 /// Removals are remembered for this many revisions; an agent further behind gets a
 /// full snapshot.
 pub const TOMBSTONE_REVISIONS: u64 = 128;
@@ -64,6 +66,36 @@ impl UpdatePlan {
     }
 }
 
+/// What a new effective document changes in the stored one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diff<K> {
+    /// Resources new or with another spec: stored at the next revision, and a tombstone
+    /// of the same name (a re-added resource) goes.
+    pub changed: Vec<K>,
+    /// Resources no longer desired: removed, with a tombstone at the next revision.
+    pub removed: Vec<K>,
+}
+
+/// The diff from the stored document (`current`: name → spec hash) to the `desired`
+/// one; `None` when they are the same, and the document keeps its revision (and its
+/// signature). Keys are whatever the caller names resources by.
+pub fn diff<K: Ord + Clone, H: PartialEq>(
+    current: &BTreeMap<K, H>,
+    desired: &BTreeMap<K, H>,
+) -> Option<Diff<K>> {
+    let changed: Vec<K> = desired
+        .iter()
+        .filter(|(k, h)| current.get(*k) != Some(*h))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let removed: Vec<K> = current
+        .keys()
+        .filter(|k| !desired.contains_key(*k))
+        .cloned()
+        .collect();
+    (!changed.is_empty() || !removed.is_empty()).then_some(Diff { changed, removed })
+}
+
 /// After the document reached `new_revision`: tombstones at or below the returned
 /// revision are dropped, and if any was, the floor rises to it.
 pub fn tombstone_cutoff(new_revision: u64) -> Option<u64> {
@@ -91,6 +123,20 @@ mod tests {
         assert!(d.includes_removal(5) && !d.includes_removal(4));
         assert!(Snapshot.includes(1) && !Snapshot.includes_removal(9));
         assert!(!UpToDate.includes(9));
+    }
+
+    #[test]
+    fn diff_names_changed_new_and_removed_resources() {
+        let current = BTreeMap::from([("a", 1), ("b", 2), ("c", 3)]);
+        assert_eq!(diff(&current, &current.clone()), None);
+        let desired = BTreeMap::from([("a", 1), ("b", 9), ("d", 4)]);
+        assert_eq!(
+            diff(&current, &desired),
+            Some(Diff {
+                changed: vec!["b", "d"],
+                removed: vec!["c"]
+            })
+        );
     }
 
     #[test]

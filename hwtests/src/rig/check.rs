@@ -7,9 +7,8 @@ use std::net::{TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
+use cairn_image::{BootScheme, downstream_pi_kernel};
 use serde::Serialize;
-
-use crate::image::{BootScheme, downstream_pi_kernel};
 
 use super::config::{BoxConfig, ConsoleConfig, FlashConfig, PowerConfig, Rig};
 use super::flash::check_target;

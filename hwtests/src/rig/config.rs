@@ -10,10 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_image::{Arch, Built, Fault};
 use serde::{Deserialize, Deserializer};
-
-use crate::Arch;
-use crate::image::{Built, Fault};
 
 /// A configuration error: the message names the file, the box and the field.
 #[derive(Debug)]

@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
+use cairn_image::Arch;
 use serde::Serialize;
 
-use crate::Arch;
 use crate::scenario::Report;
 
 use super::config::Board;

@@ -3,8 +3,7 @@
 
 use std::process::{Command, Output};
 
-use cairn_hwtests::Arch;
-use cairn_hwtests::image::Fault;
+use cairn_image::{Arch, Fault};
 use serde_json::Value;
 
 use super::Pty;

@@ -3,9 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cairn_hwtests::Arch;
-use cairn_hwtests::image::{BootScheme, Built, Fault, Layout, Payload};
 use cairn_hwtests::rig::config::{Board, ConsoleConfig, FlashConfig, PowerConfig, Rig};
+use cairn_image::{Arch, BootScheme, Built, Fault, Layout, Payload};
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("rig/rig.example.toml")

@@ -103,20 +103,15 @@ impl Reports for SqliteStore {
     ) -> Result<u64> {
         let id = id.clone();
         self.write(move |conn| {
-            let mut acked: u64 = conn
+            let acked: u64 = conn
                 .query_row(
                     "SELECT reports_acked FROM devices WHERE id = ?1",
                     [id.as_str()],
                     |r| r.get(0),
                 )
                 .map_err(backend)?;
+            let (reports, mark) = crate::store::stream::accept(acked, reports);
             for r in reports {
-                if r.seq <= acked {
-                    continue;
-                }
-                if r.seq != acked + 1 {
-                    break;
-                }
                 match r.body {
                     ReportBody::Event(e) => {
                         conn.prepare_cached(
@@ -157,14 +152,13 @@ impl Reports for SqliteStore {
                         .map_err(backend)?;
                     }
                 }
-                acked = r.seq;
             }
             conn.prepare_cached(
                 "UPDATE devices SET reports_acked = ?2, last_seen_ms = ?3 WHERE id = ?1",
             )
-            .and_then(|mut s| s.execute(params![id.as_str(), acked, now_ms]))
+            .and_then(|mut s| s.execute(params![id.as_str(), mark, now_ms]))
             .map_err(backend)?;
-            Ok(acked)
+            Ok(mark)
         })
         .await
     }
@@ -179,9 +173,9 @@ impl Reports for SqliteStore {
                     |r| r.get(0),
                 )
                 .map_err(backend)?;
-            if to <= acked {
+            let Some(to) = crate::store::stream::skip(acked, from, to) else {
                 return Ok(acked);
-            }
+            };
             conn.execute(
                 "UPDATE devices SET reports_acked = ?2 WHERE id = ?1",
                 params![id.as_str(), to],

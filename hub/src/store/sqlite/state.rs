@@ -1,7 +1,7 @@
 //! Desired state: assignments by device or selector, each device's document recomputed
 //! and re-signed when it changes, and the update (delta or snapshot) an agent needs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use cairn_sync_protocol::message::Labels;
@@ -16,7 +16,7 @@ use crate::desired::{self, Assignment, Target};
 use crate::store::{AssignOutcome, Change, Result, StateSigner, StoreError};
 
 use super::{SqliteStore, backend, device_id, now_err, parse_labels};
-use crate::store::revisions::{UpdatePlan, tombstone_cutoff};
+use crate::store::revisions::{self, UpdatePlan, tombstone_cutoff};
 use crate::store::{DesiredState, MAX_DOCUMENT_BYTES};
 
 pub(super) fn load_assignments(conn: &Connection) -> Result<Vec<Assignment>> {
@@ -61,32 +61,35 @@ pub(super) fn recompute(
     check_limits(device, &desired)?;
     let hashes: BTreeMap<&ResourceName, ResourceHash> =
         desired.iter().map(|(n, r)| (n, r.hash())).collect();
-    let mut current: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut current: BTreeMap<String, [u8; 32]> = BTreeMap::new();
     {
         let mut stmt = conn
             .prepare_cached("SELECT name, hash FROM resources WHERE device = ?1")
             .map_err(backend)?;
         let rows = stmt
-            .query_map([device.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([device.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(backend)?;
         for row in rows {
             let (n, h) = row.map_err(backend)?;
-            current.insert(n, h);
+            // A hash of another length never equals a spec's: the resource is rewritten.
+            current.insert(n, h.try_into().unwrap_or([0; 32]));
         }
     }
+    let wanted: BTreeMap<String, [u8; 32]> = hashes
+        .iter()
+        .map(|(n, h)| (n.as_str().to_string(), h.0))
+        .collect();
+    let Some(diff) = revisions::diff(&current, &wanted) else {
+        return Ok(None);
+    };
     let changed: Vec<(&ResourceName, &Resource, ResourceHash)> = desired
         .iter()
-        .filter(|(n, _)| current.get(n.as_str()).map(Vec::as_slice) != Some(&hashes[n].0[..]))
+        .filter(|(n, _)| diff.changed.iter().any(|c| c == n.as_str()))
         .map(|(n, r)| (n, r, hashes[n]))
         .collect();
-    let removed: Vec<String> = current
-        .keys()
-        .filter(|n| !desired.keys().any(|d| d.as_str() == n.as_str()))
-        .cloned()
-        .collect();
-    if changed.is_empty() && removed.is_empty() {
-        return Ok(None);
-    }
+    let removed = diff.removed;
     let (revision, floor): (u64, u64) = conn
         .query_row(
             "SELECT revision, tomb_floor FROM devices WHERE id = ?1",
