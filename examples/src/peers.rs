@@ -49,7 +49,60 @@ pub fn mender(idle: Duration) -> Result<Result<PeerFigures, String>> {
                 .into(),
         ));
     };
-    let out = Command::new(&bin)
+    let version = mender_version(&bin)?;
+    let tmp = tempfile::tempdir()?;
+    let files = RunFiles::write(tmp.path())?;
+
+    // Files placed outside the temporary directory (fallback only), removed last but
+    // one; processes started here, killed and reaped first, on every way out.
+    let _placed;
+    let mut procs = Procs::default();
+
+    // Mender registers io.mender.* on the system bus (`DBus.Enabled` is on by default):
+    // give it a private one rather than the host's.
+    let bus_note = match start_private_bus(&files.bus) {
+        Ok(child) => {
+            procs.0.push(child);
+            "on a private system D-Bus"
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no private D-Bus; mender runs without a bus");
+            "without a system D-Bus (no private dbus-daemon could be started)"
+        }
+    };
+    let (cmd, files_note, placed) = daemon_command(&bin, &files)?;
+    _placed = placed;
+    let daemon = start_daemon(cmd, &bin, &files, &mut procs)?;
+    let seen = idle_and_read(&daemon, idle, &files, &mut procs)?;
+
+    let lib_bytes = files_bytes(&seen.libs)?;
+    let (binary_bytes, strip_note) = binary_size(&seen.exe, &files.dir)?;
+    const MIB: f64 = 1_048_576.0;
+    let how = format!(
+        "mender-client {version} ({os}), `mender daemon` as a real process {bus_note}, \
+         VmRSS {idle_s} s after start summed over {n} process{es}, server unreachable at \
+         {UNREACHABLE_SERVER} (auth retries refused), {files_note}; binary {exe} ({strip_note}); \
+         shared libraries: file sizes of the {nlibs} unique .so files it maps; MB = MiB",
+        os = os_name(),
+        idle_s = idle.as_secs_f64(),
+        n = seen.processes,
+        es = if seen.processes == 1 { "" } else { "es" },
+        exe = seen.exe.display(),
+        nlibs = seen.libs.len(),
+    );
+    Ok(Ok(PeerFigures {
+        name: "mender-client".into(),
+        version,
+        idle_rss_mb: seen.rss_kib as f64 / 1024.0,
+        binary_mb: binary_bytes as f64 / MIB,
+        shared_libs_mb: lib_bytes as f64 / MIB,
+        how,
+    }))
+}
+
+/// The first word `mender --version` prints.
+fn mender_version(bin: &Path) -> Result<String> {
+    let out = Command::new(bin)
         .arg("--version")
         .output()
         .with_context(|| format!("running {} --version", bin.display()))?;
@@ -61,91 +114,113 @@ pub fn mender(idle: Duration) -> Result<Result<PeerFigures, String>> {
     if !out.status.success() {
         bail!("{} --version failed: {}", bin.display(), out.status);
     }
+    Ok(version)
+}
 
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let etc = dir.join("etc-mender");
-    let ident = dir.join("identity");
-    let data = dir.join("data");
-    for d in [&etc, &ident, &data] {
-        fs::create_dir(d)?;
+/// The files of one run, in the temporary directory `dir`: the configuration, the data
+/// directory, and what goes to Mender's compiled-in paths (`etc` for `/etc/mender`,
+/// `ident` for the identity script's directory).
+struct RunFiles {
+    dir: PathBuf,
+    etc: PathBuf,
+    ident: PathBuf,
+    data: PathBuf,
+    conf: PathBuf,
+    script: PathBuf,
+    /// Where the private system bus listens.
+    bus: PathBuf,
+}
+
+impl RunFiles {
+    fn write(dir: &Path) -> Result<Self> {
+        let etc = dir.join("etc-mender");
+        let ident = dir.join("identity");
+        let data = dir.join("data");
+        for d in [&etc, &ident, &data] {
+            fs::create_dir(d)?;
+        }
+        let conf = dir.join("mender.conf");
+        fs::write(
+            &conf,
+            format!("{{\"ServerURL\": \"{UNREACHABLE_SERVER}\"}}\n"),
+        )?;
+        fs::write(
+            etc.join("artifact_info"),
+            "artifact_name=cairn-bench-peer\n",
+        )?;
+        fs::write(data.join("device_type"), "device_type=cairn-bench\n")?;
+        let script = ident.join("mender-device-identity");
+        fs::write(&script, "#!/bin/sh\necho mac=02:00:00:00:00:01\n")?;
+        set_executable(&script)?;
+        Ok(RunFiles {
+            dir: dir.to_path_buf(),
+            etc,
+            ident,
+            data,
+            conf,
+            script,
+            bus: dir.join("system_bus_socket"),
+        })
     }
-    let conf = dir.join("mender.conf");
-    fs::write(
-        &conf,
-        format!("{{\"ServerURL\": \"{UNREACHABLE_SERVER}\"}}\n"),
-    )?;
-    fs::write(
-        etc.join("artifact_info"),
-        "artifact_name=cairn-bench-peer\n",
-    )?;
-    fs::write(data.join("device_type"), "device_type=cairn-bench\n")?;
-    let script = ident.join("mender-device-identity");
-    fs::write(&script, "#!/bin/sh\necho mac=02:00:00:00:00:01\n")?;
-    set_executable(&script)?;
+}
 
-    // Files placed outside the temporary directory (fallback only), removed last but
-    // one; processes started here, killed and reaped first, on every way out.
-    let _placed;
-    let mut procs = Procs::default();
-
-    // Mender registers io.mender.* on the system bus (`DBus.Enabled` is on by default):
-    // give it a private one rather than the host's.
-    let bus = dir.join("system_bus_socket");
-    let bus_note = match start_private_bus(&bus) {
-        Ok(child) => {
-            procs.0.push(child);
-            "on a private system D-Bus"
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no private D-Bus; mender runs without a bus");
-            "without a system D-Bus (no private dbus-daemon could be started)"
-        }
-    };
-
-    let daemon_args = |c: &mut Command| {
-        c.arg("--no-syslog")
-            .arg("--config")
-            .arg(&conf)
-            .arg("--fallback-config")
-            .arg(dir.join("no-fallback.conf"))
-            .arg("--data")
-            .arg(&data)
-            .arg("daemon");
-    };
-    let log_file = |name: &str| -> Result<Stdio> { Ok(fs::File::create(dir.join(name))?.into()) };
-
-    // Preferred: a private mount namespace, so nothing outside the temporary directory
-    // is written. Fallback: files written into place for the run, removed by the guard.
-    let (mut cmd, files_note) = if namespace_works(&etc, &ident) {
+/// The command that runs `mender daemon` with the run's files at Mender's compiled-in
+/// paths, and how they got there. Preferred: a private mount namespace, so nothing
+/// outside the temporary directory is written. Fallback: files written into place for
+/// the run, removed when the returned guard drops.
+fn daemon_command(bin: &Path, f: &RunFiles) -> Result<(Command, &'static str, Placed)> {
+    let (mut cmd, files_note, placed) = if namespace_works(&f.etc, &f.ident) {
         let mut c = Command::new("unshare");
         c.args(["-m", "--propagation", "private", "--", "sh", "-c"])
             .arg(
                 "mount --bind \"$1\" \"$3\" && mount --bind \"$2\" \"$4\" && shift 4 && exec \"$@\"",
             )
             .arg("sh")
-            .args([etc.as_os_str(), ident.as_os_str()])
+            .args([f.etc.as_os_str(), f.ident.as_os_str()])
             .args([CONF_DIR, IDENTITY_DIR])
-            .arg(&bin);
-        _placed = Placed::default();
+            .arg(bin);
         (
             c,
             "artifact_info and identity script bind-mounted in a private mount namespace",
+            Placed::default(),
         )
     } else {
-        _placed = Placed::put(&[
-            (Path::new(ARTIFACT_INFO), &etc.join("artifact_info")),
-            (Path::new(IDENTITY_SCRIPT), &script),
+        let placed = Placed::put(&[
+            (Path::new(ARTIFACT_INFO), &f.etc.join("artifact_info")),
+            (Path::new(IDENTITY_SCRIPT), &f.script),
         ])?;
         (
-            Command::new(&bin),
+            Command::new(bin),
             "artifact_info and identity script placed for the run and removed after",
+            placed,
         )
     };
-    daemon_args(&mut cmd);
+    cmd.arg("--no-syslog")
+        .arg("--config")
+        .arg(&f.conf)
+        .arg("--fallback-config")
+        .arg(f.dir.join("no-fallback.conf"))
+        .arg("--data")
+        .arg(&f.data)
+        .arg("daemon");
+    Ok((cmd, files_note, placed))
+}
+
+/// The daemon, running Mender's binary.
+struct Daemon {
+    pid: u32,
+    started: Instant,
+    /// Mender's binary, symbolic links resolved where possible.
+    exe: PathBuf,
+}
+
+/// Starts `cmd` on the private bus with its output in the run's log files, and waits
+/// until the process runs Mender's binary.
+fn start_daemon(mut cmd: Command, bin: &Path, f: &RunFiles, procs: &mut Procs) -> Result<Daemon> {
+    let log_file = |name: &str| -> Result<Stdio> { Ok(fs::File::create(f.dir.join(name))?.into()) };
     cmd.env(
         "DBUS_SYSTEM_BUS_ADDRESS",
-        format!("unix:path={}", bus.display()),
+        format!("unix:path={}", f.bus.display()),
     )
     .stdin(Stdio::null())
     .stdout(log_file("mender.out")?)
@@ -156,7 +231,7 @@ pub fn mender(idle: Duration) -> Result<Result<PeerFigures, String>> {
     procs.0.push(child);
 
     // The namespace wrapper execs mender in place: same PID once the exec is done.
-    let want = fs::canonicalize(&bin).unwrap_or_else(|_| bin.clone());
+    let want = fs::canonicalize(bin).unwrap_or_else(|_| bin.to_path_buf());
     loop {
         if fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == want) {
             break;
@@ -164,21 +239,39 @@ pub fn mender(idle: Duration) -> Result<Result<PeerFigures, String>> {
         if procs.exited(pid) || started.elapsed() > Duration::from_secs(10) {
             bail!(
                 "mender daemon did not start: {}",
-                log_tail(&dir.join("mender.log"))
+                log_tail(&f.dir.join("mender.log"))
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(Daemon {
+        pid,
+        started,
+        exe: want,
+    })
+}
 
-    std::thread::sleep(idle.saturating_sub(started.elapsed()));
-    if procs.exited(pid) {
+/// What was read of the daemon's processes after idling.
+struct Seen {
+    /// How many processes: the daemon and its descendants.
+    processes: usize,
+    rss_kib: u64,
+    libs: BTreeSet<PathBuf>,
+    exe: PathBuf,
+}
+
+/// Lets the daemon idle until `idle` after its start, reads the memory and the mapped
+/// libraries of its process tree, then kills the tree.
+fn idle_and_read(d: &Daemon, idle: Duration, f: &RunFiles, procs: &mut Procs) -> Result<Seen> {
+    std::thread::sleep(idle.saturating_sub(d.started.elapsed()));
+    if procs.exited(d.pid) {
         bail!(
             "mender daemon exited before {} s idle: {}",
             idle.as_secs(),
-            log_tail(&dir.join("mender.log"))
+            log_tail(&f.dir.join("mender.log"))
         );
     }
-    let tree = process_tree(pid);
+    let tree = process_tree(d.pid);
     let mut rss_kib = 0u64;
     let mut libs = BTreeSet::new();
     for p in &tree {
@@ -189,20 +282,23 @@ pub fn mender(idle: Duration) -> Result<Result<PeerFigures, String>> {
             libs.extend(mapped_shared_libs(&maps));
         }
     }
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or(want);
-    // Kill now, so the figures do not wait on the file reads below.
+    let exe = fs::read_link(format!("/proc/{}/exe", d.pid)).unwrap_or_else(|_| d.exe.clone());
+    // Kill now, so the figures do not wait on the file reads that follow.
     procs.kill_all(&tree);
+    Ok(Seen {
+        processes: tree.len(),
+        rss_kib,
+        libs,
+        exe,
+    })
+}
 
-    let mut lib_bytes = 0u64;
-    for l in &libs {
-        lib_bytes += fs::metadata(l)
-            .with_context(|| format!("size of {}", l.display()))?
-            .len();
-    }
-    let exe_bytes = fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?;
-    let (binary_bytes, strip_note) = match elf_has_symtab(&exe_bytes) {
+/// The binary's size as it would be shipped stripped, and how it was found.
+fn binary_size(exe: &Path, dir: &Path) -> Result<(u64, &'static str)> {
+    let exe_bytes = fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+    Ok(match elf_has_symtab(&exe_bytes) {
         Some(false) => (exe_bytes.len() as u64, "as shipped, already stripped"),
-        Some(true) => match stripped_size(&exe, dir) {
+        Some(true) => match stripped_size(exe, dir) {
             Some(n) => (n, "shipped unstripped; size after `strip`"),
             None => (
                 exe_bytes.len() as u64,
@@ -210,29 +306,18 @@ pub fn mender(idle: Duration) -> Result<Result<PeerFigures, String>> {
             ),
         },
         None => (exe_bytes.len() as u64, "not a 64-bit ELF; size as shipped"),
-    };
+    })
+}
 
-    const MIB: f64 = 1_048_576.0;
-    let how = format!(
-        "mender-client {version} ({os}), `mender daemon` as a real process {bus_note}, \
-         VmRSS {idle_s} s after start summed over {n} process{es}, server unreachable at \
-         {UNREACHABLE_SERVER} (auth retries refused), {files_note}; binary {exe} ({strip_note}); \
-         shared libraries: file sizes of the {nlibs} unique .so files it maps; MB = MiB",
-        os = os_name(),
-        idle_s = idle.as_secs_f64(),
-        n = tree.len(),
-        es = if tree.len() == 1 { "" } else { "es" },
-        exe = exe.display(),
-        nlibs = libs.len(),
-    );
-    Ok(Ok(PeerFigures {
-        name: "mender-client".into(),
-        version,
-        idle_rss_mb: rss_kib as f64 / 1024.0,
-        binary_mb: binary_bytes as f64 / MIB,
-        shared_libs_mb: lib_bytes as f64 / MIB,
-        how,
-    }))
+/// The summed sizes of `files`.
+fn files_bytes(files: &BTreeSet<PathBuf>) -> Result<u64> {
+    let mut bytes = 0u64;
+    for l in files {
+        bytes += fs::metadata(l)
+            .with_context(|| format!("size of {}", l.display()))?
+            .len();
+    }
+    Ok(bytes)
 }
 
 fn find_mender() -> Option<PathBuf> {
@@ -430,12 +515,7 @@ pub fn shared_libs_of(pid: u32) -> Result<(usize, f64)> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
         .with_context(|| format!("reading /proc/{pid}/maps"))?;
     let libs = mapped_shared_libs(&maps);
-    let mut bytes = 0u64;
-    for l in &libs {
-        bytes += fs::metadata(l)
-            .with_context(|| format!("size of {}", l.display()))?
-            .len();
-    }
+    let bytes = files_bytes(&libs)?;
     Ok((libs.len(), bytes as f64 / 1_048_576.0))
 }
 

@@ -71,20 +71,8 @@ impl Rauc {
     /// `rauc service` booted from `slot_a` with `slot_b` as the target. `Ok(Err(why))`
     /// when RAUC is not installed here.
     pub fn start(image: &Path, slot_a: &Path, slot_b: &Path) -> Result<Result<Self, String>> {
-        for (tool, pkg) in [
-            ("rauc", "rauc rauc-service"),
-            ("mksquashfs", "squashfs-tools"),
-            ("openssl", "openssl"),
-            ("dbus-daemon", "dbus"),
-        ] {
-            if !found(tool) {
-                return Ok(Err(format!("{tool} not installed (apt-get install {pkg})")));
-            }
-        }
-        if !Path::new("/usr/share/dbus-1/system.d/de.pengutronix.rauc.conf").exists() {
-            return Ok(Err(
-                "RAUC's D-Bus policy missing (apt-get install rauc-service)".into(),
-            ));
+        if let Some(why) = missing() {
+            return Ok(Err(why));
         }
         let out = Command::new("rauc").arg("--version").output()?;
         let version = String::from_utf8_lossy(&out.stdout)
@@ -96,87 +84,33 @@ impl Rauc {
         let tmp = tempfile::tempdir_in(image.parent().context("image has no directory")?)?;
         let d = tmp.path();
         let (key, cert) = (d.join("key.pem"), d.join("cert.pem"));
-        run(
-            Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=cairn-bench-rauc",
-                ])
-                .arg("-keyout")
-                .arg(&key)
-                .arg("-out")
-                .arg(&cert),
-            "openssl req",
-        )?;
-        let content = d.join("bundle-content");
-        fs::create_dir(&content)?;
-        // A hard link where possible: the same bytes, not a second copy on disk.
-        let inside = content.join("rootfs.img");
-        if fs::hard_link(image, &inside).is_err() {
-            fs::copy(image, &inside)?;
-        }
-        fs::write(
-            content.join("manifest.raucm"),
-            "[update]\ncompatible=cairn-bench\nversion=2.0.0\n\n[bundle]\nformat=plain\n\n\
-             [image.rootfs]\nfilename=rootfs.img\n",
-        )?;
+        make_cert(&key, &cert)?;
         let bundle = d.join("bench.raucb");
-        run(
-            Command::new("rauc")
-                .arg("bundle")
-                .arg(format!("--cert={}", cert.display()))
-                .arg(format!("--key={}", key.display()))
-                .arg(&content)
-                .arg(&bundle),
-            "rauc bundle",
-        )?;
-        fs::remove_dir_all(&content)?;
-
-        let backend = d.join("boot-backend.sh");
-        fs::write(&backend, BOOT_BACKEND)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&backend, fs::Permissions::from_mode(0o755))?;
-        }
-        let conf = d.join("system.conf");
-        fs::write(
-            &conf,
-            format!(
-                "[system]\ncompatible=cairn-bench\nbootloader=custom\ndata-directory={data}\n\n\
-                 [handlers]\nbootloader-custom-backend={backend}\n\n\
-                 [keyring]\npath={cert}\n\n\
-                 [slot.rootfs.0]\ndevice={a}\ntype=raw\nbootname=A\n\n\
-                 [slot.rootfs.1]\ndevice={b}\ntype=raw\nbootname=B\n",
-                data = d.join("data").display(),
-                backend = backend.display(),
-                cert = cert.display(),
-                a = slot_a.display(),
-                b = slot_b.display(),
-            ),
-        )?;
-        fs::create_dir(d.join("data"))?;
-        fs::create_dir(d.join("mnt"))?;
+        make_bundle(image, &key, &cert, d, &bundle)?;
+        let conf = write_system(d, &cert, slot_a, slot_b)?;
 
         let socket = d.join("system_bus_socket");
         let bus = format!("unix:path={}", socket.display());
+        // Owned from here on, so that whatever is started is stopped on every way out.
         let mut me = Self {
             version,
             bundle,
-            bus: bus.clone(),
+            bus,
             children: Vec::new(),
             tmp,
         };
-        me.children.push(
+        me.start_bus(&socket)?;
+        me.start_service(&conf)?;
+        Ok(Ok(me))
+    }
+
+    /// A `dbus-daemon` with the system bus policy listening on `socket`, the address in
+    /// `self.bus`.
+    fn start_bus(&mut self, socket: &Path) -> Result<()> {
+        self.children.push(
             Command::new("dbus-daemon")
                 .args(["--system", "--nofork", "--nopidfile"])
-                .arg(format!("--address={bus}"))
+                .arg(format!("--address={}", self.bus))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -190,14 +124,20 @@ impl Rauc {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let log = fs::File::create(me.dir().join("rauc-service.log"))?;
-        me.children.push(
+        Ok(())
+    }
+
+    /// `rauc service` with the system configuration `conf` on the private bus, booted from
+    /// slot A; returns once it answers on the bus.
+    fn start_service(&mut self, conf: &Path) -> Result<()> {
+        let log = fs::File::create(self.dir().join("rauc-service.log"))?;
+        self.children.push(
             Command::new("rauc")
                 .arg("service")
                 .arg(format!("--conf={}", conf.display()))
-                .arg(format!("--mount={}", me.dir().join("mnt").display()))
+                .arg(format!("--mount={}", self.dir().join("mnt").display()))
                 .arg("--override-boot-slot=A")
-                .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &self.bus)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -209,23 +149,22 @@ impl Rauc {
         loop {
             let ok = Command::new("rauc")
                 .arg("status")
-                .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &self.bus)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
             if ok {
-                break;
+                return Ok(());
             }
             if start.elapsed() > Duration::from_secs(10) {
                 bail!(
                     "rauc service did not answer within 10 s: {}",
-                    me.service_log()
+                    self.service_log()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Ok(me))
     }
 
     fn dir(&self) -> &Path {
@@ -273,6 +212,106 @@ impl Drop for Rauc {
     }
 }
 
+/// What RAUC needs that is not installed here, and how to install it; None when all is.
+fn missing() -> Option<String> {
+    for (tool, pkg) in [
+        ("rauc", "rauc rauc-service"),
+        ("mksquashfs", "squashfs-tools"),
+        ("openssl", "openssl"),
+        ("dbus-daemon", "dbus"),
+    ] {
+        if !found(tool) {
+            return Some(format!("{tool} not installed (apt-get install {pkg})"));
+        }
+    }
+    if !Path::new("/usr/share/dbus-1/system.d/de.pengutronix.rauc.conf").exists() {
+        return Some("RAUC's D-Bus policy missing (apt-get install rauc-service)".into());
+    }
+    None
+}
+
+/// A fresh RSA key and a self-signed certificate for it, to sign the bundle with and
+/// to be RAUC's keyring.
+fn make_cert(key: &Path, cert: &Path) -> Result<()> {
+    run(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=cairn-bench-rauc",
+            ])
+            .arg("-keyout")
+            .arg(key)
+            .arg("-out")
+            .arg(cert),
+        "openssl req",
+    )
+}
+
+/// A plain bundle at `bundle` holding `image` as the `rootfs` image, signed with
+/// `key`/`cert`; its content is staged under `d` and removed after.
+fn make_bundle(image: &Path, key: &Path, cert: &Path, d: &Path, bundle: &Path) -> Result<()> {
+    let content = d.join("bundle-content");
+    fs::create_dir(&content)?;
+    // A hard link where possible: the same bytes, not a second copy on disk.
+    let inside = content.join("rootfs.img");
+    if fs::hard_link(image, &inside).is_err() {
+        fs::copy(image, &inside)?;
+    }
+    fs::write(
+        content.join("manifest.raucm"),
+        "[update]\ncompatible=cairn-bench\nversion=2.0.0\n\n[bundle]\nformat=plain\n\n\
+         [image.rootfs]\nfilename=rootfs.img\n",
+    )?;
+    run(
+        Command::new("rauc")
+            .arg("bundle")
+            .arg(format!("--cert={}", cert.display()))
+            .arg(format!("--key={}", key.display()))
+            .arg(&content)
+            .arg(bundle),
+        "rauc bundle",
+    )?;
+    fs::remove_dir_all(&content)?;
+    Ok(())
+}
+
+/// RAUC's system configuration under `d` (two raw slots on the slot files, the custom
+/// boot backend, `cert` as the keyring), with the directories the service uses; returns
+/// the configuration's path.
+fn write_system(d: &Path, cert: &Path, slot_a: &Path, slot_b: &Path) -> Result<PathBuf> {
+    let backend = d.join("boot-backend.sh");
+    fs::write(&backend, BOOT_BACKEND)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&backend, fs::Permissions::from_mode(0o755))?;
+    }
+    let conf = d.join("system.conf");
+    fs::write(
+        &conf,
+        format!(
+            "[system]\ncompatible=cairn-bench\nbootloader=custom\ndata-directory={data}\n\n\
+             [handlers]\nbootloader-custom-backend={backend}\n\n\
+             [keyring]\npath={cert}\n\n\
+             [slot.rootfs.0]\ndevice={a}\ntype=raw\nbootname=A\n\n\
+             [slot.rootfs.1]\ndevice={b}\ntype=raw\nbootname=B\n",
+            data = d.join("data").display(),
+            backend = backend.display(),
+            cert = cert.display(),
+            a = slot_a.display(),
+            b = slot_b.display(),
+        ),
+    )?;
+    fs::create_dir(d.join("data"))?;
+    fs::create_dir(d.join("mnt"))?;
+    Ok(conf)
+}
 /// Chunks of a casync blob index (`.caibx`): (id, length) in order.
 fn caibx_chunks(path: &Path, image_len: u64) -> Result<Vec<([u8; 32], u64)>> {
     let b = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
