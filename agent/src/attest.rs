@@ -127,60 +127,69 @@ pub fn identity(a: &SharedAttester) -> Result<AttestIdentity> {
     })
 }
 
-/// Answers a challenge: activates the credential (at enrollment), quotes the asked
-/// PCRs over the nonce bound to this connection (`exporter`), and sends the part of
-/// the event log the hub does not hold.
+/// Answers a challenge on a blocking thread (TPM commands take milliseconds to
+/// hundreds): [`answer_with`] on the shared attester.
 pub async fn answer(a: &SharedAttester, c: Challenge, exporter: [u8; 32]) -> Result<Evidence> {
     let a = a.clone();
     tokio::task::spawn_blocking(move || {
         let mut guard = lock(&a)?;
-        // A credential this TPM cannot open is answered without the secret: the hub
-        // then refuses with its reason instead of waiting for an answer that never
-        // comes.
-        let credential = match &c.credential {
-            Some(cc) => match guard.activate_credential(&cc.blob, &cc.secret) {
-                Ok(secret) => Some(secret),
-                Err(e) => {
-                    tracing::warn!(error = %e, "this TPM cannot activate the hub's credential");
-                    None
-                }
-            },
-            None => None,
-        };
-        let pcrs: Vec<u32> = c.pcrs.iter().map(|p| u32::from(*p)).collect();
-        let nonce = quote_nonce(&c.nonce, &exporter);
-        let quoted = guard.quote(&nonce, &pcrs).context("quoting PCRs")?;
-        let log = guard.event_log().context("reading the event log")?;
-        // After the quote: IMA lists an entry before extending PCR 10, so a list read
-        // now covers the quoted value (the hub ignores entries past it).
-        let ima = guard
-            .ima_log()
-            .context("reading the IMA measurement list")?;
-        drop(guard);
-        let (offset, delta) = log_delta(&log, c.log_held, &c.log_held_sha256);
-        let ima = ima.map(|list| ima_tail(list, c.ima_held, &c.ima_held_pcr10));
-        let values = pcrs
-            .iter()
-            .map(|p| {
-                quoted
-                    .pcrs
-                    .get(p)
-                    .copied()
-                    .ok_or_else(|| anyhow!("the TPM did not return PCR {p}"))
-            })
-            .collect::<Result<heapless::Vec<[u8; 32], 24>>>()?;
-        Ok(Evidence {
-            credential,
-            attest: quoted.quote.attest,
-            signature: quoted.quote.signature,
-            pcrs: values,
-            log_offset: offset,
-            log: delta.to_vec(),
-            ima,
-        })
+        answer_with(guard.as_mut(), &c, exporter)
     })
     .await
     .map_err(|e| anyhow!("attestation task: {e}"))?
+}
+
+/// Answers a challenge: activates the credential (at enrollment), quotes the asked
+/// PCRs over the nonce bound to this connection (`exporter`), and sends the part of
+/// the event log the hub does not hold. The fleet simulator's agents answer with this
+/// too, on their software TPMs.
+pub fn answer_with(
+    attester: &mut dyn Attester,
+    c: &Challenge,
+    exporter: [u8; 32],
+) -> Result<Evidence> {
+    // A credential this TPM cannot open is answered without the secret: the hub then
+    // refuses with its reason instead of waiting for an answer that never comes.
+    let credential = match &c.credential {
+        Some(cc) => match attester.activate_credential(&cc.blob, &cc.secret) {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                tracing::warn!(error = %e, "this TPM cannot activate the hub's credential");
+                None
+            }
+        },
+        None => None,
+    };
+    let pcrs: Vec<u32> = c.pcrs.iter().map(|p| u32::from(*p)).collect();
+    let nonce = quote_nonce(&c.nonce, &exporter);
+    let quoted = attester.quote(&nonce, &pcrs).context("quoting PCRs")?;
+    let log = attester.event_log().context("reading the event log")?;
+    // After the quote: IMA lists an entry before extending PCR 10, so a list read now
+    // covers the quoted value (the hub ignores entries past it).
+    let ima = attester
+        .ima_log()
+        .context("reading the IMA measurement list")?;
+    let (offset, delta) = log_delta(&log, c.log_held, &c.log_held_sha256);
+    let ima = ima.map(|list| ima_tail(list, c.ima_held, &c.ima_held_pcr10));
+    let values = pcrs
+        .iter()
+        .map(|p| {
+            quoted
+                .pcrs
+                .get(p)
+                .copied()
+                .ok_or_else(|| anyhow!("the TPM did not return PCR {p}"))
+        })
+        .collect::<Result<heapless::Vec<[u8; 32], 24>>>()?;
+    Ok(Evidence {
+        credential,
+        attest: quoted.quote.attest,
+        signature: quoted.quote.signature,
+        pcrs: values,
+        log_offset: offset,
+        log: delta.to_vec(),
+        ima,
+    })
 }
 
 /// What of the IMA list to send: the part after `held` bytes if the list's head

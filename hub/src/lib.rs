@@ -6,6 +6,7 @@ pub mod attest;
 pub mod cli;
 pub mod desired;
 pub mod endpoint;
+pub mod evidence;
 pub mod pki;
 pub mod process;
 pub mod release;

@@ -258,10 +258,8 @@ impl Sim<'_> {
                 }
             }
             AgentEvent::StateOffered(update) => self.accept_state(dev, &update),
-            AgentEvent::Refused(_)
-            | AgentEvent::Failed(_)
-            | AgentEvent::Enrolled(_)
-            | AgentEvent::Challenged(_) => {
+            AgentEvent::Challenged(c) => self.agent_answer(dev, &c),
+            AgentEvent::Refused(_) | AgentEvent::Failed(_) | AgentEvent::Enrolled(_) => {
                 // The session is done; `agent_pump` handles the end.
             }
         }

@@ -112,9 +112,17 @@ impl Sim<'_> {
                 Invariant::SignedStateOnly => {
                     InvariantResult::new(inv, signed_ok == n, format!("{signed_ok} of {n} devices"))
                 }
-                // The protocol cores run here without attestation or upgrades; real
-                // mode checks these.
-                Invariant::AllAttested | Invariant::OsCommittedOrRolledBack => continue,
+                Invariant::AllAttested => {
+                    let (ok, why) = self.attested();
+                    problems.extend(why);
+                    InvariantResult::new(
+                        inv,
+                        ok == n,
+                        format!("{ok} of {n} devices trusted (software TPM)"),
+                    )
+                }
+                // OS upgrades are checked in real mode (det refuses such scenarios).
+                Invariant::OsCommittedOrRolledBack => continue,
             };
             invariants.push(r);
         }

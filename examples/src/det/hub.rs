@@ -68,6 +68,7 @@ impl Sim<'_> {
     /// Hands a session event to the hub's [`SyncCore`] and carries out its actions.
     pub(super) fn hub_event(&mut self, dev: u32, ev: HubEvent) {
         let acked = self.devs[dev as usize].hub.reports_acked;
+        let attested = self.devs[dev as usize].hub.attest.is_some();
         let id = self.ids[dev as usize].clone();
         let Some(c) = self.devs[dev as usize].hconn.as_mut() else {
             return;
@@ -77,14 +78,15 @@ impl Sim<'_> {
                 self.report.faults.sessions += 1;
                 c.synced = true;
                 c.session.accept_sync(id, acked);
-                c.core.start(state_revision, false, Gate::Open);
+                c.core.start(state_revision, attested, Gate::Open);
             }
             HubEvent::Reports(reports) => c.core.reports(reports),
             HubEvent::ReportsLost { from, to } => c.core.reports_lost(from, to),
             HubEvent::StateAcked { revision } => c.core.acked(revision),
             HubEvent::ResyncRequested { state_revision } => c.core.resync(state_revision),
+            HubEvent::Evidence(ev) => self.hub_evidence(dev, &ev),
             // Devices start enrolled; failures end the session in `hub_pump`.
-            HubEvent::EnrollRequested { .. } | HubEvent::Evidence(_) | HubEvent::Failed(_) => {}
+            HubEvent::EnrollRequested { .. } | HubEvent::Failed(_) => {}
         }
         self.hub_drive(dev);
     }
@@ -133,10 +135,11 @@ impl Sim<'_> {
                         c.session.reports_durable(n);
                     }
                 }
-                // Devices here are enrolled without attestation and no policy requires
-                // it: the gate opens at the start and is never checked again.
-                Action::Challenge => {}
-                Action::CheckQuarantine => self.hub_core(dev, |core| core.quarantine_checked(true)),
+                Action::Challenge => self.hub_challenge(dev),
+                Action::CheckQuarantine => {
+                    let lifted = self.quarantine_lifted(dev);
+                    self.hub_core(dev, |core| core.quarantine_checked(lifted));
+                }
             }
         }
     }

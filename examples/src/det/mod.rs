@@ -86,6 +86,8 @@ use cairn_agent::store::{AppliedRecord, event_body, status_body};
 use cairn_agent::sync::{Backoff, Reply, offer, rebase};
 use cairn_hub::attest::DEFAULT_CHALLENGE_INTERVAL;
 use cairn_hub::desired::{Assignment, Selector, Target, effective};
+use cairn_hub::evidence::PendingChallenge;
+use cairn_hub::store::AttestRecord;
 use cairn_hub::store::revisions::{self, UpdatePlan, tombstone_cutoff};
 use cairn_hub::store::stream;
 use cairn_hub::sync::{Action, Gate, SyncCore};
@@ -99,6 +101,7 @@ use cairn_sync_protocol::state::{
     DocumentDigest, FileResource, Resource, StateDocument, StateUpdate, document_digest, sign_state,
 };
 use cairn_sync_protocol::{DeviceId, ResourceName, SessionConfig, Text, frame};
+use cairn_tpm::soft::SoftTpm;
 use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -335,6 +338,8 @@ struct AgentDurable {
 struct AgentConn {
     epoch: u32,
     session: AgentSession,
+    /// The TLS exporter of the connection (random per connection, both ends know it).
+    exporter: [u8; 32],
     synced: bool,
     timer_at: Option<T>,
 }
@@ -356,6 +361,8 @@ struct HubDurable {
     reports_stored: u64,
     reports_skipped: u64,
     drift_corrected: u64,
+    /// The attestation record (attested scenarios).
+    attest: Option<Box<AttestRecord>>,
 }
 
 struct HubConn {
@@ -363,6 +370,9 @@ struct HubConn {
     session: HubSession,
     /// The hub's decisions for this session (the endpoint's own core).
     core: SyncCore,
+    exporter: [u8; 32],
+    /// The challenge waiting for evidence.
+    challenge: Option<PendingChallenge>,
     synced: bool,
     timer_at: Option<T>,
 }
@@ -384,6 +394,8 @@ struct Dev {
     backoff: Backoff,
     last_pass: T,
     pass_at: Option<T>,
+    /// The box's TPM (attested scenarios): hardware, it survives agent crashes.
+    tpm: Option<Box<SoftTpm>>,
     // Hub.
     hub: HubDurable,
     hconn: Option<Box<HubConn>>,
@@ -549,6 +561,7 @@ impl<'a> Sim<'a> {
                 ),
                 last_pass: 0,
                 pass_at: None,
+                tpm: None,
                 hub: HubDurable::default(),
                 hconn: None,
                 // Nothing desired yet, nothing applied: converged.
@@ -559,7 +572,7 @@ impl<'a> Sim<'a> {
         }
         let net = &scenario.network;
         let latency = ns(net.latency);
-        Ok(Sim {
+        let mut sim = Sim {
             scenario,
             sabotage: opts.sabotage,
             progress: opts.progress,
@@ -611,7 +624,11 @@ impl<'a> Sim<'a> {
                 },
                 ..Report::default()
             },
-        })
+        };
+        if scenario.attest {
+            sim.enroll_attested()?;
+        }
+        Ok(sim)
     }
 
     fn instant(&self, t: T) -> Instant {
@@ -807,6 +824,7 @@ fn drain_io(s: &mut impl SessionIo) -> (Vec<Vec<u8>>, bool, Option<Instant>) {
 }
 
 mod agent;
+mod attest;
 mod check;
 mod hub;
 mod net;

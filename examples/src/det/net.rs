@@ -225,6 +225,7 @@ impl Sim<'_> {
         let mut session = AgentSession::sync(inst, self.cfg.clone(), held, "cairn-det");
         session.outbox_tail(inst, tail);
         let hub_session = HubSession::new(inst, &self.cfg);
+        let exporter: [u8; 32] = self.rng.r#gen();
         let d = &mut self.devs[dev as usize];
         d.epoch += 1;
         let epoch = d.epoch;
@@ -236,12 +237,15 @@ impl Sim<'_> {
             epoch,
             session: hub_session,
             core: SyncCore::new(DEFAULT_CHALLENGE_INTERVAL),
+            exporter,
+            challenge: None,
             synced: false,
             timer_at: None,
         }));
         d.aconn = Some(Box::new(AgentConn {
             epoch,
             session,
+            exporter,
             synced: false,
             timer_at: None,
         }));

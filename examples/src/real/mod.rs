@@ -244,6 +244,7 @@ async fn enroll(fleet: &mut Fleet, opts: &RealOptions) -> Result<()> {
             jitter_us: fleet.scenario.network.jitter.as_micros() as u64,
             loss: fleet.scenario.network.loss,
             os_image: os_image.clone(),
+            attest: fleet.scenario.attest,
         };
         fleet
             .pools

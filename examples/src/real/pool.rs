@@ -40,6 +40,8 @@ pub struct PoolSetup {
     /// Boxes get file-backed A/B slots, slot A flashed with this image (OS 1.0.0).
     #[serde(default)]
     pub os_image: Option<PathBuf>,
+    /// Agents attest with the software TPM (the scenario's `attest`).
+    pub attest: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -197,10 +199,13 @@ struct PoolAgent {
     _relay: Option<JoinHandle<()>>,
 }
 
+/// What the simulated boxes' firmware measures as their boot image (both modes).
+pub const SIM_BOOT_IMAGE: &str = "cairn-sim 1.0";
+
 /// Agent settings used in the simulation: the agent's defaults, except for a faster
 /// local reconcile pass, quicker keep-alives (so a restarted hub is noticed within 2 s)
 /// and a shorter backoff ceiling.
-pub fn sim_agent_config(hub: &str, dir: &Path, index: usize) -> AgentConfig {
+pub fn sim_agent_config(hub: &str, dir: &Path, index: usize, attest: bool) -> AgentConfig {
     let mut cfg = AgentConfig::new(hub, dir);
     cfg.hostname = hostname(index);
     cfg.reconcile_interval = Duration::from_secs(5);
@@ -209,8 +214,12 @@ pub fn sim_agent_config(hub: &str, dir: &Path, index: usize) -> AgentConfig {
     cfg.keep_alive = Duration::from_secs(2);
     // Simulated boxes attest with the software TPM: the hub verifies every session's
     // quote and event log as it would a real TPM's, and lists them as `software`.
-    cfg.attest = cairn_agent::attest::AttestSource::Software {
-        boot_image: "cairn-sim 1.0".into(),
+    cfg.attest = if attest {
+        cairn_agent::attest::AttestSource::Software {
+            boot_image: SIM_BOOT_IMAGE.into(),
+        }
+    } else {
+        cairn_agent::attest::AttestSource::None
     };
     cfg
 }
@@ -265,7 +274,8 @@ impl Pool {
                         (self.setup.hub, None)
                     };
                     let dir = self.setup.root.join(format!("agent-{index:06}"));
-                    let mut cfg = sim_agent_config(&addr.to_string(), &dir, index);
+                    let mut cfg =
+                        sim_agent_config(&addr.to_string(), &dir, index, self.setup.attest);
                     cfg.join_token = Some(token);
                     if let Some(image) = &self.setup.os_image {
                         cfg.upgrade = Some(flash_box(&dir, image)?);

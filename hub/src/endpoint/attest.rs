@@ -2,56 +2,19 @@
 //! challenge at the start of every sync session and periodically after, and what the
 //! evidence means for the device (see [`crate::attest`] for the trust model).
 
-use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_sync_protocol::DeviceId;
-use cairn_sync_protocol::attest::{
-    EXPORTER_LABEL, EXPORTER_LEN, log_join, log_sha256, quote_nonce,
-};
-use cairn_sync_protocol::message::{
-    AttestIdentity, Challenge, CredentialChallenge, Evidence, MAX_PCRS, RefusalCode,
-};
-use cairn_tpm::attest::{QuoteBytes, verify_evidence};
-use cairn_tpm::quote::AkPublic;
+use cairn_sync_protocol::attest::{EXPORTER_LABEL, EXPORTER_LEN, quote_nonce};
+use cairn_sync_protocol::message::{AttestIdentity, CredentialChallenge, Evidence, RefusalCode};
 use rand::RngCore;
 use tracing::{info, warn};
 
 use super::{Connection, End, now_ms};
-use crate::attest::{self as policy, AttestPolicy, Verdict};
-use crate::store::{AttestOutcome, AttestRecord, ImaState, NewAttestation, attest_status};
+use crate::attest::{self as policy, AttestPolicy};
+use crate::evidence::{self, NO_IMA, PendingChallenge, pcr_list};
+use crate::store::{AttestRecord, ImaState, NewAttestation, attest_status};
 use crate::sync::Gate;
-
-const NO_IMA: ImaState = ImaState {
-    len: 0,
-    pcr10: [0; 32],
-    entries: 0,
-};
-
-/// PCRs every challenge covers.
-const QUOTED_ALWAYS: std::ops::RangeInclusive<u32> = 0..=15;
-
-/// The values policy judges: those of the policy's PCRs (the rest are quoted so that
-/// the log is verified, not compared).
-fn judged(pol: Option<&AttestPolicy>, pcrs: &BTreeMap<u32, [u8; 32]>) -> BTreeMap<u32, [u8; 32]> {
-    let wanted = pol.map_or_else(policy::default_pcrs, |p| p.pcrs.clone());
-    pcrs.iter()
-        .filter(|(k, _)| wanted.contains(k))
-        .map(|(k, v)| (*k, *v))
-        .collect()
-}
-
-/// A challenge sent and not yet answered.
-pub(super) struct PendingChallenge {
-    nonce: [u8; 32],
-    pcrs: Vec<u32>,
-    /// The log the hub held when it asked (the agent sends what follows it).
-    held_log: Vec<u8>,
-    /// The credential's secret, at enrollment.
-    secret: Option<[u8; 32]>,
-    /// The IMA list the hub verified when it asked.
-    ima_held: ImaState,
-}
 
 /// An enrollment between the hello and the evidence.
 pub(super) struct PendingEnroll {
@@ -74,18 +37,6 @@ pub(super) struct Claim {
     policy: Option<AttestPolicy>,
 }
 
-/// The PCRs a challenge asks for: the policy's, and always 0–15 (firmware, boot
-/// loader, kernel, OS), so that every event a boot log normally holds is covered by
-/// the TPM's signature: the log's events for unquoted PCRs would be unverified claims.
-fn pcr_list(policy: Option<&AttestPolicy>) -> Vec<u32> {
-    let mut pcrs = policy.map_or_else(policy::default_pcrs, |p| p.pcrs.clone());
-    pcrs.extend(QUOTED_ALWAYS);
-    pcrs.sort_unstable();
-    pcrs.dedup();
-    pcrs.truncate(MAX_PCRS);
-    pcrs
-}
-
 impl Connection {
     fn exporter(&self) -> Result<[u8; EXPORTER_LEN], String> {
         let mut out = [0u8; EXPORTER_LEN];
@@ -104,26 +55,8 @@ impl Connection {
     ) {
         let mut nonce = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut nonce);
-        let challenge = Challenge {
-            nonce,
-            pcrs: pcrs.iter().filter_map(|p| u8::try_from(*p).ok()).collect(),
-            log_held: held_log.len() as u64,
-            log_held_sha256: if held_log.is_empty() {
-                [0; 32]
-            } else {
-                log_sha256(&held_log)
-            },
-            credential: credential.as_ref().map(|(c, _)| c.clone()),
-            ima_held: ima_held.len,
-            ima_held_pcr10: ima_held.pcr10,
-        };
-        self.challenge = Some(PendingChallenge {
-            nonce,
-            pcrs,
-            held_log,
-            secret: credential.map(|(_, s)| s),
-            ima_held,
-        });
+        let (challenge, pending) = evidence::challenge(nonce, pcrs, held_log, ima_held, credential);
+        self.challenge = Some(pending);
         let timeout = self.shared.attest.evidence_timeout;
         self.session.challenge(Instant::now(), challenge, timeout);
     }
@@ -283,12 +216,7 @@ impl Connection {
         let Some(rec) = self.attest_record(&device).await? else {
             return Ok(());
         };
-        let held_log = rec.log;
-        let ima_held = ImaState {
-            len: rec.ima_len,
-            pcr10: rec.ima_pcr10,
-            entries: rec.ima_entries,
-        };
+        let (held_log, ima_held) = evidence::held(&rec);
         let pcrs = pcr_list(self.device_policy(&device).await?.as_ref());
         self.send_challenge(pcrs, held_log, ima_held, None);
         Ok(())
@@ -316,47 +244,9 @@ impl Connection {
         let Some(rec) = self.attest_record(&device).await.map_err(End::Store)? else {
             return Ok(());
         };
-        let now = now_ms();
-        let checked = check(&rec.ak_public, &pc, &ev, &nonce);
+        let pol = self.device_policy(&device).await.map_err(End::Store)?;
+        let outcome = evidence::judge(&rec, pol.as_ref(), &pc, &ev, &nonce, now_ms());
         let store = self.shared.store.clone();
-        let outcome = match checked {
-            Err(why) => AttestOutcome {
-                quarantine: Some(crate::attest::evidence_refused(&why)),
-                pcrs: None,
-                log: None,
-                reset_count: None,
-                record: None,
-                ima: None,
-                now_ms: now,
-            },
-            Ok((verified, log, ima)) => {
-                let pol = self.device_policy(&device).await.map_err(End::Store)?;
-                let pol = pol.as_ref();
-                let verdict = policy::judge(
-                    pol,
-                    Some(&rec.kind),
-                    &rec.accepted,
-                    &judged(pol, &verified.pcrs),
-                    now,
-                );
-                let (quarantine, record) = match verdict {
-                    // Refused evidence is not forgotten because the next one verifies:
-                    // something produced bad evidence; an operator reviews and accepts.
-                    Verdict::Trusted { .. } if refused_before(&rec) => (rec.reason.clone(), None),
-                    Verdict::Trusted { record } => (None, record),
-                    Verdict::Quarantined(why) => (Some(why), None),
-                };
-                AttestOutcome {
-                    quarantine,
-                    pcrs: Some(policy::pcrs_hex(&verified.pcrs)),
-                    log: (log != rec.log).then_some(log),
-                    reset_count: Some(verified.quote.reset_count),
-                    record,
-                    ima,
-                    now_ms: now,
-                }
-            }
-        };
         let quarantined = outcome.quarantine.clone();
         store
             .record_attestation(&device, outcome)
@@ -400,40 +290,24 @@ impl Connection {
             let msg = "credential activation failed: the attestation key is not in the TPM that holds this endorsement key (a copied or forged identity); re-provision the device's TPM keys";
             return self.refuse(RefusalCode::AttestationFailed, msg).await;
         }
-        let (verified, log, ima) = match check(&claim.identity.ak_public, &pc, &ev, nonce) {
-            Ok(x) => x,
+        let first = evidence::first(
+            claim.kind,
+            claim.identity.ek_public,
+            claim.ek_issuer,
+            claim.identity.ak_public,
+            claim.policy.as_ref(),
+            &pc,
+            &ev,
+            nonce,
+            now_ms(),
+        );
+        match first {
+            Ok(a) => p.identity = Some(a),
             Err(why) => {
                 let msg = format!("evidence refused: {why}");
                 return self.refuse(RefusalCode::AttestationFailed, &msg).await;
             }
-        };
-        let now = now_ms();
-        let pol = claim.policy.as_ref();
-        let (quarantine, record) = match policy::judge(
-            pol,
-            Some(claim.kind),
-            &[],
-            &judged(pol, &verified.pcrs),
-            now,
-        ) {
-            Verdict::Trusted { record } => (None, record),
-            Verdict::Quarantined(why) => (Some(why), None),
-        };
-        p.identity = Some(NewAttestation {
-            kind: claim.kind.to_string(),
-            ek_public: claim.identity.ek_public,
-            ek_issuer: claim.ek_issuer,
-            ak_public: claim.identity.ak_public,
-            outcome: AttestOutcome {
-                quarantine,
-                pcrs: Some(policy::pcrs_hex(&verified.pcrs)),
-                log: Some(log),
-                reset_count: Some(verified.quote.reset_count),
-                record,
-                ima,
-                now_ms: now,
-            },
-        });
+        }
         self.complete_enrollment(p).await
     }
 
@@ -485,90 +359,4 @@ impl Connection {
         }
         Ok(false)
     }
-}
-
-fn refused_before(rec: &crate::store::AttestRecord) -> bool {
-    rec.status == attest_status::QUARANTINED
-        && rec.reason.as_deref().is_some_and(|r| {
-            crate::attest::QuarantineKind::of(r) == crate::attest::QuarantineKind::EvidenceRefused
-        })
-}
-
-/// Verifies evidence against a pending challenge; on success the device's whole event
-/// log and, if it sent one, how much of its IMA list is now verified.
-fn check(
-    ak_public: &[u8],
-    pc: &PendingChallenge,
-    ev: &Evidence,
-    nonce: &[u8; 32],
-) -> Result<(cairn_tpm::attest::Verified, Vec<u8>, Option<ImaState>), String> {
-    let ak = AkPublic::from_tpm2b_public(ak_public).map_err(|e| format!("stored AK: {e}"))?;
-    if ev.pcrs.len() != pc.pcrs.len() {
-        return Err(format!(
-            "{} PCR values for {} PCRs asked",
-            ev.pcrs.len(),
-            pc.pcrs.len()
-        ));
-    }
-    let pcrs: BTreeMap<u32, [u8; 32]> = pc
-        .pcrs
-        .iter()
-        .copied()
-        .zip(ev.pcrs.iter().copied())
-        .collect();
-    let log = log_join(&pc.held_log, ev.log_offset, &ev.log).ok_or_else(|| {
-        format!(
-            "event log delta at offset {} does not continue the {} bytes the hub holds",
-            ev.log_offset,
-            pc.held_log.len()
-        )
-    })?;
-    // A device does not get to choose what is checked: what it sent before, it sends.
-    if log.is_empty() && !pc.held_log.is_empty() {
-        return Err("no firmware event log, though the device sent one before".into());
-    }
-    if ev.ima.is_none() && pc.ima_held.len > 0 {
-        return Err("no IMA measurement list, though the device sent one before".into());
-    }
-    let quote = QuoteBytes {
-        attest: ev.attest.clone(),
-        signature: ev.signature.clone(),
-    };
-    let verified =
-        verify_evidence(&ak, &quote, &pcrs, nonce, &pc.pcrs, &log).map_err(|e| e.to_string())?;
-    let ima = match &ev.ima {
-        None => None,
-        Some(tail) => Some(check_ima(&pc.ima_held, tail, &verified.pcrs)?),
-    };
-    Ok((verified, log, ima))
-}
-
-/// Verifies an IMA list tail: it continues what the hub verified (or starts over),
-/// every entry's template digest matches its data, and it replays to the quoted PCR 10.
-fn check_ima(
-    held: &ImaState,
-    tail: &cairn_sync_protocol::message::ImaTail,
-    pcrs: &BTreeMap<u32, [u8; 32]>,
-) -> Result<ImaState, String> {
-    use cairn_tpm::ima::{IMA_PCR, verify_ima_from};
-    let quoted = pcrs
-        .get(&IMA_PCR)
-        .ok_or("an IMA list came with a quote that does not cover PCR 10")?;
-    let (start, base) = match tail.offset {
-        0 => (NO_IMA.pcr10, NO_IMA),
-        n if n == held.len => (held.pcr10, *held),
-        n => {
-            return Err(format!(
-                "IMA list tail at byte {n} does not continue the {} bytes the hub verified",
-                held.len
-            ));
-        }
-    };
-    let (summary, consumed) = verify_ima_from(&start, &tail.bytes, quoted)
-        .map_err(|e| format!("IMA measurement list: {e}"))?;
-    Ok(ImaState {
-        len: base.len + consumed as u64,
-        pcr10: *quoted,
-        entries: base.entries + summary.entries as u64,
-    })
 }

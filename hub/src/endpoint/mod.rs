@@ -31,7 +31,8 @@ use crate::sync::{Action, Gate, SyncCore};
 
 mod attest;
 mod fetch;
-use attest::{PendingChallenge, PendingEnroll};
+use crate::evidence::PendingChallenge;
+use attest::PendingEnroll;
 
 /// The fetch refusal while a session's evidence is pending: the agent retries it.
 static NOT_YET_REFUSAL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {

@@ -182,6 +182,69 @@ pub struct AttestRecord {
     pub log: Vec<u8>,
 }
 
+impl AttestRecord {
+    /// The record of a device enrolled with the verified root of trust `a`: its first
+    /// verification taken in from an empty, unverified record.
+    pub fn enrolled(a: &NewAttestation) -> AttestRecord {
+        let mut rec = AttestRecord {
+            kind: a.kind.clone(),
+            ek_sha256: crate::attest::ek_fingerprint(&a.ek_public),
+            ek_issuer: a.ek_issuer.clone(),
+            status: attest_status::UNVERIFIED.to_string(),
+            reason: None,
+            verified_ms: None,
+            pcrs: BTreeMap::new(),
+            accepted: Vec::new(),
+            reset_count: None,
+            log_len: 0,
+            ima_len: 0,
+            ima_entries: 0,
+            ima_pcr10: [0; 32],
+            ak_public: a.ak_public.clone(),
+            log: Vec::new(),
+        };
+        rec.apply(&a.outcome);
+        rec
+    }
+
+    /// Takes in the outcome of one verification: status and reason, a measurement set
+    /// to accept (replacing the one from the same source), and what verified (PCR
+    /// values, or none if it did not; the event log, IMA list and reset count when
+    /// known). Returns whether the status or the reason changed: an event is due. Every
+    /// backend records attestation through this, and so does the simulator.
+    pub fn apply(&mut self, o: &AttestOutcome) -> bool {
+        let status = if o.quarantine.is_some() {
+            attest_status::QUARANTINED
+        } else {
+            attest_status::TRUSTED
+        };
+        if let Some(set) = &o.record {
+            self.accepted.retain(|s| s.source != set.source);
+            self.accepted.push(set.clone());
+        }
+        let changed = self.status != status || self.reason != o.quarantine;
+        self.status = status.to_string();
+        self.reason.clone_from(&o.quarantine);
+        if o.pcrs.is_some() {
+            self.verified_ms = Some(o.now_ms);
+        }
+        self.pcrs = o.pcrs.clone().unwrap_or_default();
+        if let Some(n) = o.reset_count {
+            self.reset_count = Some(n);
+        }
+        if let Some(log) = &o.log {
+            self.log.clone_from(log);
+            self.log_len = log.len();
+        }
+        if let Some(ima) = o.ima {
+            self.ima_len = ima.len;
+            self.ima_pcr10 = ima.pcr10;
+            self.ima_entries = ima.entries;
+        }
+        changed
+    }
+}
+
 /// Attestation statuses.
 pub mod attest_status {
     pub const TRUSTED: &str = "trusted";

@@ -10,9 +10,7 @@ use async_trait::async_trait;
 
 use super::reports::insert_hub_event;
 use super::{SqliteStore, backend};
-use crate::attest::{
-    AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR, ek_fingerprint,
-};
+use crate::attest::{AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR};
 use crate::store::{
     AttestOutcome, AttestRecord, Attestations, NewAttestation, Result, StoreError, attest_status,
     hub_event,
@@ -72,36 +70,37 @@ pub(super) fn ek_owner(conn: &Connection, ek: &str) -> Result<Option<DeviceId>> 
 /// Inserts the attestation row of a device being enrolled.
 pub(super) fn insert(conn: &Connection, device: &DeviceId, a: &NewAttestation) -> Result<()> {
     let o = &a.outcome;
-    let status = if o.quarantine.is_some() {
-        attest_status::QUARANTINED
-    } else {
-        attest_status::TRUSTED
-    };
-    let accepted: Vec<MeasurementSet> = o.record.iter().cloned().collect();
+    let rec = AttestRecord::enrolled(a);
     conn.execute(
         "INSERT OR REPLACE INTO attestations (device, kind, ek_sha256, ek_issuer, ak_public, status, reason, \
          verified_ms, pcrs, accepted, reset_count, log, ima_len, ima_pcr10, ima_entries) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         params![
             device.as_str(),
-            a.kind,
-            ek_fingerprint(&a.ek_public),
-            a.ek_issuer,
-            a.ak_public,
-            status,
-            o.quarantine,
+            rec.kind,
+            rec.ek_sha256,
+            rec.ek_issuer,
+            rec.ak_public,
+            rec.status,
+            rec.reason,
             o.now_ms,
-            json(&o.pcrs.clone().unwrap_or_default())?,
-            json(&accepted)?,
-            o.reset_count,
-            o.log.clone().unwrap_or_default(),
-            o.ima.map_or(0, |i| i.len),
+            json(&rec.pcrs)?,
+            json(&rec.accepted)?,
+            rec.reset_count,
+            rec.log,
+            rec.ima_len,
             o.ima.map(|i| i.pcr10.to_vec()),
-            o.ima.map_or(0, |i| i.entries),
+            rec.ima_entries,
         ],
     )
     .map_err(backend)?;
-    mirror(conn, device, Some(&a.kind), status, o.quarantine.as_deref())?;
+    mirror(
+        conn,
+        device,
+        Some(&rec.kind),
+        &rec.status,
+        rec.reason.as_deref(),
+    )?;
     if let Some(why) = &o.quarantine {
         insert_hub_event(conn, device, o.now_ms, hub_event::QUARANTINED, why)?;
     }
@@ -195,33 +194,23 @@ pub(super) fn record(conn: &Connection, device: &DeviceId, o: &AttestOutcome) ->
             "device {device} is not attested"
         )));
     };
-    let status = if o.quarantine.is_some() {
-        attest_status::QUARANTINED
-    } else {
-        attest_status::TRUSTED
-    };
-    if let Some(set) = &o.record {
-        rec.accepted.retain(|s| s.source != set.source);
-        rec.accepted.push(set.clone());
-    }
-    let changed = rec.status != status || rec.reason != o.quarantine;
+    let changed = rec.apply(o);
+    let status = rec.status.as_str();
     conn.execute(
-        "UPDATE attestations SET status = ?2, reason = ?3, verified_ms = COALESCE(?4, verified_ms), \
-         pcrs = COALESCE(?5, '{}'), accepted = ?6, reset_count = COALESCE(?7, reset_count), \
-         log = COALESCE(?8, log), ima_len = COALESCE(?9, ima_len), ima_pcr10 = COALESCE(?10, ima_pcr10), \
-         ima_entries = COALESCE(?11, ima_entries) WHERE device = ?1",
+        "UPDATE attestations SET status = ?2, reason = ?3, verified_ms = ?4, pcrs = ?5, accepted = ?6, \
+         reset_count = ?7, log = ?8, ima_len = ?9, ima_pcr10 = ?10, ima_entries = ?11 WHERE device = ?1",
         params![
             device.as_str(),
             status,
-            o.quarantine,
-            o.pcrs.as_ref().map(|_| o.now_ms),
-            o.pcrs.as_ref().map(json).transpose()?,
+            rec.reason,
+            rec.verified_ms,
+            json(&rec.pcrs)?,
             json(&rec.accepted)?,
-            o.reset_count,
-            o.log,
-            o.ima.map(|i| i.len),
-            o.ima.map(|i| i.pcr10.to_vec()),
-            o.ima.map(|i| i.entries),
+            rec.reset_count,
+            rec.log,
+            rec.ima_len,
+            rec.ima_pcr10.to_vec(),
+            rec.ima_entries,
         ],
     )
     .map_err(backend)?;
