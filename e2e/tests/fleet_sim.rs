@@ -48,6 +48,9 @@ fn ci_scenario_with_200_real_agents_holds_every_invariant() {
     assert_eq!(report.faults.hub_restarts, 1);
     assert_eq!(report.faults.partitions, 50);
     assert_eq!(report.events.drift_corrected, 40, "{text}");
+    // The tampered boots were quarantined (then accepted: every device ends trusted).
+    assert_eq!(report.faults.tampered, 5, "{text}");
+    assert_eq!(report.events.quarantined, 5, "{text}");
     assert_eq!(report.events.lost, 0);
     assert_eq!(report.events.duplicated, 0);
     assert!(report.wire.to_hub > 0);

@@ -108,6 +108,9 @@ pub struct Events {
     pub duplicated: u64,
     /// Of the delivered events, `drift-corrected` ones.
     pub drift_corrected: u64,
+    /// Times the hub quarantined a device (its `hub.quarantined` events).
+    #[serde(default)]
+    pub quarantined: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -116,6 +119,9 @@ pub struct Faults {
     pub flaps: u64,
     pub agent_crashes: u64,
     pub hub_restarts: u64,
+    /// Boxes rebooted into a boot image they were not enrolled with.
+    #[serde(default)]
+    pub tampered: u64,
     /// Sessions established, first connections included (deterministic mode only: the
     /// real hub does not record sessions).
     pub sessions: u64,
@@ -228,8 +234,17 @@ impl Report {
         let e = &self.events;
         let _ = writeln!(
             s,
-            "reports: {} numbered by agents, {} stored at the hub ({} drift-corrected), {} lost, {} duplicated",
-            e.created, e.delivered, e.drift_corrected, e.lost, e.duplicated
+            "reports: {} numbered by agents, {} stored at the hub ({} drift-corrected), {} lost, {} duplicated{}",
+            e.created,
+            e.delivered,
+            e.drift_corrected,
+            e.lost,
+            e.duplicated,
+            if e.quarantined > 0 {
+                format!("; {} quarantined by the hub", e.quarantined)
+            } else {
+                String::new()
+            }
         );
         let f = &self.faults;
         let _ = write!(
@@ -237,6 +252,9 @@ impl Report {
             "faults: {} partitioned, {} flapping, {} agent crashes, {} hub restarts",
             f.partitions, f.flaps, f.agent_crashes, f.hub_restarts
         );
+        if f.tampered > 0 {
+            let _ = write!(s, ", {} tampered boots", f.tampered);
+        }
         if f.sessions > 0 {
             let _ = write!(s, "; {} sessions established", f.sessions);
         }

@@ -53,6 +53,11 @@ pub struct Scenario {
     /// and `all-attested` is then not checked.
     #[serde(default = "yes")]
     pub attest: bool,
+    /// A hub attestation policy set before the boxes enroll, as `cairn-hub policy set`
+    /// would (e.g. `tofu = true`: the first verified measurements are accepted, later
+    /// ones must match them, so a `tamper`ed boot is quarantined).
+    #[serde(default, rename = "attest-policy")]
+    pub attest_policy: Option<cairn_hub::attest::AttestPolicy>,
     /// Invariants checked at the end; all of them when left out.
     #[serde(default = "Invariant::all")]
     pub check: Vec<Invariant>,
@@ -174,6 +179,20 @@ pub enum Step {
         selector: Option<SelectorText>,
         resource: ResourceName,
     },
+    /// `devices` reboot into a boot image they were not enrolled with (their software
+    /// TPM measures another one): the hub quarantines them at their next evidence, and
+    /// they get no desired state until the operator accepts (`accept`).
+    Tamper {
+        devices: Share,
+        #[serde(default)]
+        selector: Option<SelectorText>,
+    },
+    /// The operator accepts the current measurements of every quarantined device (that
+    /// matches `selector`), as `cairn-hub device accept` does.
+    Accept {
+        #[serde(default)]
+        selector: Option<SelectorText>,
+    },
     /// Lets time pass.
     Sleep {
         #[serde(rename = "for", with = "humantime_serde_compat")]
@@ -259,6 +278,11 @@ impl Step {
             Step::Drift {
                 devices, resource, ..
             } => format!("drift {resource} on {devices}"),
+            Step::Tamper { devices, .. } => format!("{devices} boot an unknown image"),
+            Step::Accept { selector } => match selector {
+                Some(s) => format!("accept the measurements of quarantined {s}"),
+                None => "accept the measurements of quarantined devices".into(),
+            },
             Step::Sleep { duration } => format!("sleep {}", humantime::format_duration(*duration)),
             Step::Release {
                 version, broken, ..
@@ -417,6 +441,21 @@ impl Scenario {
             for v in &l.values {
                 parse_labels(&format!("{}={v}", l.key)).map_err(anyhow::Error::msg)?;
             }
+        }
+        if !self.attest
+            && self
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::Tamper { .. } | Step::Accept { .. }))
+        {
+            bail!("tamper and accept steps need attestation (attest = true)");
+        }
+        if let Some(p) = &self.attest_policy {
+            if !self.attest {
+                bail!("an attest-policy needs attestation (attest = true)");
+            }
+            p.validate()
+                .map_err(|e| anyhow::anyhow!("attest-policy: {e}"))?;
         }
         if !(0.0..=1.0).contains(&self.network.loss) {
             bail!("network.loss must be between 0.0 and 1.0");

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cairn_examples::det::{self, DetOptions, Sabotage};
 use cairn_examples::report::Report;
-use cairn_examples::scenario::{Invariant, Scenario};
+use cairn_examples::scenario::{Invariant, Scenario, Step};
 
 fn scenario(file: &str) -> Scenario {
     Scenario::load(
@@ -159,6 +159,38 @@ fn skipping_signature_checks_lets_forged_state_in() {
         "{:?}",
         r.problems
     );
+}
+
+/// The CI scenario's tampered boots are quarantined, and without the operator's
+/// accept they stay so and get nothing more: exactly they fail to converge.
+#[test]
+fn tampered_boxes_get_nothing_until_the_operator_accepts() {
+    let s = scenario("ci-small.toml");
+    let r = det::run(&s, DetOptions::default()).unwrap();
+    assert!(r.passed(), "{}", r.render());
+    assert_eq!((r.faults.tampered, r.events.quarantined), (5, 5));
+
+    let mut s = scenario("ci-small.toml");
+    s.steps.retain(|st| !matches!(st, Step::Accept { .. }));
+    let r = det::run(&s, DetOptions::default()).unwrap();
+    assert!(!invariant(&r, Invariant::AllAttested), "{}", r.render());
+    assert!(!invariant(&r, Invariant::AllConverged), "{}", r.render());
+    assert!(
+        invariant(&r, Invariant::ReportsExactlyOnce),
+        "{}",
+        r.render()
+    );
+    let behind = r
+        .problems
+        .iter()
+        .filter(|p| p.contains("hub desired revision"))
+        .count();
+    let quarantined = r
+        .problems
+        .iter()
+        .filter(|p| p.contains("status quarantined"))
+        .count();
+    assert_eq!((behind, quarantined), (5, 5), "{:?}", r.problems);
 }
 
 /// Faults the CI scenario does not exercise: a partition longer than the idle timeout

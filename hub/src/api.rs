@@ -379,7 +379,7 @@ async fn show_event_log(State(api): State<Api>, Path(id): Path<String>) -> ApiRe
     }))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AcceptRequest {
     /// `verified_ms` of the measurements you reviewed: refused if newer ones arrived.
     pub verified_ms: Option<u64>,

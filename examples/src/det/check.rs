@@ -131,6 +131,7 @@ impl Sim<'_> {
         }
         let total = self.report.wire.to_hub + self.report.wire.from_hub;
         self.report.wire.per_device = total / n as u64;
+        ev.quarantined = self.quarantined;
         self.report.events = ev;
         self.report.invariants = invariants;
         self.report.simulated_secs = self.now as f64 / SEC as f64;

@@ -319,6 +319,10 @@ impl Sim<'_> {
                 })),
             ),
             Step::Unset { selector, resource } => (&selector.0, resource, None),
+            Step::Accept { selector } => {
+                self.accept(selector.as_ref());
+                return Ok(());
+            }
             _ => return Ok(()),
         };
         self.last_action = self.now;

@@ -485,6 +485,8 @@ struct Sim<'a> {
     // Tracking.
     online: usize,
     converged: usize,
+    /// `hub.quarantined` events the store would have recorded.
+    quarantined: u64,
     queued: u64,
     wait: Option<Wait>,
     last_action: T,
@@ -609,6 +611,7 @@ impl<'a> Sim<'a> {
             forged: false,
             online: 0,
             converged: n,
+            quarantined: 0,
             queued: 0,
             wait: None,
             last_action: 0,

@@ -104,6 +104,20 @@ impl Sim<'_> {
                     self.drift(d as u32, resource);
                 }
             }
+            Step::Tamper { devices, selector } => {
+                let picked = sc.pick(index, *devices, selector.as_ref());
+                self.report.faults.tampered += picked.len() as u64;
+                for d in picked {
+                    self.tamper(d as u32);
+                }
+            }
+            Step::Accept { selector } => {
+                if self.hub_up {
+                    self.accept(selector.as_ref());
+                } else {
+                    self.deferred.push(step.clone());
+                }
+            }
             Step::Sleep { duration } => {
                 let until = self.now + ns(*duration);
                 self.run_until(until, |_| false);

@@ -128,6 +128,9 @@ fn tally(events: &[EventRecord], report: &mut Report) -> (Events, u64) {
         if e.kind == "drift-corrected" {
             ev.drift_corrected += 1;
         }
+        if e.kind == cairn_hub::store::hub_event::QUARANTINED {
+            ev.quarantined += 1;
+        }
         if e.kind == "hub.reports-lost" {
             report
                 .problems

@@ -465,6 +465,15 @@ impl Fleet {
                 })
                 .await?;
             }
+            Step::Tamper { devices, selector } => {
+                let idx = self.scenario.pick(n, *devices, selector.as_ref());
+                self.faults.tampered += idx.len() as u64;
+                self.fault_begins(&idx);
+                self.for_pools(&idx, |indices| Command::Tamper { indices })
+                    .await?;
+                self.fault_ends(&idx);
+            }
+            Step::Accept { selector } => self.accept(selector.as_ref()).await?,
             Step::Sleep { duration } => self.sleep(*duration).await?,
             Step::Release {
                 version,
@@ -610,6 +619,39 @@ impl Fleet {
     }
 
     /// An operator action starts a new measurement for every reachable device.
+    /// The operator accepts the measurements of every quarantined device (matching
+    /// `selector`) through the admin API, as `cairn-hub device accept` does.
+    pub(super) async fn accept(
+        &mut self,
+        selector: Option<&crate::scenario::SelectorText>,
+    ) -> Result<()> {
+        self.tick().await?;
+        let ids: Vec<String> = self
+            .devices
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.as_ref().map(|d| (i, d)))
+            .filter(|(i, _)| selector.is_none_or(|s| s.0.matches(&self.scenario.labels_of(*i))))
+            .filter(|(_, d)| d.record.quarantined())
+            .map(|(_, d)| d.record.id.to_string())
+            .collect();
+        self.operator_action();
+        for id in ids {
+            let _: cairn_hub::store::AttestRecord = self
+                .api
+                .post(
+                    &format!("/v1/devices/{id}/attestation/accept"),
+                    &cairn_hub::api::AcceptRequest { verified_ms: None },
+                )
+                .await
+                .map_err(|e| {
+                    e.error
+                        .context(format!("accepting the measurements of {id}"))
+                })?;
+        }
+        Ok(())
+    }
+
     pub(super) fn operator_action(&mut self) {
         self.cpu_mark = self.hub_cpu();
         let now = now_ms();

@@ -203,6 +203,13 @@ async fn drive(fleet: &mut Fleet, opts: &RealOptions) -> Result<Report> {
 /// enrolled and online (within the enrollment timeout).
 async fn enroll(fleet: &mut Fleet, opts: &RealOptions) -> Result<()> {
     let n = fleet.scenario.devices;
+    if let Some(p) = &fleet.scenario.attest_policy {
+        let _: cairn_hub::attest::AttestPolicy = fleet
+            .api
+            .put("/v1/attestation/policies", p)
+            .await
+            .map_err(|e| e.error.context("setting the scenario's attestation policy"))?;
+    }
     // Enrollment: one join token per label group.
     let mut tokens: Vec<(usize, String)> = Vec::with_capacity(n);
     for (labels, members) in fleet.scenario.label_groups() {

@@ -59,6 +59,8 @@ pub enum Command {
     /// Kills agents: the link is cut first (so no goodbye reaches the hub, as with a
     /// power cut), then the agent's task is dropped mid-flight.
     Crash { indices: Vec<usize> },
+    /// Restarts agents as boxes that booted an image they were not enrolled with.
+    Tamper { indices: Vec<usize> },
     /// Starts crashed agents again and restores their links.
     Restart { indices: Vec<usize> },
     /// Overwrites a managed file by hand on these agents.
@@ -201,6 +203,8 @@ struct PoolAgent {
 
 /// What the simulated boxes' firmware measures as their boot image (both modes).
 pub const SIM_BOOT_IMAGE: &str = "cairn-sim 1.0";
+/// What a tampered box boots instead (the `tamper` step).
+pub const TAMPERED_BOOT_IMAGE: &str = "cairn-sim 1.0, modified";
 
 /// Agent settings used in the simulation: the agent's defaults, except for a faster
 /// local reconcile pass, quicker keep-alives (so a restarted hub is noticed within 2 s)
@@ -303,6 +307,18 @@ impl Pool {
                     if let Some(a) = self.agents.get_mut(&i) {
                         a.link.up.store(false, Ordering::Relaxed);
                         a.agent.abort();
+                    }
+                }
+                Ok(Reply::Done)
+            }
+            Command::Tamper { indices } => {
+                for i in indices {
+                    if let Some(a) = self.agents.get_mut(&i) {
+                        a.agent.abort();
+                        a.agent.cfg.attest = cairn_agent::attest::AttestSource::Software {
+                            boot_image: TAMPERED_BOOT_IMAGE.into(),
+                        };
+                        a.agent.start();
                     }
                 }
                 Ok(Reply::Done)

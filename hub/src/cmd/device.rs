@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use base64::Engine;
-use cairn_hub::api::{DesiredView, DeviceDetail, DeviceView, EventLogView, Revoked};
+use cairn_hub::api::{AcceptRequest, DesiredView, DeviceDetail, DeviceView, EventLogView, Revoked};
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use cairn_hub::store::{AssignOutcome, AttestRecord, EventRecord};
 use clap::Subcommand;
@@ -143,7 +143,9 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
             // Accept exactly what is shown: the hub refuses if newer measurements
             // arrived in between.
             let seen: AttestRecord = client.get(&format!("/v1/devices/{id}/attestation")).await?;
-            let body = json!({ "verified_ms": seen.verified_ms });
+            let body = AcceptRequest {
+                verified_ms: seen.verified_ms,
+            };
             let a: AttestRecord = client
                 .post(&format!("/v1/devices/{id}/attestation/accept"), &body)
                 .await?;

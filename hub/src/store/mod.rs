@@ -207,6 +207,51 @@ impl AttestRecord {
         rec
     }
 
+    /// The operator accepts the measurements last verified (the ones shown to them, if
+    /// `seen_verified_ms` says when): they replace the first-seen and earlier accepted
+    /// sets, and the quarantine is lifted. Refused, with what to do, when the policy
+    /// itself quarantines the device, the measurements changed since they were shown,
+    /// or none ever verified.
+    pub fn accept(
+        &mut self,
+        device: &DeviceId,
+        seen_verified_ms: Option<u64>,
+        now_ms: u64,
+    ) -> std::result::Result<(), String> {
+        if let Some(reason) = self.reason.as_deref()
+            && !crate::attest::QuarantineKind::of(reason).accept_lifts()
+        {
+            return Err(format!(
+                "device {device} is quarantined by its policy ({reason}); accepting measurements cannot change that: change the policy or revoke the device"
+            ));
+        }
+        if seen_verified_ms.is_some() && seen_verified_ms != self.verified_ms {
+            return Err(format!(
+                "the measurements of {device} changed since you looked (verified at {:?} ms, you saw {:?}); review `cairn-hub device show {device}` and accept again",
+                self.verified_ms, seen_verified_ms
+            ));
+        }
+        if self.pcrs.is_empty() {
+            return Err(format!(
+                "device {device} has no verified measurements yet (its evidence never verified: {}); \
+                 fix the device or revoke it",
+                self.reason.as_deref().unwrap_or("none received")
+            ));
+        }
+        self.accepted.retain(|s| {
+            s.source != crate::attest::SOURCE_FIRST_SEEN
+                && s.source != crate::attest::SOURCE_OPERATOR
+        });
+        self.accepted.push(MeasurementSet {
+            source: crate::attest::SOURCE_OPERATOR.into(),
+            added_ms: now_ms,
+            pcrs: self.pcrs.clone(),
+        });
+        self.status = attest_status::TRUSTED.to_string();
+        self.reason = None;
+        Ok(())
+    }
+
     /// Takes in the outcome of one verification: status and reason, a measurement set
     /// to accept (replacing the one from the same source), and what verified (PCR
     /// values, or none if it did not; the event log, IMA list and reset count when

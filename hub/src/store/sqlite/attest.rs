@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::reports::insert_hub_event;
 use super::{SqliteStore, backend};
-use crate::attest::{AttestPolicy, MeasurementSet, SOURCE_FIRST_SEEN, SOURCE_OPERATOR};
+use crate::attest::{AttestPolicy, MeasurementSet};
 use crate::store::{
     AttestOutcome, AttestRecord, Attestations, NewAttestation, Result, StoreError, attest_status,
     hub_event,
@@ -241,33 +241,10 @@ pub(super) fn accept(
             "device {device} is not attested; there are no measurements to accept"
         )));
     };
-    if let Some(reason) = rec.reason.as_deref()
-        && !crate::attest::QuarantineKind::of(reason).accept_lifts()
-    {
-        return Ok(Err(format!(
-            "device {device} is quarantined by its policy ({reason}); accepting measurements cannot change that: change the policy or revoke the device"
-        )));
+    let was = rec.reason.clone();
+    if let Err(why) = rec.accept(device, seen_verified_ms, now_ms) {
+        return Ok(Err(why));
     }
-    if seen_verified_ms.is_some() && seen_verified_ms != rec.verified_ms {
-        return Ok(Err(format!(
-            "the measurements of {device} changed since you looked (verified at {:?} ms, you saw {:?}); review `cairn-hub device show {device}` and accept again",
-            rec.verified_ms, seen_verified_ms
-        )));
-    }
-    if rec.pcrs.is_empty() {
-        return Ok(Err(format!(
-            "device {device} has no verified measurements yet (its evidence never verified: {}); \
-             fix the device or revoke it",
-            rec.reason.as_deref().unwrap_or("none received")
-        )));
-    }
-    rec.accepted
-        .retain(|s| s.source != SOURCE_FIRST_SEEN && s.source != SOURCE_OPERATOR);
-    rec.accepted.push(MeasurementSet {
-        source: SOURCE_OPERATOR.into(),
-        added_ms: now_ms,
-        pcrs: rec.pcrs.clone(),
-    });
     conn.execute(
         "UPDATE attestations SET status = ?2, reason = NULL, accepted = ?3 WHERE device = ?1",
         params![
@@ -287,14 +264,11 @@ pub(super) fn accept(
         &format!(
             "operator accepted the measurements of PCRs {} (quarantine lifted{})",
             pcrs.join(","),
-            rec.reason
-                .as_deref()
+            was.as_deref()
                 .map(|r| format!("; was: {r}"))
                 .unwrap_or_default()
         ),
     )?;
-    rec.status = attest_status::TRUSTED.into();
-    rec.reason = None;
     Ok(Ok(rec))
 }
 
