@@ -210,6 +210,7 @@ pub struct PayloadJob<'a> {
     pub checkpoint_bytes: u64,
 }
 
+#[derive(Clone, Copy)]
 enum Run {
     Local {
         from: u64,
@@ -233,187 +234,327 @@ pub fn install_payload(
     start: Progress,
     checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>,
 ) -> Result<Progress, InstallError> {
-    let target = job.target;
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .read(true)
-        .create(true)
-        .truncate(false)
-        .open(target)
-        .map_err(io("opening slot", target))?;
+    let mut slot = Target::open(job, start.blocks_done)?;
     let total = job.payload.blocks();
     let mut p = start;
-    let mut since_checkpoint = 0u64;
-    let mut buf: Vec<u8> = Vec::with_capacity((MAX_FETCH_BLOCKS as u64 * BS) as usize);
-    // Blocks of this payload already in the target (by hash): zero blocks and other
-    // repeats are then written once and copied from there.
-    let mut written: HashMap<u64, u64> = HashMap::new();
-    for b in 0..p.blocks_done.min(total) {
-        if let Some(h) = job.index.hash(b) {
-            written.entry(prefix(h)).or_insert(b);
+    let flusher = slot
+        .out
+        .try_clone()
+        .map_err(io("opening slot", job.target))?;
+    std::thread::scope(|scope| -> Result<Progress, InstallError> {
+        let mut flushes = Flushes::start(scope, flusher, job);
+        let mut i = p.blocks_done;
+        while i < total {
+            let (kind, n) = slot.plan_run(i);
+            let run_len = slot.run_len(i, n);
+            slot.fill_run(source, kind, i, n, run_len, &mut p)?;
+            slot.write_run(i, n)?;
+            i += n;
+            flushes.after_run(&p, i, run_len, checkpoint)?;
+        }
+        flushes.finish(checkpoint)?;
+        // The last flush, in line: the payload is complete only when it is durable.
+        crate::crashpoint::hit("slot: before flush");
+        slot.out
+            .sync_data()
+            .map_err(io("flushing slot", job.target))?;
+        p.blocks_done = total;
+        checkpoint(&p)?;
+        Ok(p)
+    })
+}
+
+/// The target of one payload install: the open slot, and which blocks it holds.
+struct Target<'j, 'a> {
+    job: &'j PayloadJob<'a>,
+    out: File,
+    name: String,
+    /// Blocks of this payload already in the target (by hash): zero blocks and other
+    /// repeats are then written once and copied from there.
+    written: HashMap<u64, u64>,
+    /// The run being written.
+    buf: Vec<u8>,
+}
+
+impl<'j, 'a> Target<'j, 'a> {
+    /// Opens the target slot of `job`, holding blocks `0 .. blocks_done` from an
+    /// earlier attempt.
+    fn open(job: &'j PayloadJob<'a>, blocks_done: u64) -> Result<Self, InstallError> {
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create(true)
+            .truncate(false)
+            .open(job.target)
+            .map_err(io("opening slot", job.target))?;
+        let mut written: HashMap<u64, u64> = HashMap::new();
+        for b in 0..blocks_done.min(job.payload.blocks()) {
+            if let Some(h) = job.index.hash(b) {
+                written.entry(prefix(h)).or_insert(b);
+            }
+        }
+        Ok(Self {
+            job,
+            out,
+            name: job.payload.name.to_string(),
+            written,
+            buf: Vec::with_capacity((MAX_FETCH_BLOCKS as u64 * BS) as usize),
+        })
+    }
+
+    fn hash_of(&self, b: u64) -> [u8; 32] {
+        self.job.index.hash(b).copied().unwrap_or([0; 32])
+    }
+
+    fn is_zero(&self, b: u64) -> bool {
+        self.job.payload.block_len(b) == BLOCK_SIZE && self.hash_of(b) == zero_block_hash()
+    }
+
+    /// Bytes in blocks `i .. i + n`.
+    fn run_len(&self, i: u64, n: u64) -> u64 {
+        (i..i + n)
+            .map(|b| u64::from(self.job.payload.block_len(b)))
+            .sum()
+    }
+
+    /// Plans one run of blocks from `i` on, all from one place: where from, and how
+    /// many blocks.
+    fn plan_run(&self, i: u64) -> (Run, u64) {
+        let job = self.job;
+        let h = self.hash_of(i);
+        let full = job.payload.block_len(i) == BLOCK_SIZE;
+        let kind = if self.is_zero(i) {
+            Run::Zero
+        } else {
+            match (
+                full.then(|| self.written.get(&prefix(&h))).flatten(),
+                full.then(|| job.local.and_then(|l| l.by_hash.get(&prefix(&h))))
+                    .flatten(),
+            ) {
+                (Some(&w), _) => Run::Written { from: w },
+                (None, Some(&l)) => Run::Local { from: l },
+                (None, None) => Run::Remote,
+            }
+        };
+        let mut n = 1u64;
+        // Hashes in this remote run: a repeat ends it (and is copied once written).
+        let mut in_run: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        if matches!(kind, Run::Remote) && full {
+            in_run.insert(prefix(&h));
+        }
+        let total = job.payload.blocks();
+        while i + n < total
+            && n < u64::from(MAX_FETCH_BLOCKS)
+            && self.extends(kind, i + n, n, &mut in_run)
+        {
+            n += 1;
+        }
+        (kind, n)
+    }
+
+    /// Whether block `b`, the `n`th after the start of a run of `kind`, comes from the
+    /// same place and belongs to it.
+    fn extends(
+        &self,
+        kind: Run,
+        b: u64,
+        n: u64,
+        in_run: &mut std::collections::HashSet<u64>,
+    ) -> bool {
+        let local = self.job.local;
+        let next = self.hash_of(b);
+        let next_full = self.job.payload.block_len(b) == BLOCK_SIZE;
+        match kind {
+            Run::Zero => self.is_zero(b),
+            Run::Remote if self.is_zero(b) => false,
+            Run::Remote if next_full && !in_run.insert(prefix(&next)) => false,
+            Run::Local { .. } if self.is_zero(b) => false,
+            Run::Remote => {
+                !next_full
+                    || (!self.written.contains_key(&prefix(&next))
+                        && local.is_none_or(|l| !l.by_hash.contains_key(&prefix(&next))))
+            }
+            Run::Local { from } => {
+                next_full
+                    && !self.written.contains_key(&prefix(&next))
+                    && local
+                        .and_then(|l| l.by_hash.get(&prefix(&next)))
+                        .is_some_and(|&f| f == from + n)
+            }
+            Run::Written { .. } => false,
         }
     }
-    let name = job.payload.name.to_string();
-    let hash_of = |b: u64| job.index.hash(b).copied().unwrap_or([0; 32]);
-    // Flushes run on a second thread while writing goes on (as the kernel writes back
-    // behind dd); a checkpoint is recorded only once the flush that began after its
-    // blocks were written has returned.
-    let flusher = out.try_clone().map_err(io("opening slot", target))?;
-    let (flush_tx, flush_rx) = std::sync::mpsc::channel::<Progress>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<std::io::Result<Progress>>();
-    std::thread::scope(|scope| -> Result<Progress, InstallError> {
+
+    /// Puts the `run_len` bytes of blocks `i .. i + n` in the buffer: zeros, copied
+    /// from the running slot or from this one (checked), or fetched (checked).
+    fn fill_run(
+        &mut self,
+        source: &mut dyn BlockSource,
+        kind: Run,
+        i: u64,
+        n: u64,
+        run_len: u64,
+        p: &mut Progress,
+    ) -> Result<(), InstallError> {
+        self.buf.clear();
+        let copied = match kind {
+            Run::Zero => {
+                self.buf.resize(run_len as usize, 0);
+                true
+            }
+            Run::Remote => false,
+            Run::Local { from } => self.copy_local(from, i, run_len),
+            Run::Written { from } => self.copy_written(from, i)?,
+        };
+        if copied {
+            p.copied += run_len;
+        } else {
+            // Not held (or the copy no longer holds what the index said): download.
+            self.buf.clear();
+            let count = if matches!(kind, Run::Written { .. }) {
+                1
+            } else {
+                n as u32
+            };
+            fetch_checked(source, self.job, &self.name, i, count, &mut self.buf)?;
+            p.downloaded += run_len;
+        }
+        Ok(())
+    }
+
+    /// Copies blocks from `from` in the running slot as blocks `i ..` (`run_len`
+    /// bytes); whether they hold what the index says.
+    fn copy_local(&mut self, from: u64, i: u64, run_len: u64) -> bool {
+        self.buf.resize(run_len as usize, 0);
+        match self.job.local.map(|l| (&l.file, &l.path)) {
+            Some((f, path)) => {
+                f.read_exact_at(&mut self.buf, from * BS)
+                    .map_err(io("reading active slot", path))
+                    .is_ok()
+                    && blocks_match(self.job, i, &self.buf)
+            }
+            None => false,
+        }
+    }
+
+    /// Copies block `from` of this slot, written earlier, as block `i`; whether it
+    /// holds what the index says.
+    fn copy_written(&mut self, from: u64, i: u64) -> Result<bool, InstallError> {
+        self.buf.resize(BS as usize, 0);
+        self.out
+            .read_exact_at(&mut self.buf, from * BS)
+            .map_err(io("reading back slot", self.job.target))?;
+        Ok(blocks_match(self.job, i, &self.buf))
+    }
+
+    /// Writes the buffer as blocks `i .. i + n` and remembers where they are.
+    fn write_run(&mut self, i: u64, n: u64) -> Result<(), InstallError> {
+        self.out
+            .write_all_at(&self.buf, i * BS)
+            .map_err(io("writing slot", self.job.target))?;
+        for b in i..i + n {
+            if self.job.payload.block_len(b) == BLOCK_SIZE {
+                let h = self.hash_of(b);
+                self.written.entry(prefix(&h)).or_insert(b);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoints. Flushes run on a second thread while writing goes on (as the kernel
+/// writes back behind dd); a checkpoint is recorded only once the flush that began
+/// after its blocks were written has returned.
+struct Flushes<'j> {
+    target: &'j Path,
+    total: u64,
+    checkpoint_bytes: u64,
+    /// Progress to make durable, to the flush thread.
+    flush: std::sync::mpsc::Sender<Progress>,
+    /// Progress made durable, from the flush thread.
+    done: std::sync::mpsc::Receiver<std::io::Result<Progress>>,
+    in_flight: bool,
+    since_checkpoint: u64,
+}
+
+impl<'j> Flushes<'j> {
+    /// Starts the flush thread on `file` (the target of `job`) in `scope`.
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        file: File,
+        job: &'j PayloadJob<'_>,
+    ) -> Self {
+        let (flush_tx, flush_rx) = std::sync::mpsc::channel::<Progress>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<std::io::Result<Progress>>();
         scope.spawn(move || {
             for snapshot in flush_rx {
                 crate::crashpoint::hit("slot: before flush");
-                let r = flusher.sync_data().map(|()| snapshot);
+                let r = file.sync_data().map(|()| snapshot);
                 if done_tx.send(r).is_err() {
                     return;
                 }
             }
         });
-        let mut in_flight = false;
-        let landed = |r: std::io::Result<Progress>,
-                      checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>|
-         -> Result<(), InstallError> {
-            let done = r.map_err(io("flushing slot", target))?;
-            checkpoint(&done)
-        };
-        let mut i = p.blocks_done;
-        while i < total {
-            // Plan one run of blocks from one place.
-            let h = hash_of(i);
-            let full = job.payload.block_len(i) == BLOCK_SIZE;
-            let is_zero =
-                |b: u64| job.payload.block_len(b) == BLOCK_SIZE && hash_of(b) == zero_block_hash();
-            let kind = if is_zero(i) {
-                Run::Zero
-            } else {
-                match (
-                    full.then(|| written.get(&prefix(&h))).flatten(),
-                    full.then(|| job.local.and_then(|l| l.by_hash.get(&prefix(&h))))
-                        .flatten(),
-                ) {
-                    (Some(&w), _) => Run::Written { from: w },
-                    (None, Some(&l)) => Run::Local { from: l },
-                    (None, None) => Run::Remote,
-                }
-            };
-            let mut n = 1u64;
-            // Hashes in this remote run: a repeat ends it (and is copied once written).
-            let mut in_run: std::collections::HashSet<u64> = std::collections::HashSet::new();
-            if matches!(kind, Run::Remote) && full {
-                in_run.insert(prefix(&h));
-            }
-            while i + n < total && n < u64::from(MAX_FETCH_BLOCKS) {
-                let next = hash_of(i + n);
-                let next_full = job.payload.block_len(i + n) == BLOCK_SIZE;
-                let same = match kind {
-                    Run::Zero => is_zero(i + n),
-                    Run::Remote if is_zero(i + n) => false,
-                    Run::Remote if next_full && !in_run.insert(prefix(&next)) => false,
-                    Run::Local { .. } if is_zero(i + n) => false,
-                    Run::Remote => {
-                        !next_full
-                            || (!written.contains_key(&prefix(&next))
-                                && job
-                                    .local
-                                    .is_none_or(|l| !l.by_hash.contains_key(&prefix(&next))))
-                    }
-                    Run::Local { from } => {
-                        next_full
-                            && !written.contains_key(&prefix(&next))
-                            && job
-                                .local
-                                .and_then(|l| l.by_hash.get(&prefix(&next)))
-                                .is_some_and(|&f| f == from + n)
-                    }
-                    Run::Written { .. } => false,
-                };
-                if !same {
-                    break;
-                }
-                n += 1;
-            }
-            buf.clear();
-            let run_len: u64 = (i..i + n)
-                .map(|b| u64::from(job.payload.block_len(b)))
-                .sum();
-            match kind {
-                Run::Zero => {
-                    buf.resize(run_len as usize, 0);
-                    p.copied += run_len;
-                }
-                Run::Remote => {
-                    fetch_checked(source, job, &name, i, n as u32, &mut buf)?;
-                    p.downloaded += run_len;
-                }
-                Run::Local { from } => {
-                    buf.resize(run_len as usize, 0);
-                    let local = job.local.map(|l| (&l.file, &l.path));
-                    let ok = match local {
-                        Some((f, path)) => {
-                            f.read_exact_at(&mut buf, from * BS)
-                                .map_err(io("reading active slot", path))
-                                .is_ok()
-                                && blocks_match(job, i, &buf)
-                        }
-                        None => false,
-                    };
-                    if ok {
-                        p.copied += run_len;
-                    } else {
-                        // The active slot no longer holds what its index said: download.
-                        buf.clear();
-                        fetch_checked(source, job, &name, i, n as u32, &mut buf)?;
-                        p.downloaded += run_len;
-                    }
-                }
-                Run::Written { from } => {
-                    buf.resize(BS as usize, 0);
-                    out.read_exact_at(&mut buf, from * BS)
-                        .map_err(io("reading back slot", target))?;
-                    if blocks_match(job, i, &buf) {
-                        p.copied += run_len;
-                    } else {
-                        buf.clear();
-                        fetch_checked(source, job, &name, i, 1, &mut buf)?;
-                        p.downloaded += run_len;
-                    }
-                }
-            }
-            out.write_all_at(&buf, i * BS)
-                .map_err(io("writing slot", target))?;
-            for b in i..i + n {
-                if job.payload.block_len(b) == BLOCK_SIZE {
-                    written.entry(prefix(&hash_of(b))).or_insert(b);
-                }
-            }
-            i += n;
-            since_checkpoint += run_len;
-            if let Ok(r) = done_rx.try_recv() {
-                in_flight = false;
-                landed(r, checkpoint)?;
-            }
-            if since_checkpoint >= job.checkpoint_bytes && i < total && !in_flight {
-                let mut snapshot = p;
-                snapshot.blocks_done = i;
-                if flush_tx.send(snapshot).is_ok() {
-                    in_flight = true;
-                }
-                since_checkpoint = 0;
-            }
+        Self {
+            target: job.target,
+            total: job.payload.blocks(),
+            checkpoint_bytes: job.checkpoint_bytes,
+            flush: flush_tx,
+            done: done_rx,
+            in_flight: false,
+            since_checkpoint: 0,
         }
-        drop(flush_tx);
-        if in_flight && let Ok(r) = done_rx.recv() {
-            landed(r, checkpoint)?;
+    }
+
+    /// After a run of `run_len` bytes that ends before block `i`: records the
+    /// checkpoint whose flush returned, and starts the next flush when one is due.
+    fn after_run(
+        &mut self,
+        p: &Progress,
+        i: u64,
+        run_len: u64,
+        checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>,
+    ) -> Result<(), InstallError> {
+        self.since_checkpoint += run_len;
+        if let Ok(r) = self.done.try_recv() {
+            self.in_flight = false;
+            self.landed(r, checkpoint)?;
         }
-        // The last flush, in line: the payload is complete only when it is durable.
-        crate::crashpoint::hit("slot: before flush");
-        out.sync_data().map_err(io("flushing slot", target))?;
-        p.blocks_done = total;
-        checkpoint(&p)?;
-        Ok(p)
-    })
+        if self.since_checkpoint >= self.checkpoint_bytes && i < self.total && !self.in_flight {
+            let mut snapshot = *p;
+            snapshot.blocks_done = i;
+            if self.flush.send(snapshot).is_ok() {
+                self.in_flight = true;
+            }
+            self.since_checkpoint = 0;
+        }
+        Ok(())
+    }
+
+    /// Stops the flush thread, recording the flush still under way.
+    fn finish(
+        self,
+        checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>,
+    ) -> Result<(), InstallError> {
+        drop(self.flush);
+        if self.in_flight
+            && let Ok(r) = self.done.recv()
+        {
+            let done = r.map_err(io("flushing slot", self.target))?;
+            checkpoint(&done)?;
+        }
+        Ok(())
+    }
+
+    /// Records a checkpoint whose flush returned.
+    fn landed(
+        &self,
+        r: std::io::Result<Progress>,
+        checkpoint: &mut dyn FnMut(&Progress) -> Result<(), InstallError>,
+    ) -> Result<(), InstallError> {
+        let done = r.map_err(io("flushing slot", self.target))?;
+        checkpoint(&done)
+    }
 }
 
 /// SHA-256 of a block of zeros.
