@@ -467,11 +467,7 @@ impl Fleet {
             }
             Step::Tamper { devices, selector } => {
                 let idx = self.scenario.pick(n, *devices, selector.as_ref());
-                self.faults.tampered += idx.len() as u64;
-                self.fault_begins(&idx);
-                self.for_pools(&idx, |indices| Command::Tamper { indices })
-                    .await?;
-                self.fault_ends(&idx);
+                self.tamper(&idx).await?;
             }
             Step::Accept { selector } => self.accept(selector.as_ref()).await?,
             Step::Sleep { duration } => self.sleep(*duration).await?,
@@ -619,6 +615,16 @@ impl Fleet {
     }
 
     /// An operator action starts a new measurement for every reachable device.
+    /// The boxes `idx` reboot into an image they were not enrolled with.
+    pub(super) async fn tamper(&mut self, idx: &[usize]) -> Result<()> {
+        self.faults.tampered += idx.len() as u64;
+        self.fault_begins(idx);
+        self.for_pools(idx, |indices| Command::Tamper { indices })
+            .await?;
+        self.fault_ends(idx);
+        Ok(())
+    }
+
     /// The operator accepts the measurements of every quarantined device (matching
     /// `selector`) through the admin API, as `cairn-hub device accept` does.
     pub(super) async fn accept(
