@@ -26,8 +26,8 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 mod releases;
 
 pub use releases::{
-    AddedReleaseKey, DeviceRollout, Pushed, ReleaseStatus, ReleaseView, bundle_path,
-    clean_partial_pushes,
+    AddReleaseKey, AddedReleaseKey, DeviceRollout, OsSpec, Pushed, ReleaseStatus, ReleaseView,
+    bundle_path, clean_partial_pushes,
 };
 
 use crate::attest::{AttestPolicy, MeasurementSet};
@@ -130,7 +130,7 @@ fn view(api: &Api, record: DeviceRecord) -> DeviceView {
     }
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreateToken {
     /// Seconds until the token expires.
     pub ttl_secs: u64,
@@ -506,7 +506,7 @@ async fn delete_policy(State(api): State<Api>, Path(name): Path<String>) -> ApiR
     }
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SetLabels {
     /// The complete new label set, `k=v,k2=v2`.
     pub labels: String,
@@ -531,7 +531,7 @@ async fn set_labels(
 }
 
 /// A managed file as the API accepts it.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct FileSpec {
     /// Path below the agent's files root, e.g. `etc/motd`.
     pub path: String,
@@ -553,7 +553,7 @@ fn default_mode() -> u32 {
     0o644
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StateChange {
     /// One device id, or…
     #[serde(default)]

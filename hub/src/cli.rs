@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use cairn_sync_protocol::message::Labels;
 
@@ -486,17 +486,13 @@ pub fn state_change(
     device: Option<String>,
     selector: Option<String>,
     name: &str,
-    file: Option<Value>,
-) -> Value {
-    let mut v = json!({ "name": name });
-    if let Some(d) = device {
-        v["device"] = json!(d);
+    file: Option<crate::api::FileSpec>,
+) -> crate::api::StateChange {
+    crate::api::StateChange {
+        device,
+        selector,
+        name: name.to_string(),
+        file,
+        os: None,
     }
-    if let Some(s) = selector {
-        v["selector"] = json!(s);
-    }
-    if let Some(f) = file {
-        v["file"] = f;
-    }
-    v
 }

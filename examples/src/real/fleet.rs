@@ -4,6 +4,9 @@
 //! and convergence waits.
 
 use super::*;
+use cairn_hub::api::{AddReleaseKey, AddedReleaseKey, FileSpec, OsSpec, StateChange};
+use cairn_hub::cli;
+use cairn_hub::store::AssignOutcome;
 
 /// A pool process and its command channel.
 pub(super) struct PoolProcess {
@@ -368,15 +371,25 @@ impl Fleet {
             } => {
                 self.paths
                     .insert(resource.to_string(), path.as_str().to_string());
-                let body = json!({
-                    "selector": selector.to_string(),
-                    "name": resource.as_str(),
-                    "file": { "path": path.as_str(), "content": content, "mode": 0o644 },
-                });
+                let file = FileSpec {
+                    path: path.as_str().to_string(),
+                    content: Some(content.clone()),
+                    content_base64: None,
+                    mode: 0o644,
+                    uid: None,
+                    gid: None,
+                };
+                let body = cli::state_change(
+                    None,
+                    Some(selector.to_string()),
+                    resource.as_str(),
+                    Some(file),
+                );
                 self.change_state(step, &body).await?;
             }
             Step::Unset { selector, resource } => {
-                let body = json!({ "selector": selector.to_string(), "name": resource.as_str() });
+                let body =
+                    cli::state_change(None, Some(selector.to_string()), resource.as_str(), None);
                 self.change_state(step, &body).await?;
             }
             Step::Converge { name, timeout } => {
@@ -482,15 +495,13 @@ impl Fleet {
                 health_cmd,
                 health_timeout,
             } => {
-                let body = json!({
-                    "selector": selector.to_string(),
-                    "name": "os",
-                    "os": {
-                        "version": version,
-                        "health_timeout_s": health_timeout.as_secs(),
-                        "require_hub": true,
-                        "health_commands": health_cmd.iter().collect::<Vec<_>>(),
-                    },
+                let mut body = cli::state_change(None, Some(selector.to_string()), "os", None);
+                body.os = Some(OsSpec {
+                    version: version.clone(),
+                    allow_downgrade: false,
+                    health_timeout_s: u32::try_from(health_timeout.as_secs()).unwrap_or(u32::MAX),
+                    require_hub: true,
+                    health_commands: health_cmd.iter().cloned().collect(),
                 });
                 self.change_state(step, &body).await?;
                 for i in 0..self.assigned.len() {
@@ -519,14 +530,14 @@ impl Fleet {
         };
         let bundle = os.build(version, changed, broken)?;
         if !os.key_added {
-            let _: serde_json::Value = self
+            let _: AddedReleaseKey = self
                 .api
                 .post(
                     "/v1/release-keys",
-                    &json!({
-                        "public_key": hex::encode(os.key.verifying_key().as_bytes()),
-                        "name": "fleet-sim",
-                    }),
+                    &AddReleaseKey {
+                        public_key: hex::encode(os.key.verifying_key().as_bytes()),
+                        name: "fleet-sim".into(),
+                    },
                 )
                 .await
                 .map_err(|e| e.error.context("trusting the release key"))?;
@@ -687,14 +698,10 @@ impl Fleet {
     }
 
     /// An operator's `set` or `unset` through the admin API, timed.
-    pub(super) async fn change_state(
-        &mut self,
-        step: &Step,
-        body: &serde_json::Value,
-    ) -> Result<()> {
+    pub(super) async fn change_state(&mut self, step: &Step, body: &StateChange) -> Result<()> {
         self.operator_action();
         let t = Instant::now();
-        let _: serde_json::Value = self
+        let _: AssignOutcome = self
             .api
             .post("/v1/state", body)
             .await

@@ -32,8 +32,6 @@ use cairn_hub::api::DeviceView;
 use cairn_hub::cli::{Client, Connect};
 use cairn_hub::store::EventRecord;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Deserialize;
-use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command as Process};
 
@@ -213,15 +211,15 @@ async fn enroll(fleet: &mut Fleet, opts: &RealOptions) -> Result<()> {
     // Enrollment: one join token per label group.
     let mut tokens: Vec<(usize, String)> = Vec::with_capacity(n);
     for (labels, members) in fleet.scenario.label_groups() {
-        #[derive(Deserialize)]
-        struct Created {
-            token: String,
-        }
-        let created: Created = fleet
+        let created: cairn_hub::api::CreatedToken = fleet
             .api
             .post(
                 "/v1/tokens",
-                &json!({ "ttl_secs": 86_400, "uses": members.len(), "labels": labels }),
+                &cairn_hub::api::CreateToken {
+                    ttl_secs: 86_400,
+                    uses: u32::try_from(members.len())?,
+                    labels,
+                },
             )
             .await
             .map_err(|e| e.error.context("creating a join token"))?;

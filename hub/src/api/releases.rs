@@ -48,7 +48,7 @@ pub fn clean_partial_pushes(dir: &FsPath) {
 
 // ------------------------------------------------------------ keys
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AddReleaseKey {
     /// The ed25519 public key, 64 hex digits.
     pub public_key: String,
@@ -548,7 +548,7 @@ pub(super) async fn release_status(
 // ------------------------------------------------------------ os resource
 
 /// The desired OS of a target, as the API accepts it (in `POST /v1/state`, field `os`).
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct OsSpec {
     /// A stored release's version.
     pub version: String,

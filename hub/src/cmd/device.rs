@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use base64::Engine;
-use cairn_hub::api::{AcceptRequest, DesiredView, DeviceDetail, DeviceView, EventLogView, Revoked};
+use cairn_hub::api::{
+    AcceptRequest, DesiredView, DeviceDetail, DeviceView, EventLogView, Revoked, SetLabels,
+};
+use cairn_hub::attest::MeasurementSet;
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use cairn_hub::store::{AssignOutcome, AttestRecord, EventRecord};
 use clap::Subcommand;
@@ -89,7 +92,9 @@ pub(crate) async fn devices(client: &Client, cmd: Option<DevicesCmd>, json: bool
             let r: AssignOutcome = client
                 .put(
                     &format!("/v1/devices/{id}/labels"),
-                    &json!({ "labels": labels }),
+                    &SetLabels {
+                        labels: labels.clone(),
+                    },
                 )
                 .await?;
             if json {
@@ -159,17 +164,21 @@ pub(crate) async fn device(client: &Client, cmd: DeviceCmd, json: bool) -> CliRe
             }
         }
         DeviceCmd::Expect { id, source, pcrs } => {
-            let mut map = serde_json::Map::new();
+            let mut map = std::collections::BTreeMap::new();
             for p in &pcrs {
-                let Some((i, v)) = p.split_once('=') else {
-                    return Err(CliError {
-                        code: exit::USAGE,
-                        error: anyhow::anyhow!("--pcr {p:?}: write INDEX=HEX, e.g. 4=9a1c…"),
-                    });
+                let usage = || CliError {
+                    code: exit::USAGE,
+                    error: anyhow::anyhow!("--pcr {p:?}: write INDEX=HEX, e.g. 4=9a1c…"),
                 };
-                map.insert(i.trim().to_string(), json!(v.trim()));
+                let (i, v) = p.split_once('=').ok_or_else(usage)?;
+                let i: u32 = i.trim().parse().map_err(|_| usage())?;
+                map.insert(i, v.trim().to_string());
             }
-            let body = json!({ "source": source, "added_ms": 0, "pcrs": map });
+            let body = MeasurementSet {
+                source: source.clone(),
+                added_ms: 0,
+                pcrs: map,
+            };
             let a: AttestRecord = client
                 .post(&format!("/v1/devices/{id}/attestation/expected"), &body)
                 .await?;

@@ -4,7 +4,6 @@ use cairn_hub::api::Deleted;
 use cairn_hub::attest::AttestPolicy;
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use clap::Subcommand;
-use serde_json::json;
 
 #[derive(Subcommand)]
 pub(crate) enum PolicyCmd {
@@ -109,10 +108,18 @@ pub(crate) async fn run(client: &Client, cmd: PolicyCmd, json: bool) -> CliResul
                 })?;
                 gold.entry(i).or_default().push(v.trim().to_lowercase());
             }
-            let body = json!({
-                "name": name, "selector": selector, "priority": priority, "require": require,
-                "pcrs": parse_pcrs(&pcrs)?, "tofu": tofu, "golden": gold,
-            });
+            let body = AttestPolicy {
+                name: name.clone(),
+                selector: selector.clone(),
+                priority,
+                require: require.parse().map_err(|e: String| CliError {
+                    code: exit::USAGE,
+                    error: anyhow::anyhow!("--require: {e}"),
+                })?,
+                pcrs: parse_pcrs(&pcrs)?,
+                tofu,
+                golden: gold,
+            };
             let p: AttestPolicy = client.put("/v1/attestation/policies", &body).await?;
             if json {
                 cli::print_json(&p)?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cairn_hub::api::Deleted;
-use cairn_hub::api::{AddedReleaseKey, Pushed, ReleaseStatus, ReleaseView};
+use cairn_hub::api::{AddReleaseKey, AddedReleaseKey, OsSpec, Pushed, ReleaseStatus, ReleaseView};
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use cairn_hub::release::{self as rel, BuildInput, BuildSpec, BundleInfo};
 use cairn_hub::store::AssignOutcome;
@@ -475,7 +475,10 @@ pub async fn online(client: &Client, cmd: ReleaseCmd, json: bool) -> CliResult<(
             let r: AddedReleaseKey = client
                 .post(
                     "/v1/release-keys",
-                    &json!({ "public_key": hex::encode(vk.as_bytes()), "name": name }),
+                    &AddReleaseKey {
+                        public_key: hex::encode(vk.as_bytes()),
+                        name,
+                    },
                 )
                 .await?;
             if json {
@@ -618,12 +621,12 @@ pub async fn os(client: &Client, cmd: OsCmd, json: bool) -> CliResult<AssignOutc
                 .filter(|s| *s > 0)
                 .ok_or_else(|| usage("--health-timeout must be between 1s and ~136 years"))?;
             let mut b = cli::state_change(a.target.device, a.target.selector, "os", None);
-            b["os"] = json!({
-                "version": a.version,
-                "allow_downgrade": a.downgrade,
-                "health_timeout_s": secs,
-                "require_hub": !a.offline_ok,
-                "health_commands": a.health_cmds,
+            b.os = Some(OsSpec {
+                version: a.version,
+                allow_downgrade: a.downgrade,
+                health_timeout_s: secs,
+                require_hub: !a.offline_ok,
+                health_commands: a.health_cmds,
             });
             b
         }

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use base64::Engine;
+use cairn_hub::api::FileSpec;
 use cairn_hub::cli::{self, CliError, CliResult, Client, exit};
 use cairn_hub::store::{AssignOutcome, LabelCount};
 use clap::Args;
-use serde_json::json;
 
 #[derive(Args)]
 #[group(id = "target", required = true, multiple = false)]
@@ -68,13 +68,14 @@ pub(crate) async fn set(client: &Client, a: SetArgs, json: bool) -> CliResult<()
         (Some(c), None) => c.clone().into_bytes(),
         (None, None) => Vec::new(),
     };
-    let file = json!({
-        "path": a.path,
-        "content_base64": base64::engine::general_purpose::STANDARD.encode(content),
-        "mode": parse_mode(&a.mode)?,
-        "uid": a.uid,
-        "gid": a.gid,
-    });
+    let file = FileSpec {
+        path: a.path,
+        content: None,
+        content_base64: Some(base64::engine::general_purpose::STANDARD.encode(content)),
+        mode: parse_mode(&a.mode)?,
+        uid: a.uid,
+        gid: a.gid,
+    };
     let body = cli::state_change(a.target.device, a.target.selector, &a.name, Some(file));
     print_outcome(client.post("/v1/state", &body).await?, json)?;
     Ok(())

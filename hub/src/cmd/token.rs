@@ -2,11 +2,10 @@
 
 use std::time::Duration;
 
-use cairn_hub::api::CreatedToken;
+use cairn_hub::api::{CreateToken, CreatedToken};
 use cairn_hub::cli::{self, CliResult, Client};
 use cairn_hub::store::TokenInfo;
 use clap::Subcommand;
-use serde_json::json;
 
 #[derive(Subcommand)]
 pub(crate) enum TokenCmd {
@@ -30,7 +29,11 @@ pub(crate) enum TokenCmd {
 pub(crate) async fn run(client: &Client, cmd: TokenCmd, json: bool) -> CliResult<()> {
     match cmd {
         TokenCmd::Create { ttl, uses, labels } => {
-            let body = json!({ "ttl_secs": ttl.as_secs().max(1), "uses": uses, "labels": labels });
+            let body = CreateToken {
+                ttl_secs: ttl.as_secs().max(1),
+                uses,
+                labels: labels.clone(),
+            };
             let t: CreatedToken = client.post("/v1/tokens", &body).await?;
             if json {
                 cli::print_json(&t)?;
