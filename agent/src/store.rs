@@ -293,6 +293,10 @@ impl Store {
     /// continues after them. Returns the new last sequence number if anything moved.
     pub fn rebase_outbox(&mut self, hub_acked: u64) -> Result<Option<u64>> {
         let last = self.last_seq()?;
+        // The normal case, at every session start: the hub is not ahead, nothing to read.
+        if crate::sync::rebase(hub_acked, last, None).is_none() {
+            return Ok(None);
+        }
         let path = self.path.clone();
         let db = |source| StoreError::Db {
             path: path.clone(),

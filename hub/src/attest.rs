@@ -359,13 +359,15 @@ impl std::fmt::Debug for AttestConfig {
 
 /// How often a connected device is challenged again, unless configured otherwise.
 pub const DEFAULT_CHALLENGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long a device has to answer a challenge, unless configured otherwise.
+pub const DEFAULT_EVIDENCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for AttestConfig {
     fn default() -> Self {
         Self {
             ek_trust: None,
             interval: DEFAULT_CHALLENGE_INTERVAL,
-            evidence_timeout: Duration::from_secs(60),
+            evidence_timeout: DEFAULT_EVIDENCE_TIMEOUT,
         }
     }
 }

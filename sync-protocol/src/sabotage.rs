@@ -20,9 +20,6 @@ pub enum Sabotage {
     SkipSignatureCheck,
 }
 
-/// Whether this build carries the switches (the `sabotage` feature).
-pub const COMPILED: bool = cfg!(feature = "sabotage");
-
 #[cfg(feature = "sabotage")]
 thread_local! {
     static ON: std::cell::Cell<Option<Sabotage>> = const { std::cell::Cell::new(None) };

@@ -18,11 +18,6 @@ use super::*;
 use crate::real::pool::{SIM_BOOT_IMAGE, TAMPERED_BOOT_IMAGE};
 use crate::scenario::SelectorText;
 
-/// How long a device has to answer a challenge (the hub's default).
-fn evidence_timeout() -> Duration {
-    cairn_hub::attest::AttestConfig::default().evidence_timeout
-}
-
 impl Sim<'_> {
     /// The scenario's attestation policy, if it applies to `dev` (the hub's own choice
     /// among its policies, by labels).
@@ -81,7 +76,8 @@ impl Sim<'_> {
         let (held_log, ima_held) = evidence::held(rec);
         let (challenge, pending) = evidence::challenge(nonce, pcrs, held_log, ima_held, None);
         c.challenge = Some(pending);
-        c.session.challenge(inst, challenge, evidence_timeout());
+        c.session
+            .challenge(inst, challenge, cairn_hub::attest::DEFAULT_EVIDENCE_TIMEOUT);
     }
 
     /// The agent answers a challenge with its TPM.
